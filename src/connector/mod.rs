@@ -1,0 +1,182 @@
+//! The `Connector` trait every CRM implements, and the types that cross it: pages of
+//! vendor records with the cursor that follows them, push items and their outcomes, and
+//! the error classes the engine acts on. Connectors never touch the store or the mapping.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::model::CanonicalId;
+
+/// One record as a CRM returned it, flattened so the mapping can address every field by
+/// one key (amoCRM custom fields become `cf.id.<id>` / `cf.code.<CODE>` / `cf.name.<name>`,
+/// tags become `tags`, etc.; each connector documents its keys).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VendorRecord {
+    /// The vendor's id of the record, as text.
+    pub vendor_id: String,
+    /// The vendor's last-modified time (UTC).
+    pub updated_at: DateTime<Utc>,
+    /// The record's fields, flat.
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    /// True when the vendor reports the record deleted.
+    pub deleted: bool,
+}
+
+/// A record the connector could not even parse into a [`VendorRecord`] (missing id, wrong
+/// types): it goes to the dead-letter table with the reason, and the page goes on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MalformedRecord {
+    /// The vendor id if one could be read.
+    pub vendor_id: Option<String>,
+    /// The raw JSON (or text) of the record, possibly truncated.
+    pub raw: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// A connector's position in its change feed. Opaque to the engine: each connector
+/// defines its own JSON shape. Stored in redb in the same transaction as the records read
+/// under it, so it never runs ahead of what was stored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cursor(pub serde_json::Value);
+
+impl Cursor {
+    /// The cursor of a connector that has never polled: the next poll starts from the
+    /// beginning (a full read).
+    pub fn start() -> Self {
+        Cursor(serde_json::Value::Null)
+    }
+}
+
+/// One page of changes.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// The records read (possibly repeats of earlier ones: the engine de-duplicates).
+    pub records: Vec<VendorRecord>,
+    /// Records that could not be parsed.
+    pub malformed: Vec<MalformedRecord>,
+    /// The cursor to store together with this page's records.
+    pub next: Cursor,
+    /// False once this poll cycle has caught up; the engine then waits a poll interval.
+    pub more: bool,
+}
+
+/// How a poll cycle should read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PollMode {
+    /// Changes since the stored cursor.
+    Incremental,
+    /// Everything (or everything updated since a date), ignoring the stored cursor; used
+    /// by `backfill`.
+    Full {
+        /// Only records updated at or after this time.
+        since: Option<DateTime<Utc>>,
+    },
+}
+
+/// One record to write to a CRM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushItem {
+    /// The canonical company this write carries.
+    pub canonical_id: CanonicalId,
+    /// The target's id of the record when a link exists (update), else `None` (create or
+    /// upsert by match key).
+    pub vendor_id: Option<String>,
+    /// The fields to write, in the connector's flat shape (see [`VendorRecord::fields`]).
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    /// How many times this write was attempted before. A non-zero value with no
+    /// `vendor_id` means an earlier create may have landed without us learning its id:
+    /// connectors without an idempotent create must look the record up first.
+    pub prior_attempts: u32,
+}
+
+/// What happened to one pushed item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PushOutcome {
+    /// Stored by the vendor under `vendor_id`.
+    Written {
+        /// The vendor's id of the record.
+        vendor_id: String,
+        /// True if the vendor created it.
+        created: bool,
+    },
+    /// The vendor refused this record for a reason retrying will not fix.
+    Rejected {
+        /// The vendor's reason, verbatim where possible.
+        reason: String,
+    },
+    /// Not written this time for a transient reason; stays in the outbox.
+    Retry {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Errors of a whole call, classified by what the caller should do about them.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectorError {
+    /// Transient (429/5xx/606/615/timeouts/resets) after bounded retries: try again in a
+    /// later cycle.
+    #[error("{connector}: temporary failure: {detail}")]
+    Transient {
+        /// The connector.
+        connector: String,
+        /// What failed.
+        detail: String,
+        /// When the vendor asked us to come back, if it said.
+        retry_after: Option<Duration>,
+    },
+    /// Credentials rejected even after a refresh.
+    #[error("{connector}: authentication failed: {detail}")]
+    Auth {
+        /// The connector.
+        connector: String,
+        /// What failed (never the secret).
+        detail: String,
+    },
+    /// The connector must not call the vendor until `until` (Marketo 607 daily quota,
+    /// amoCRM 403 ban, our own daily budget).
+    #[error("{connector}: suspended until {until}: {detail}")]
+    Suspended {
+        /// The connector.
+        connector: String,
+        /// Why.
+        detail: String,
+        /// When calls may resume.
+        until: DateTime<Utc>,
+    },
+    /// A bug or misconfiguration retrying will not fix (bad base URL, read-only API).
+    #[error("{connector}: {detail}")]
+    Fatal {
+        /// The connector.
+        connector: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// One CRM's API, as the engine sees it. Implementations live in
+/// `src/connectors/<name>/` and are registered in [`crate::connectors`].
+#[async_trait]
+pub trait Connector: Send + Sync {
+    /// The configured instance name (e.g. `"rally"`).
+    fn name(&self) -> &str;
+
+    /// Prepares for work: tokens, field catalogues (amoCRM custom fields, Marketo
+    /// describe). Called once before the first poll or push.
+    async fn start(&self) -> Result<(), ConnectorError>;
+
+    /// Reads the next page of changes after `cursor`.
+    async fn poll(&self, cursor: &Cursor, mode: &PollMode) -> Result<Page, ConnectorError>;
+
+    /// The largest batch [`Connector::push`] accepts.
+    fn max_batch(&self) -> usize;
+
+    /// Writes `items` (at most [`Connector::max_batch`]); the outcomes are in the same
+    /// order as the items. An `Err` means nothing can be said about any item.
+    async fn push(&self, items: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError>;
+}

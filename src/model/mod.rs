@@ -1,0 +1,287 @@
+//! The canonical company: the one shape every CRM record is mapped into and out of, its
+//! typed field values, and normalisation helpers (domains, decimals). Pure data, no I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The id crmbridge gives a company, independent of any CRM (a UUID v4 in text form).
+pub type CanonicalId = String;
+
+/// Name of a configured connector instance (e.g. `"rally"`, `"marketo-emea"`).
+pub type ConnectorName = String;
+
+/// Prefix of canonical field names that carry custom fields passed through unmapped.
+pub const CUSTOM_PREFIX: &str = "custom.";
+
+/// The type a canonical field holds. Values of another type are a mapping error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    /// Free text; `""` (empty) and null are different values.
+    Text,
+    /// A whole number (64-bit).
+    Int,
+    /// An exact decimal; never passes through a float.
+    Decimal,
+    /// A set of tags (order and duplicates carry no meaning).
+    Tags,
+    /// Any JSON value, passed through untouched (custom fields).
+    Json,
+}
+
+/// The standard canonical fields (Rally's company model) with their types.
+pub const STANDARD_FIELDS: &[(&str, FieldType)] = &[
+    ("name", FieldType::Text),
+    ("domain", FieldType::Text),
+    ("industry", FieldType::Text),
+    ("description", FieldType::Text),
+    ("employeeCount", FieldType::Int),
+    ("annualRevenue", FieldType::Decimal),
+    ("phone", FieldType::Text),
+    ("website", FieldType::Text),
+    ("linkedInUrl", FieldType::Text),
+    ("address", FieldType::Text),
+    ("city", FieldType::Text),
+    ("state", FieldType::Text),
+    ("country", FieldType::Text),
+    ("postalCode", FieldType::Text),
+    ("tags", FieldType::Tags),
+    ("notes", FieldType::Text),
+    ("ownerId", FieldType::Text),
+    ("externalCompanyId", FieldType::Text),
+];
+
+/// The type of canonical field `name`: a standard field, or a `custom.*` pass-through
+/// (JSON). `None` for a name that is neither.
+pub fn field_type(name: &str) -> Option<FieldType> {
+    if let Some(rest) = name.strip_prefix(CUSTOM_PREFIX) {
+        return (!rest.is_empty()).then_some(FieldType::Json);
+    }
+    STANDARD_FIELDS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
+}
+
+/// One canonical field value. Null is a value of its own: a CRM that says "no industry"
+/// is different from a CRM that does not map industry at all (the field is then absent).
+///
+/// Externally tagged on purpose: serde_json runs with `arbitrary_precision`, which breaks
+/// numbers inside internally tagged or untagged enums.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Value {
+    /// Explicitly no value.
+    Null,
+    /// Text (may be empty).
+    Text(String),
+    /// A whole number.
+    Int(i64),
+    /// An exact decimal.
+    Decimal(Decimal),
+    /// A tag set.
+    Tags(BTreeSet<String>),
+    /// Raw JSON (custom fields).
+    Json(serde_json::Value),
+}
+
+impl Value {
+    /// True for [`Value::Null`].
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    /// The value with its representation made unique, so that equal meanings compare and
+    /// hash equal: decimals lose trailing zeros (`45.50` → `45.5`).
+    pub fn normalized(&self) -> Value {
+        match self {
+            Value::Decimal(d) => Value::Decimal(d.normalize()),
+            other => other.clone(),
+        }
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Null => f.write_str("null"),
+            Value::Text(s) => write!(f, "{s:?}"),
+            Value::Int(i) => write!(f, "{i}"),
+            Value::Decimal(d) => write!(f, "{d}"),
+            Value::Tags(t) => write!(f, "{t:?}"),
+            Value::Json(j) => write!(f, "{j}"),
+        }
+    }
+}
+
+/// Canonical field values as read from or written to one CRM record, keyed by canonical
+/// field name. A field that is absent was not mapped; [`Value::Null`] means "empty".
+pub type Fields = BTreeMap<String, Value>;
+
+/// Where a field's current value came from: the connector and the vendor's timestamp of
+/// the record it was read in. The conflict policy compares these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Connector the value was last taken from.
+    pub connector: ConnectorName,
+    /// The vendor's `updatedAt` of the record carrying the value (UTC).
+    pub vendor_ts: DateTime<Utc>,
+}
+
+/// A field's value with its provenance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldState {
+    /// The current value.
+    pub value: Value,
+    /// Where it came from.
+    pub source: Provenance,
+}
+
+/// The canonical company as stored in redb.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Company {
+    /// crmbridge's own id.
+    pub id: CanonicalId,
+    /// Every known field with its provenance.
+    pub fields: BTreeMap<String, FieldState>,
+}
+
+impl Company {
+    /// A company with no fields yet.
+    pub fn new(id: CanonicalId) -> Self {
+        Company {
+            id,
+            fields: BTreeMap::new(),
+        }
+    }
+
+    /// A fresh canonical id.
+    pub fn new_id() -> CanonicalId {
+        uuid::Uuid::new_v4().to_string()
+    }
+
+    /// The current values without provenance.
+    pub fn values(&self) -> Fields {
+        self.fields
+            .iter()
+            .map(|(k, s)| (k.clone(), s.value.clone()))
+            .collect()
+    }
+
+    /// The value of field `name`, if known.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.fields.get(name).map(|s| &s.value)
+    }
+
+    /// The text value of field `name`, if it is known and text.
+    pub fn text(&self, name: &str) -> Option<&str> {
+        match self.get(name) {
+            Some(Value::Text(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// A stable content hash of canonical values (normalised), used by the echo ledger to
+/// recognise our own writes coming back and to skip no-op pushes.
+pub fn content_hash(fields: &Fields) -> String {
+    let mut h = Sha256::new();
+    for (k, v) in fields {
+        h.update(k.as_bytes());
+        h.update([0]);
+        let v = v.normalized();
+        // serde_json of an externally tagged enum over BTree collections is deterministic.
+        h.update(serde_json::to_vec(&v).unwrap_or_default());
+        h.update([0xff]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Normalises a domain for matching: lowercase, no scheme, no `www.`, no port, path,
+/// query or trailing dot. `None` when nothing domain-like is left.
+///
+/// ```
+/// use crmbridge::model::normalize_domain;
+/// assert_eq!(normalize_domain("HTTPS://www.Acme.com/about?x=1").as_deref(), Some("acme.com"));
+/// assert_eq!(normalize_domain("  "), None);
+/// ```
+pub fn normalize_domain(raw: &str) -> Option<String> {
+    let s = raw.trim().to_lowercase();
+    let s = s.split_once("://").map(|(_, rest)| rest).unwrap_or(&s);
+    let s = s.rsplit_once('@').map(|(_, host)| host).unwrap_or(s);
+    let end = s.find(['/', '?', '#', ':']).unwrap_or(s.len());
+    let host = s[..end].trim_end_matches('.');
+    let host = host.strip_prefix("www.").unwrap_or(host);
+    (!host.is_empty() && host.contains('.')).then(|| host.to_string())
+}
+
+/// Parses a decimal exactly from its JSON text (`"45000000"`, `"1.5e3"`, `"-0.10"`).
+pub fn parse_decimal(text: &str) -> Option<Decimal> {
+    let t = text.trim();
+    t.parse::<Decimal>()
+        .ok()
+        .or_else(|| Decimal::from_scientific(t).ok())
+}
+
+/// The JSON number for a decimal, exact (serde_json runs with `arbitrary_precision`).
+pub fn decimal_to_json(d: &Decimal) -> serde_json::Value {
+    let text = d.normalize().to_string();
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains_normalise_to_the_bare_host() {
+        for (raw, want) in [
+            ("acme.com", Some("acme.com")),
+            ("https://www.acme.com/", Some("acme.com")),
+            ("http://Sub.Acme.COM:8080/x", Some("sub.acme.com")),
+            ("www.acme.com.", Some("acme.com")),
+            ("mailto:info@acme.com", Some("acme.com")),
+            ("", None),
+            ("localhost", None),
+        ] {
+            assert_eq!(normalize_domain(raw).as_deref(), want, "input {raw:?}");
+        }
+    }
+
+    #[test]
+    fn decimals_parse_exactly_and_hash_by_meaning() {
+        let a = parse_decimal("45000000.50").unwrap();
+        let b = parse_decimal("45000000.5").unwrap();
+        let mut fa = Fields::new();
+        fa.insert("annualRevenue".into(), Value::Decimal(a));
+        let mut fb = Fields::new();
+        fb.insert("annualRevenue".into(), Value::Decimal(b));
+        assert_eq!(content_hash(&fa), content_hash(&fb));
+        assert_eq!(
+            parse_decimal("12345678901234567890.123456789").unwrap().to_string(),
+            "12345678901234567890.123456789"
+        );
+        assert_eq!(decimal_to_json(&a).to_string(), "45000000.5");
+    }
+
+    #[test]
+    fn null_and_empty_text_hash_differently() {
+        let mut a = Fields::new();
+        a.insert("notes".into(), Value::Null);
+        let mut b = Fields::new();
+        b.insert("notes".into(), Value::Text(String::new()));
+        assert_ne!(content_hash(&a), content_hash(&b));
+    }
+
+    #[test]
+    fn field_types_cover_custom_fields() {
+        assert_eq!(field_type("annualRevenue"), Some(FieldType::Decimal));
+        assert_eq!(field_type("custom.segment"), Some(FieldType::Json));
+        assert_eq!(field_type("custom."), None);
+        assert_eq!(field_type("nope"), None);
+    }
+}
