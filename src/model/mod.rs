@@ -15,6 +15,35 @@ pub type CanonicalId = String;
 /// Name of a configured connector instance (e.g. `"rally"`, `"marketo-emea"`).
 pub type ConnectorName = String;
 
+/// The CRM products crmbridge speaks to. A connector instance has a name and a kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrmKind {
+    /// Rally CRM (`/api/v1/companies`).
+    Rally,
+    /// Adobe Marketo Engage (`/rest/v1/companies.json`).
+    Marketo,
+    /// amoCRM (`/api/v4/companies`).
+    Amocrm,
+}
+
+impl CrmKind {
+    /// The kind's name as written in config (`rally`, `marketo`, `amocrm`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CrmKind::Rally => "rally",
+            CrmKind::Marketo => "marketo",
+            CrmKind::Amocrm => "amocrm",
+        }
+    }
+}
+
+impl fmt::Display for CrmKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Prefix of canonical field names that carry custom fields passed through unmapped.
 pub const CUSTOM_PREFIX: &str = "custom.";
 
