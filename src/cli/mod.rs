@@ -1,8 +1,17 @@
 //! Command-line interface: parses arguments with clap and dispatches to the subcommands.
 
+mod backfill;
+mod dead_letters;
+mod demo;
+mod sim;
+mod status;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use crate::config::Config;
 
 /// Keeps company records in sync across Rally, Marketo and amoCRM.
 #[derive(Debug, Parser)]
@@ -13,11 +22,122 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The subcommands; only those that work are listed.
+/// The subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Validate a config file and its mapping rules; exit 0 when valid, 2 when not.
+    Check {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Also connect to each CRM: check credentials and that mapped fields exist.
+        #[arg(long)]
+        online: bool,
+    },
+    /// Run the sync daemon until SIGTERM/SIGINT.
+    Run {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// One-shot full sync (or from a date), ignoring the daemon's cursors; resumable.
+    Backfill(backfill::BackfillArgs),
+    /// Show per-connector cursor, lag, outbox, dead letters, quota and bans.
+    Status(status::StatusArgs),
+    /// List, retry or drop dead letters.
+    DeadLetters(dead_letters::DeadLetterArgs),
+    /// Start the built-in Rally, Marketo and amoCRM simulators on loopback.
+    Sim(sim::SimArgs),
+    /// One command, no CRM account: simulators, backfill, live sync, and a report.
+    Demo(demo::DemoArgs),
+}
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    match Cli::parse().command {}
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(dispatch(cli.command))
+}
+
+async fn dispatch(command: Command) -> ExitCode {
+    match command {
+        Command::Check { config, online } => check(config, online).await,
+        Command::Run { config } => {
+            let Some(cfg) = load(&config) else {
+                return ExitCode::from(2);
+            };
+            crate::daemon::logging::init(cfg.daemon.log_format);
+            match crate::daemon::service::run(cfg, Default::default()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "crmbridge stopped");
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Backfill(args) => backfill::run(args).await,
+        Command::Status(args) => status::run(args).await,
+        Command::DeadLetters(args) => dead_letters::run(args),
+        Command::Sim(args) => sim::run(args).await,
+        Command::Demo(args) => demo::run(args).await,
+    }
+}
+
+/// Loads a config, printing every error; `None` when invalid.
+pub(crate) fn load(path: &std::path::Path) -> Option<Config> {
+    match Config::load(path) {
+        Ok(c) => Some(c),
+        Err(errs) => {
+            eprintln!("{errs}");
+            None
+        }
+    }
+}
+
+async fn check(path: PathBuf, online: bool) -> ExitCode {
+    let (ok, report) = crate::config::check_report(&path);
+    println!("{report}");
+    if !ok {
+        return ExitCode::from(2);
+    }
+    if online {
+        let Some(cfg) = load(&path) else {
+            return ExitCode::from(2);
+        };
+        crate::daemon::logging::init(crate::config::LogFormat::Human);
+        return match crate::connectors::check_online(&cfg).await {
+            Ok(lines) => {
+                let mut failed = false;
+                for (connector, problems) in lines {
+                    if problems.is_empty() {
+                        println!("{connector}: online check passed");
+                    }
+                    for p in problems {
+                        failed = true;
+                        println!("{connector}: {p}");
+                    }
+                }
+                if failed {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    ExitCode::SUCCESS
 }

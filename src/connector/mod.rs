@@ -170,6 +170,14 @@ pub trait Connector: Send + Sync {
     /// describe). Called once before the first poll or push.
     async fn start(&self) -> Result<(), ConnectorError>;
 
+    /// Of the flat vendor keys a mapping uses, those this instance does not have (e.g. an
+    /// amoCRM account without a "Domain" custom field, or a Marketo instance lacking a
+    /// field). Called after [`Connector::start`]; their rules are dropped with a warning.
+    fn unavailable_fields(&self, vendor_keys: &[String]) -> Vec<String> {
+        let _ = vendor_keys;
+        Vec::new()
+    }
+
     /// Reads the next page of changes after `cursor`.
     async fn poll(&self, cursor: &Cursor, mode: &PollMode) -> Result<Page, ConnectorError>;
 

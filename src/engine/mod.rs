@@ -1,1 +1,502 @@
-//! engine
+//! The sync engine: merges polled pages into the canonical store (identity, conflicts,
+//! echoes) together with the cursor and outbox entries in one redb transaction, and drains
+//! each target's outbox in batches. It never talks HTTP itself: connectors do.
+
+pub mod merge;
+mod run;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tracing::{debug, info_span, warn};
+
+use crate::connector::{Connector, ConnectorError, Cursor, Page, PushItem, PushOutcome};
+use crate::daemon::metrics::Metrics;
+use crate::mapping::Mapping;
+use crate::model::{CanonicalId, Company, Fields, content_hash};
+use crate::store::{DeadLetterNew, Direction, LedgerEntry, Store, StoreError};
+
+pub use merge::{ConflictPolicy, MatchKeyKind};
+pub use run::{BackfillOptions, BackfillReport, DryRunCounts, RunHandle};
+
+/// One connector as the engine drives it.
+pub struct Endpoint {
+    /// The configured instance name.
+    pub name: String,
+    /// The CRM client.
+    pub connector: Arc<dyn Connector>,
+    /// Its compiled mapping.
+    pub mapping: Mapping,
+    /// How long to wait between poll cycles once caught up.
+    pub poll_interval: Duration,
+}
+
+/// Sync rules derived from the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct EngineSettings {
+    /// For each connector, the connectors its records must reach.
+    pub targets: BTreeMap<String, Vec<String>>,
+    /// Per-field conflict policy.
+    pub policy: ConflictPolicy,
+    /// Identifiers for matching first-seen records, in order.
+    pub match_keys: Vec<MatchKeyKind>,
+}
+
+/// Errors of the engine itself (the store failed, or a connector failed as a whole).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The store failed; nothing of the operation was committed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// A connector call failed as a whole.
+    #[error(transparent)]
+    Connector(#[from] ConnectorError),
+    /// A name that is not a configured connector.
+    #[error("unknown connector {0:?}")]
+    UnknownConnector(String),
+    /// A blocking store task panicked or was cancelled.
+    #[error("store task failed: {0}")]
+    Join(String),
+}
+
+/// What ingesting one page did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IngestStats {
+    /// Records in the page.
+    pub read: usize,
+    /// Records equal to what we last pushed to or read from them (echoes, re-reads).
+    pub unchanged: usize,
+    /// Records that changed at least one canonical field.
+    pub merged: usize,
+    /// Canonical companies created.
+    pub created: usize,
+    /// Records sent to the dead-letter table.
+    pub dead: usize,
+    /// Outbox entries newly queued.
+    pub queued: usize,
+}
+
+/// What draining one batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DrainStats {
+    /// Entries taken from the outbox.
+    pub taken: usize,
+    /// Records written by the target.
+    pub written: usize,
+    /// Of those, created.
+    pub created: usize,
+    /// Entries dropped because the target already holds the content.
+    pub skipped: usize,
+    /// Records the target rejected (now dead letters).
+    pub rejected: usize,
+    /// Entries kept for a later attempt.
+    pub retried: usize,
+}
+
+/// The engine: connectors, their mappings, the store and the sync rules.
+pub struct Engine {
+    store: Arc<Store>,
+    endpoints: BTreeMap<String, Arc<Endpoint>>,
+    settings: EngineSettings,
+    metrics: Arc<Metrics>,
+    /// Per loop ("poll:<name>", "drain:<name>"), when its current unit of work began;
+    /// `None` while idle. The systemd watchdog is fed only while none is stuck.
+    busy_since: std::sync::Mutex<BTreeMap<String, Option<std::time::Instant>>>,
+}
+
+/// The hash of what connector `mapping` can hold of `fields`: the canonical values as they
+/// would read back after writing them. Comparing this with the ledger tells an echo of our
+/// own write (or an unchanged re-read) from a real change, and a no-op push from a real one.
+pub fn visible_hash(mapping: &Mapping, fields: &Fields) -> String {
+    match mapping.write(fields).and_then(|w| mapping.read(&w)) {
+        Ok(round) => {
+            // Read-only fields (e.g. a domain derived from a website) come back from the
+            // write as well; keep only what the write carries.
+            let writable: Fields = round
+                .into_iter()
+                .filter(|(k, _)| fields.contains_key(k))
+                .collect();
+            content_hash(&writable)
+        }
+        Err(_) => content_hash(fields),
+    }
+}
+
+/// The cursor key of an incremental poll.
+pub fn cursor_key(connector: &str) -> String {
+    connector.to_string()
+}
+
+/// The cursor key of a (resumable) backfill.
+pub fn backfill_cursor_key(connector: &str) -> String {
+    format!("backfill:{connector}")
+}
+
+impl Engine {
+    /// An engine over `store` and `endpoints`.
+    pub fn new(
+        store: Arc<Store>,
+        endpoints: Vec<Endpoint>,
+        settings: EngineSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Engine {
+            store,
+            endpoints: endpoints
+                .into_iter()
+                .map(|e| (e.name.clone(), Arc::new(e)))
+                .collect(),
+            settings,
+            metrics,
+            busy_since: Default::default(),
+        }
+    }
+
+    /// Marks loop `name` busy (a unit of work began) or idle.
+    pub(crate) fn set_busy(&self, name: &str, busy: bool) {
+        self.busy_since
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), busy.then(std::time::Instant::now));
+    }
+
+    /// A loop that has been on one unit of work (a page, a batch) for longer than
+    /// `limit`, if any: a sign it hangs.
+    pub fn stalled_longer_than(&self, limit: Duration) -> Option<String> {
+        self.busy_since
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, t)| t.is_some_and(|t| t.elapsed() > limit))
+            .map(|(n, _)| n.clone())
+    }
+
+    /// A one-line summary for systemd's STATUS: records read and pushed per connector.
+    pub fn status_line(&self) -> String {
+        self.endpoints
+            .keys()
+            .map(|n| {
+                let l = [("connector", n.as_str())];
+                let read = self
+                    .metrics
+                    .get("crmbridge_records_read_total", &l)
+                    .unwrap_or(0.0);
+                let pushed = self
+                    .metrics
+                    .get("crmbridge_records_pushed_total", &l)
+                    .unwrap_or(0.0);
+                format!("{n}: {read} read, {pushed} pushed")
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The metrics the engine updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The connectors by name.
+    pub fn endpoints(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.endpoints.values()
+    }
+
+    /// The connector named `name`.
+    pub fn endpoint(&self, name: &str) -> Result<&Arc<Endpoint>, EngineError> {
+        self.endpoints
+            .get(name)
+            .ok_or_else(|| EngineError::UnknownConnector(name.to_string()))
+    }
+
+    /// Where records read from `source` go.
+    pub fn targets_of(&self, source: &str) -> &[String] {
+        self.settings
+            .targets
+            .get(source)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// Stores one page read from `source`: merges every record, dead-letters the bad ones,
+    /// queues outbox entries for the targets, and advances the cursor stored under
+    /// `cursor_key` — all in one transaction, so a crash leaves either all of it or none.
+    pub fn ingest_page(
+        &self,
+        source: &str,
+        page: &Page,
+        cursor_key: &str,
+    ) -> Result<IngestStats, EngineError> {
+        let ep = self.endpoint(source)?;
+        let targets = self.targets_of(source);
+        let now = Utc::now();
+        let mut stats = IngestStats {
+            read: page.records.len(),
+            ..Default::default()
+        };
+        let tx = self.store.begin_write()?;
+        for bad in &page.malformed {
+            warn!(connector = source, vendor_id = ?bad.vendor_id, reason = %bad.reason, "malformed record dead-lettered");
+            tx.add_dead_letter(DeadLetterNew {
+                connector: source.to_string(),
+                direction: Direction::Read,
+                canonical_id: None,
+                vendor_id: bad.vendor_id.clone(),
+                record: serde_json::Value::String(bad.raw.clone()),
+                reason: bad.reason.clone(),
+                attempts: 1,
+            })?;
+            stats.dead += 1;
+        }
+        for rec in &page.records {
+            let _span =
+                info_span!("ingest", connector = source, vendor_id = %rec.vendor_id).entered();
+            let link = tx.link_of(source, &rec.vendor_id)?;
+            if rec.deleted {
+                // Deletes are not propagated (see README): the link stays so that a later
+                // push to this record fails loudly instead of silently re-creating it.
+                debug!(canonical_id = ?link, "deleted in source; not propagated");
+                stats.unchanged += 1;
+                continue;
+            }
+            let fields = match ep.mapping.read(&rec.fields) {
+                Ok(f) => f,
+                Err(e) => {
+                    warn!(canonical_id = ?link, error = %e, "record dead-lettered: mapping failed");
+                    tx.add_dead_letter(DeadLetterNew {
+                        connector: source.to_string(),
+                        direction: Direction::Read,
+                        canonical_id: link.clone(),
+                        vendor_id: Some(rec.vendor_id.clone()),
+                        record: serde_json::Value::Object(rec.fields.clone()),
+                        reason: e.to_string(),
+                        attempts: 1,
+                    })?;
+                    stats.dead += 1;
+                    continue;
+                }
+            };
+            let hash = visible_hash(&ep.mapping, &fields);
+            if link.is_some()
+                && tx
+                    .ledger(source, &rec.vendor_id)?
+                    .is_some_and(|l| l.hash == hash)
+            {
+                stats.unchanged += 1;
+                continue;
+            }
+            let keys = merge::match_keys(&fields, &self.settings.match_keys);
+            let (cid, existing) = match link {
+                Some(cid) => {
+                    let c = tx.get_company(&cid)?;
+                    (cid, c)
+                }
+                None => {
+                    let mut found: Option<CanonicalId> = None;
+                    for k in &keys {
+                        if let Some(cid) = tx.match_key(k)? {
+                            // A company already linked to another record of this same CRM
+                            // is a different company that happens to share the key.
+                            if tx.vendor_id_of(&cid, source)?.is_none() {
+                                found = Some(cid);
+                                break;
+                            }
+                        }
+                    }
+                    match found {
+                        Some(cid) => {
+                            let c = tx.get_company(&cid)?;
+                            (cid, c)
+                        }
+                        None => (Company::new_id(), None),
+                    }
+                }
+            };
+            let is_new = existing.is_none();
+            let mut company = existing.unwrap_or_else(|| Company::new(cid.clone()));
+            let outcome = merge::merge_into(
+                &mut company,
+                &fields,
+                source,
+                rec.updated_at,
+                &self.settings.policy,
+            );
+            if is_new {
+                stats.created += 1;
+            }
+            if !outcome.is_unchanged() || is_new {
+                tx.put_company(&company)?;
+            }
+            tx.put_link(source, &rec.vendor_id, &cid)?;
+            for k in merge::match_keys(&company.values(), &self.settings.match_keys) {
+                if tx.match_key(&k)?.is_none() {
+                    tx.put_match_key(&k, &cid)?;
+                }
+            }
+            tx.put_ledger(source, &rec.vendor_id, LedgerEntry { hash, at: now })?;
+            if outcome.is_unchanged() {
+                stats.unchanged += 1;
+                continue;
+            }
+            stats.merged += 1;
+            debug!(canonical_id = %cid, changed = ?outcome.changed, "merged");
+            for t in targets {
+                if t != source && tx.enqueue(t, &cid, now)? {
+                    stats.queued += 1;
+                }
+            }
+        }
+        tx.put_cursor(cursor_key, &page.next)?;
+        tx.commit()?;
+        Ok(stats)
+    }
+
+    /// Pushes one batch of `target`'s outbox. Entries are marked as attempted (durably)
+    /// before the push, and leave the outbox only after the target answered for them.
+    pub async fn drain_batch(&self, target: &str) -> Result<DrainStats, EngineError> {
+        let ep = self.endpoint(target)?.clone();
+        let limit = ep.connector.max_batch().max(1);
+        let mut stats = DrainStats::default();
+
+        // Plan: map each queued company for the target; drop no-ops now.
+        let tx = self.store.begin_write()?;
+        let entries = tx.outbox_batch(target, limit)?;
+        stats.taken = entries.len();
+        let mut items = Vec::new();
+        let mut planned = Vec::new();
+        for (seq, entry) in entries {
+            let Some(company) = tx.get_company(&entry.canonical_id)? else {
+                tx.outbox_remove(target, seq)?;
+                continue;
+            };
+            let values = company.values();
+            let vendor_id = tx.vendor_id_of(&entry.canonical_id, target)?;
+            let fields = match ep.mapping.write(&values) {
+                Ok(f) => f,
+                Err(e) => {
+                    warn!(connector = target, canonical_id = %entry.canonical_id, error = %e, "cannot map for target");
+                    tx.add_dead_letter(DeadLetterNew {
+                        connector: target.to_string(),
+                        direction: Direction::Push,
+                        canonical_id: Some(entry.canonical_id.clone()),
+                        vendor_id: vendor_id.clone(),
+                        record: serde_json::to_value(&values).unwrap_or_default(),
+                        reason: e.to_string(),
+                        attempts: entry.attempts + 1,
+                    })?;
+                    tx.outbox_remove(target, seq)?;
+                    stats.rejected += 1;
+                    continue;
+                }
+            };
+            let hash = visible_hash(&ep.mapping, &values);
+            if fields.is_empty() {
+                tx.outbox_remove(target, seq)?;
+                stats.skipped += 1;
+                continue;
+            }
+            if let Some(vid) = &vendor_id
+                && tx.ledger(target, vid)?.is_some_and(|l| l.hash == hash)
+            {
+                tx.outbox_remove(target, seq)?;
+                stats.skipped += 1;
+                continue;
+            }
+            tx.outbox_mark_sending(target, seq)?;
+            items.push(PushItem {
+                canonical_id: entry.canonical_id.clone(),
+                vendor_id,
+                fields,
+                prior_attempts: entry.attempts,
+            });
+            planned.push((seq, hash));
+        }
+        tx.commit()?;
+        if items.is_empty() {
+            return Ok(stats);
+        }
+
+        let result = ep.connector.push(&items).await;
+
+        let tx = self.store.begin_write()?;
+        let outcomes = match result {
+            Ok(o) => o,
+            Err(e) => {
+                for (seq, _) in &planned {
+                    tx.outbox_fail(target, *seq, &e.to_string())?;
+                }
+                tx.commit()?;
+                return Err(e.into());
+            }
+        };
+        let now = Utc::now();
+        for (i, (item, (seq, hash))) in items.iter().zip(&planned).enumerate() {
+            let _span =
+                info_span!("push", connector = target, canonical_id = %item.canonical_id).entered();
+            match outcomes.get(i) {
+                Some(PushOutcome::Written { vendor_id, created }) => {
+                    tx.put_link(target, vendor_id, &item.canonical_id)?;
+                    tx.put_ledger(
+                        target,
+                        vendor_id,
+                        LedgerEntry {
+                            hash: hash.clone(),
+                            at: now,
+                        },
+                    )?;
+                    // The company may have changed while the push was in flight; the entry
+                    // then stays so the newer content goes out next time.
+                    let current = tx
+                        .get_company(&item.canonical_id)?
+                        .map(|c| visible_hash(&ep.mapping, &c.values()));
+                    if current.as_deref() == Some(hash.as_str()) {
+                        tx.outbox_remove(target, *seq)?;
+                    } else {
+                        tx.outbox_fail(target, *seq, "changed while being pushed")?;
+                    }
+                    stats.written += 1;
+                    if *created {
+                        stats.created += 1;
+                    }
+                    debug!(vendor_id = %vendor_id, created, "written");
+                }
+                Some(PushOutcome::Rejected { reason }) => {
+                    warn!(vendor_id = ?item.vendor_id, reason = %reason, "rejected by target; dead-lettered");
+                    tx.add_dead_letter(DeadLetterNew {
+                        connector: target.to_string(),
+                        direction: Direction::Push,
+                        canonical_id: Some(item.canonical_id.clone()),
+                        vendor_id: item.vendor_id.clone(),
+                        record: serde_json::Value::Object(item.fields.clone()),
+                        reason: reason.clone(),
+                        attempts: item.prior_attempts + 1,
+                    })?;
+                    tx.outbox_remove(target, *seq)?;
+                    stats.rejected += 1;
+                }
+                Some(PushOutcome::Retry { reason }) => {
+                    tx.outbox_fail(target, *seq, reason)?;
+                    stats.retried += 1;
+                }
+                None => {
+                    tx.outbox_fail(target, *seq, "no outcome reported for this item")?;
+                    stats.retried += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(stats)
+    }
+
+    /// Reads the stored cursor under `key`.
+    pub fn cursor(&self, key: &str) -> Result<Cursor, EngineError> {
+        Ok(self.store.begin_read()?.cursor(key)?.unwrap_or_default())
+    }
+}

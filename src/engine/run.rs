@@ -1,0 +1,475 @@
+//! The engine's loops: one poll loop and one drain loop per connector for `run`, and the
+//! one-shot `backfill` (full read ignoring cursors, resumable, then drain to empty).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use super::{Engine, EngineError, IngestStats, backfill_cursor_key, cursor_key, visible_hash};
+use crate::connector::{ConnectorError, Cursor, PollMode};
+
+/// Outbox entries that failed this many times are moved to the dead letters.
+pub const MAX_PUSH_ATTEMPTS: u32 = 12;
+
+/// Longest pause after a transient failure before trying again.
+const MAX_ERROR_PAUSE: Duration = Duration::from_secs(60);
+
+/// Handle on the running loops.
+pub struct RunHandle {
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl RunHandle {
+    /// Asks every loop to stop at its next safe point (after committing the page or batch
+    /// in hand) and waits until all have.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Waits until every loop has stopped (after the token given to `start` is cancelled).
+    pub async fn wait(self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// What `backfill` should do.
+#[derive(Debug, Clone, Default)]
+pub struct BackfillOptions {
+    /// Only read from these connectors (all when empty).
+    pub sources: Vec<String>,
+    /// Only records updated at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Write to no CRM: only count what would happen.
+    pub dry_run: bool,
+}
+
+/// Per-target counts of a dry run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DryRunCounts {
+    /// Companies the target has no record of.
+    pub would_create: u64,
+    /// Companies whose target record differs.
+    pub would_update: u64,
+    /// Companies the target already holds as they are.
+    pub unchanged: u64,
+    /// Companies that cannot be mapped for the target.
+    pub invalid: u64,
+}
+
+/// What a backfill did.
+#[derive(Debug, Clone, Default)]
+pub struct BackfillReport {
+    /// Per source connector, what was read.
+    pub read: BTreeMap<String, IngestStats>,
+    /// Per target, records written / rejected / still queued (not in dry runs).
+    pub pushed: BTreeMap<String, super::DrainStats>,
+    /// Entries still in each outbox at the end (left for the daemon).
+    pub pending: BTreeMap<String, u64>,
+    /// Per target, dry-run counts.
+    pub dry_run: BTreeMap<String, DryRunCounts>,
+    /// Connectors that failed, with the error.
+    pub failures: Vec<(String, String)>,
+}
+
+impl BackfillReport {
+    /// True when nothing failed and nothing was rejected.
+    pub fn ok(&self) -> bool {
+        self.failures.is_empty()
+            && self.pushed.values().all(|s| s.rejected == 0)
+            && self.read.values().all(|s| s.dead == 0)
+    }
+}
+
+fn add_ingest(total: &mut IngestStats, s: &IngestStats) {
+    total.read += s.read;
+    total.unchanged += s.unchanged;
+    total.merged += s.merged;
+    total.created += s.created;
+    total.dead += s.dead;
+    total.queued += s.queued;
+}
+
+fn add_drain(total: &mut super::DrainStats, s: &super::DrainStats) {
+    total.taken += s.taken;
+    total.written += s.written;
+    total.created += s.created;
+    total.skipped += s.skipped;
+    total.rejected += s.rejected;
+    total.retried += s.retried;
+}
+
+/// How long to pause after `err` before the next attempt.
+fn pause_after(err: &EngineError, poll_interval: Duration) -> Duration {
+    match err {
+        EngineError::Connector(ConnectorError::Suspended { until, .. }) => (*until - Utc::now())
+            .to_std()
+            .unwrap_or_default()
+            .max(Duration::from_secs(1)),
+        EngineError::Connector(ConnectorError::Transient {
+            retry_after: Some(d),
+            ..
+        }) => *d,
+        _ => poll_interval.min(MAX_ERROR_PAUSE),
+    }
+}
+
+/// A short class name of an error, for metrics.
+pub fn error_class(err: &EngineError) -> &'static str {
+    match err {
+        EngineError::Connector(ConnectorError::Transient { .. }) => "transient",
+        EngineError::Connector(ConnectorError::Auth { .. }) => "auth",
+        EngineError::Connector(ConnectorError::Suspended { .. }) => "suspended",
+        EngineError::Connector(_) => "fatal",
+        EngineError::Store(_) | EngineError::Join(_) => "store",
+        EngineError::UnknownConnector(_) => "config",
+    }
+}
+
+/// Sleeps `d` unless `shutdown` fires first; false when shutting down.
+async fn pause(d: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = shutdown.cancelled() => false,
+    }
+}
+
+impl Engine {
+    /// Runs the store work of `f` on a blocking thread (redb commits fsync).
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| EngineError::Join(e.to_string()))?
+    }
+
+    /// Reads one full poll cycle of `source` (until the connector says it caught up),
+    /// committing page by page under `key`. Returns the totals.
+    pub async fn poll_cycle(
+        self: &Arc<Self>,
+        source: &str,
+        key: &str,
+        mode: &PollMode,
+        shutdown: &CancellationToken,
+        on_page: &(dyn Fn(&IngestStats) + Sync),
+    ) -> Result<IngestStats, EngineError> {
+        let ep = self.endpoint(source)?.clone();
+        let mut cursor: Cursor = {
+            let key = key.to_string();
+            self.blocking(move |e| e.cursor(&key)).await?
+        };
+        let mut total = IngestStats::default();
+        let busy = format!("poll:{source}");
+        loop {
+            self.set_busy(&busy, true);
+            let page = ep.connector.poll(&cursor, mode).await;
+            let page = page.inspect_err(|_| self.set_busy(&busy, false))?;
+            let more = page.more;
+            cursor = page.next.clone();
+            let stats = {
+                let (source, key) = (source.to_string(), key.to_string());
+                self.blocking(move |e| e.ingest_page(&source, &page, &key))
+                    .await?
+            };
+            let l = [("connector", source)];
+            self.metrics
+                .inc("crmbridge_records_read_total", &l, stats.read as f64);
+            self.metrics
+                .inc("crmbridge_records_merged_total", &l, stats.merged as f64);
+            on_page(&stats);
+            add_ingest(&mut total, &stats);
+            if !more {
+                self.set_busy(&busy, false);
+                self.metrics.set(
+                    "crmbridge_last_successful_poll_timestamp_seconds",
+                    &[("connector", source)],
+                    Utc::now().timestamp() as f64,
+                );
+                break;
+            }
+            if shutdown.is_cancelled() {
+                self.set_busy(&busy, false);
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Drains `target`'s outbox until it is empty or only holds entries that failed in
+    /// this call; entries failing too often become dead letters.
+    pub async fn drain_all(
+        self: &Arc<Self>,
+        target: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<super::DrainStats, EngineError> {
+        let mut total = super::DrainStats::default();
+        loop {
+            {
+                let target = target.to_string();
+                self.blocking(move |e| e.retire_failing(&target)).await?;
+            }
+            let busy = format!("drain:{target}");
+            self.set_busy(&busy, true);
+            let stats = self.drain_batch(target).await;
+            self.set_busy(&busy, false);
+            let stats = stats.inspect_err(|e| self.note_error(target, e))?;
+            let l = [("connector", target)];
+            self.metrics
+                .inc("crmbridge_records_pushed_total", &l, stats.written as f64);
+            self.metrics
+                .inc("crmbridge_records_skipped_total", &l, stats.skipped as f64);
+            self.metrics.inc(
+                "crmbridge_records_rejected_total",
+                &l,
+                stats.rejected as f64,
+            );
+            add_drain(&mut total, &stats);
+            // Stop when a batch made no progress (empty, or everything asked for a retry).
+            if stats.taken == 0 || stats.taken == stats.retried || shutdown.is_cancelled() {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Counts an error in the metrics, and records a suspension's end.
+    fn note_error(&self, connector: &str, err: &EngineError) {
+        let l = [("connector", connector)];
+        self.metrics.inc(
+            "crmbridge_errors_total",
+            &[("connector", connector), ("class", error_class(err))],
+            1.0,
+        );
+        if let EngineError::Connector(ConnectorError::Suspended { until, .. }) = err {
+            self.metrics.set(
+                "crmbridge_suspended_until_timestamp_seconds",
+                &l,
+                until.timestamp() as f64,
+            );
+        }
+    }
+
+    /// Moves outbox entries that failed [`MAX_PUSH_ATTEMPTS`] times to the dead letters.
+    fn retire_failing(&self, target: &str) -> Result<usize, EngineError> {
+        let tx = self.store.begin_write()?;
+        let mut n = 0;
+        for (seq, entry) in tx.outbox_batch(target, 1000)? {
+            if entry.attempts >= MAX_PUSH_ATTEMPTS {
+                tx.add_dead_letter(crate::store::DeadLetterNew {
+                    connector: target.to_string(),
+                    direction: crate::store::Direction::Push,
+                    canonical_id: Some(entry.canonical_id.clone()),
+                    vendor_id: tx.vendor_id_of(&entry.canonical_id, target)?,
+                    record: serde_json::Value::Null,
+                    reason: format!(
+                        "gave up after {} attempts: {}",
+                        entry.attempts,
+                        entry.last_error.unwrap_or_default()
+                    ),
+                    attempts: entry.attempts,
+                })?;
+                tx.outbox_remove(target, seq)?;
+                n += 1;
+            }
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Starts one poll loop and one drain loop per connector; they run until `shutdown`
+    /// is cancelled, then stop after committing what they hold.
+    pub fn start(self: &Arc<Self>, shutdown: CancellationToken) -> RunHandle {
+        let tracker = TaskTracker::new();
+        let wake: BTreeMap<String, Arc<Notify>> = self
+            .endpoints
+            .keys()
+            .map(|k| (k.clone(), Arc::new(Notify::new())))
+            .collect();
+        let wake = Arc::new(wake);
+        for ep in self.endpoints.values() {
+            let name = ep.name.clone();
+            let interval = ep.poll_interval;
+            // Poll loop.
+            {
+                let (me, sd, wake, name) =
+                    (self.clone(), shutdown.clone(), wake.clone(), name.clone());
+                tracker.spawn(async move {
+                    let key = cursor_key(&name);
+                    while !sd.is_cancelled() {
+                        let res = me
+                            .poll_cycle(&name, &key, &PollMode::Incremental, &sd, &|_| {})
+                            .await;
+                        let wait = match res {
+                            Ok(stats) => {
+                                if stats.queued > 0 {
+                                    for t in me.targets_of(&name) {
+                                        if let Some(n) = wake.get(t) {
+                                            n.notify_one();
+                                        }
+                                    }
+                                }
+                                if stats.read > 0 {
+                                    info!(connector = %name, read = stats.read, merged = stats.merged, created = stats.created, dead = stats.dead, "poll cycle done");
+                                }
+                                interval
+                            }
+                            Err(e) => {
+                                me.note_error(&name, &e);
+                                error!(connector = %name, error = %e, "poll failed");
+                                pause_after(&e, interval)
+                            }
+                        };
+                        if !pause(wait, &sd).await {
+                            break;
+                        }
+                    }
+                });
+            }
+            // Drain loop.
+            {
+                let (me, sd, wake) = (self.clone(), shutdown.clone(), wake.clone());
+                tracker.spawn(async move {
+                    let notify = wake.get(&name).cloned().unwrap_or_default();
+                    while !sd.is_cancelled() {
+                        let wait = match me.drain_all(&name, &sd).await {
+                            Ok(s) => {
+                                if s.taken > 0 {
+                                    info!(connector = %name, written = s.written, created = s.created, skipped = s.skipped, rejected = s.rejected, retried = s.retried, "drained");
+                                }
+                                if s.retried > 0 { interval.min(MAX_ERROR_PAUSE) } else { interval }
+                            }
+                            Err(e) => {
+                                warn!(connector = %name, error = %e, "push failed; entries stay queued");
+                                pause_after(&e, interval)
+                            }
+                        };
+                        tokio::select! {
+                            _ = notify.notified() => {}
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = sd.cancelled() => break,
+                        }
+                    }
+                });
+            }
+        }
+        RunHandle { tracker, shutdown }
+    }
+
+    /// One-shot full sync: reads every selected source ignoring the incremental cursors
+    /// (resuming an interrupted backfill from its own cursor), then drains every outbox.
+    pub async fn backfill(
+        self: &Arc<Self>,
+        opts: &BackfillOptions,
+        shutdown: &CancellationToken,
+        on_page: &(dyn Fn(&str, &IngestStats) + Sync),
+    ) -> Result<BackfillReport, EngineError> {
+        let mut report = BackfillReport::default();
+        let sources: Vec<String> = if opts.sources.is_empty() {
+            self.endpoints.keys().cloned().collect()
+        } else {
+            opts.sources.clone()
+        };
+        for s in &sources {
+            self.endpoint(s)?;
+        }
+        let mode = PollMode::Full { since: opts.since };
+        for source in &sources {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let key = backfill_cursor_key(source);
+            let cb = |st: &IngestStats| on_page(source, st);
+            match self.poll_cycle(source, &key, &mode, shutdown, &cb).await {
+                Ok(stats) => {
+                    report.read.insert(source.clone(), stats);
+                    if !shutdown.is_cancelled() {
+                        // Done: the next backfill starts from the beginning again.
+                        let k = key.clone();
+                        self.blocking(move |e| {
+                            let tx = e.store.begin_write()?;
+                            tx.put_cursor(&k, &Cursor::start())?;
+                            tx.commit()?;
+                            Ok(())
+                        })
+                        .await?;
+                    }
+                }
+                Err(EngineError::Connector(e)) => {
+                    error!(connector = %source, error = %e, "backfill read failed");
+                    report.failures.push((source.clone(), e.to_string()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let targets: Vec<String> = self.endpoints.keys().cloned().collect();
+        if opts.dry_run {
+            for t in &targets {
+                let t2 = t.clone();
+                let counts = self.blocking(move |e| e.dry_run_counts(&t2)).await?;
+                report.dry_run.insert(t.clone(), counts);
+            }
+            return Ok(report);
+        }
+        for t in &targets {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            match self.drain_all(t, shutdown).await {
+                Ok(s) => {
+                    report.pushed.insert(t.clone(), s);
+                }
+                Err(EngineError::Connector(e)) => {
+                    error!(connector = %t, error = %e, "backfill push failed");
+                    report.failures.push((t.clone(), e.to_string()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let tx = self.store.begin_read()?;
+        for t in &targets {
+            report.pending.insert(t.clone(), tx.outbox_len(t)?);
+        }
+        Ok(report)
+    }
+
+    /// What draining `target`'s outbox would do, without doing it.
+    fn dry_run_counts(&self, target: &str) -> Result<DryRunCounts, EngineError> {
+        let ep = self.endpoint(target)?;
+        let tx = self.store.begin_read()?;
+        let mut counts = DryRunCounts::default();
+        for (_, entry) in tx.outbox_batch(target, usize::MAX)? {
+            let Some(company) = tx.get_company(&entry.canonical_id)? else {
+                continue;
+            };
+            let values = company.values();
+            if ep.mapping.write(&values).is_err() {
+                counts.invalid += 1;
+                continue;
+            }
+            match tx.vendor_id_of(&entry.canonical_id, target)? {
+                None => counts.would_create += 1,
+                Some(vid) => {
+                    let hash = visible_hash(&ep.mapping, &values);
+                    if tx.ledger(target, &vid)?.is_some_and(|l| l.hash == hash) {
+                        counts.unchanged += 1;
+                    } else {
+                        counts.would_update += 1;
+                    }
+                }
+            }
+        }
+        Ok(counts)
+    }
+}

@@ -1,0 +1,190 @@
+//! The three simulators started together with overlapping company data — the same real
+//! companies under different ids and slightly different values in each CRM — as used by
+//! `crmbridge sim`, the demo, integration tests and benchmarks.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use super::amocrm::{AmoSim, AmoSimConfig};
+use super::marketo::{MarketoSim, MarketoSimConfig};
+use super::rally::{RallySim, RallySimConfig};
+
+/// How to start a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Seed of the company universe.
+    pub seed: u64,
+    /// Companies in the universe; each CRM holds an overlapping ~60% of them.
+    pub companies: usize,
+    /// Ports (0 = any free port).
+    pub rally_port: u16,
+    /// Marketo port.
+    pub marketo_port: u16,
+    /// amoCRM port.
+    pub amocrm_port: u16,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            seed: 1,
+            companies: 30,
+            rally_port: 0,
+            marketo_port: 0,
+            amocrm_port: 0,
+        }
+    }
+}
+
+/// The universe indices each CRM starts with: Rally the first 60%, Marketo the last 60%,
+/// amoCRM the middle 60% — every company is in at least one CRM, many in two or three.
+pub fn overlapping_indices(n: usize) -> [Vec<usize>; 3] {
+    let cut = |a: f64, b: f64| ((n as f64 * a) as usize)..((n as f64 * b).ceil() as usize).min(n);
+    [
+        cut(0.0, 0.6).collect(),
+        cut(0.4, 1.0).collect(),
+        cut(0.2, 0.8).collect(),
+    ]
+}
+
+/// Three running simulators.
+pub struct SimCluster {
+    /// Rally.
+    pub rally: RallySim,
+    /// Marketo.
+    pub marketo: MarketoSim,
+    /// amoCRM.
+    pub amocrm: AmoSim,
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+impl SimCluster {
+    /// Starts the three simulators with vendor-default limits and overlapping data.
+    pub async fn start(cfg: &ClusterConfig) -> std::io::Result<SimCluster> {
+        let [r, m, a] = overlapping_indices(cfg.companies);
+        let rally = RallySim::start(
+            loopback(cfg.rally_port),
+            RallySimConfig {
+                seed: cfg.seed,
+                seed_indices: r,
+                variant: 0,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let marketo = MarketoSim::start(
+            loopback(cfg.marketo_port),
+            MarketoSimConfig {
+                seed: cfg.seed,
+                seed_indices: m,
+                variant: 1,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let amocrm = AmoSim::start(
+            loopback(cfg.amocrm_port),
+            AmoSimConfig {
+                seed: cfg.seed,
+                seed_indices: a,
+                variant: 2,
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(SimCluster {
+            rally,
+            marketo,
+            amocrm,
+        })
+    }
+
+    /// Writes the simulators' credentials as secret files into `dir` and returns a
+    /// complete crmbridge config (TOML) that syncs all three both ways, with its store in
+    /// `dir`. `listen` is the metrics address (`None` switches the endpoint off).
+    pub fn sync_config(
+        &self,
+        dir: &std::path::Path,
+        poll_interval: &str,
+        listen: Option<SocketAddr>,
+    ) -> std::io::Result<String> {
+        let secret = |name: &str, value: &str| -> std::io::Result<String> {
+            let path = dir.join(name);
+            std::fs::write(&path, value)?;
+            Ok(path.display().to_string())
+        };
+        let rally_key = secret("rally_api_key", "rally-test-key")?;
+        let mk_id = secret("marketo_client_id", "marketo-client")?;
+        let mk_secret = secret("marketo_client_secret", "marketo-secret")?;
+        let amo_token = secret("amocrm_token", "amo-long-lived-token")?;
+        let listen = match listen {
+            Some(a) => format!("listen = \"{a}\""),
+            None => "listen = false".to_string(),
+        };
+        Ok(format!(
+            r#"# Generated for the built-in simulators.
+match_keys = ["domain", "externalCompanyId"]
+
+[store]
+path = "{store}"
+
+[daemon]
+{listen}
+
+[connectors.rally]
+kind = "rally"
+base_url = "{rally}"
+api_key = {{ file = "{rally_key}" }}
+poll_interval = "{poll}"
+
+[connectors.marketo]
+kind = "marketo"
+base_url = "{marketo}"
+client_id = {{ file = "{mk_id}" }}
+client_secret = {{ file = "{mk_secret}" }}
+poll_interval = "{poll}"
+
+[connectors.amocrm]
+kind = "amocrm"
+base_url = "{amocrm}"
+poll_interval = "{poll}"
+
+[connectors.amocrm.auth]
+type = "long_lived"
+token = {{ file = "{amo_token}" }}
+
+[[flows]]
+between = ["rally", "marketo", "amocrm"]
+"#,
+            store = dir.join("crmbridge.redb").display(),
+            rally = self.rally.base_url(),
+            marketo = self.marketo.base_url(),
+            amocrm = self.amocrm.base_url(),
+            poll = poll_interval,
+        ))
+    }
+
+    /// Stops all three.
+    pub async fn shutdown(self) {
+        self.rally.shutdown().await;
+        self.marketo.shutdown().await;
+        self.amocrm.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_company_is_somewhere_and_many_overlap() {
+        let [r, m, a] = overlapping_indices(100);
+        for i in 0..100 {
+            assert!(r.contains(&i) || m.contains(&i) || a.contains(&i), "{i} nowhere");
+        }
+        let both = r.iter().filter(|i| m.contains(i)).count();
+        assert!(both > 0, "rally and marketo share nothing");
+    }
+}
