@@ -148,14 +148,17 @@ async fn damage(resp: Response, drop: bool) -> Response {
     };
     let half = full.slice(..full.len() / 2);
     let body = if drop {
-        let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
-            Ok(half),
+        use futures::StreamExt;
+        // The pause lets the status line, headers and first half reach the client before
+        // the stream fails, so it sees a 200 whose body breaks off.
+        let fail = futures::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
             Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
                 "simulated connection drop",
-            )),
-        ];
-        Body::from_stream(futures::stream::iter(chunks))
+            ))
+        });
+        Body::from_stream(futures::stream::once(async { Ok(half) }).chain(fail))
     } else {
         Body::from(half)
     };

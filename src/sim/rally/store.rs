@@ -654,7 +654,10 @@ pub fn seed_record(seed: u64, c: &SeedCompany, variant: u8) -> Record {
         employee_count,
         annual_revenue: Some(c.annual_revenue),
         tags: c.tags.clone(),
-        owner_id: (c.index % 3 == 0).then(|| Uuid::parse_str(SEED_OWNER).expect("valid")),
+        owner_id: c
+            .index
+            .is_multiple_of(3)
+            .then(|| Uuid::parse_str(SEED_OWNER).expect("valid")),
         created_at,
         updated_at,
     }
