@@ -49,16 +49,32 @@ pub fn limiter(rps: u32) -> Arc<RollingWindow> {
 /// The router with every endpoint and middleware.
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/api/v1/companies", get(list).post(create))
-        .route("/api/v1/companies/upsert", put(upsert))
-        .route("/api/v1/companies/bulk", post(bulk))
+        .route(
+            "/api/v1/companies",
+            get(list).post(create).fallback(method_not_allowed),
+        )
+        .route(
+            "/api/v1/companies/upsert",
+            put(upsert).fallback(method_not_allowed),
+        )
+        .route(
+            "/api/v1/companies/bulk",
+            post(bulk).fallback(method_not_allowed),
+        )
         .route(
             "/api/v1/companies/{id}",
-            get(get_one).put(update).delete(delete_one),
+            get(get_one)
+                .put(update)
+                .delete(delete_one)
+                .fallback(method_not_allowed),
         )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "Resource not found") })
         .layer(middleware::from_fn_with_state(shared.clone(), gate))
         .with_state(shared)
+}
+
+async fn method_not_allowed() -> Response {
+    error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed")
 }
 
 /// A JSON error answer, `{"error": message}`.

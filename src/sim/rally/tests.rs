@@ -841,3 +841,108 @@ async fn a_hundred_thousand_companies_answer_a_deep_filtered_page() {
         "second page of the last import batch"
     );
 }
+
+/// Rally's documented list example, one row.
+const DOC_LIST_EXAMPLE: &str = r#"[{"id": "b5c7e1a2-3d4f-5678-9abc-def012345678",
+ "tenantId": "3fa85f64-5717-4562-b3fc-2c963f66afa6", "name": "Acme Corporation",
+ "domain": "acme.com", "industry": "Technology",
+ "description": "Enterprise software solutions provider", "employeeCount": 250,
+ "annualRevenue": 45000000, "phone": "+1-555-0100", "website": "https://acme.com",
+ "linkedInUrl": "https://linkedin.com/company/acme", "address": "100 Market Street",
+ "city": "San Francisco", "state": "CA", "country": "US", "postalCode": "94105",
+ "tags": ["enterprise", "technology"], "notes": null,
+ "ownerId": "e4d909c2-90d0-4b2b-88c5-8e9a0fa1e4b1",
+ "createdAt": "2025-02-01T10:00:00Z", "updatedAt": "2025-06-12T08:45:00Z"}]"#;
+
+/// Rally's documented bulk response.
+const DOC_BULK_EXAMPLE: &str = r#"{"created": 2, "updated": 0, "failed": 1,
+ "createdIds": ["b5c7e1a2-3d4f-5678-9abc-def012345678", "c6d8f2b3-4e5a-6789-bcde-f01234567890"],
+ "errors": [{"index": 2, "error": "Company name is required"}]}"#;
+
+fn keys(v: &Value) -> Vec<String> {
+    v.as_object().unwrap().keys().cloned().collect()
+}
+
+#[tokio::test]
+async fn rows_have_the_documented_fields_in_the_documented_order() {
+    let doc: Value = serde_json::from_str(DOC_LIST_EXAMPLE).unwrap();
+    let sim = sim_with(0).await;
+    // Create the documented record itself and read it back through the list.
+    let rec = sim.create(doc[0].clone());
+    let rows = list(&sim, "").await;
+    assert_eq!(keys(&rows[0]), keys(&doc[0]));
+    for field in [
+        "name",
+        "domain",
+        "description",
+        "employeeCount",
+        "annualRevenue",
+        "phone",
+        "linkedInUrl",
+        "postalCode",
+        "tags",
+        "notes",
+        "ownerId",
+        "tenantId",
+    ] {
+        assert_eq!(rows[0][field], doc[0][field], "field {field}");
+    }
+    assert_ne!(
+        rec["id"], doc[0]["id"],
+        "the id in a create body must be ignored"
+    );
+}
+
+#[tokio::test]
+async fn bulk_answer_has_the_documented_shape() {
+    let doc: Value = serde_json::from_str(DOC_BULK_EXAMPLE).unwrap();
+    let sim = sim_with(0).await;
+    let body = json!([{"name": "A"}, {"name": "B"}, {"domain": "c.com"}]);
+    let (_, out) = call(&sim, Method::POST, "/api/v1/companies/bulk", Some(body)).await;
+    assert_eq!(keys(&out), keys(&doc));
+    assert_eq!(out["errors"], doc["errors"]);
+    assert_eq!(
+        (&out["created"], &out["updated"], &out["failed"]),
+        (&doc["created"], &doc["updated"], &doc["failed"])
+    );
+}
+
+#[tokio::test]
+async fn updated_since_without_a_zone_is_taken_as_utc() {
+    let sim = sim_with(400).await;
+    // Seeds 200..399 were imported at 2024-06-01T00:01:00Z.
+    let naive = list(
+        &sim,
+        "?limit=100&offset=100&updatedSince=2024-06-01T00:01:00",
+    )
+    .await;
+    let zoned = list(
+        &sim,
+        "?limit=100&offset=100&updatedSince=2024-06-01T00:01:00Z",
+    )
+    .await;
+    assert_eq!(ids(&naive), ids(&zoned));
+    assert_eq!(naive.len(), 100);
+    assert_eq!(
+        list(&sim, "?limit=100&offset=200&updatedSince=2024-06-01")
+            .await
+            .len(),
+        100
+    );
+}
+
+#[tokio::test]
+async fn query_parameter_and_field_names_are_case_insensitive() {
+    let sim = sim_with(5).await;
+    let rows = list(&sim, "?LIMIT=2&Fields=NAME").await;
+    assert_eq!(rows.len(), 2);
+    assert_eq!(keys(&rows[0]), vec!["id", "name"]);
+}
+
+#[tokio::test]
+async fn an_unsupported_method_is_405_json() {
+    let sim = sim_with(0).await;
+    let (status, body) = call(&sim, Method::GET, "/api/v1/companies/upsert", None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+    assert!(body["error"].is_string(), "{body}");
+}
