@@ -110,62 +110,44 @@ pub fn wire_time(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn text_json(v: &Option<String>) -> Value {
-    v.as_ref().map_or(Value::Null, |s| Value::String(s.clone()))
-}
-
 impl Record {
-    /// The exact wire JSON (`CompanyResponse`), every field present, nulls included.
-    pub fn to_json(&self) -> Value {
-        let mut m = Map::with_capacity(RESPONSE_FIELDS.len());
-        m.insert("id".into(), Value::String(self.id.to_string()));
-        m.insert("tenantId".into(), Value::String(TENANT_ID.into()));
-        m.insert("name".into(), Value::String(self.name.clone()));
-        for (i, key) in TEXT_FIELDS.iter().enumerate().take(3) {
-            m.insert((*key).into(), text_json(&self.text[i]));
-        }
-        m.insert(
-            "employeeCount".into(),
-            self.employee_count.map_or(Value::Null, |n| json!(n)),
-        );
-        m.insert(
-            "annualRevenue".into(),
-            self.annual_revenue
+    /// The wire value of one [`RESPONSE_FIELDS`] entry.
+    fn field(&self, key: &str) -> Value {
+        match key {
+            "id" => Value::String(self.id.to_string()),
+            "tenantId" => Value::String(TENANT_ID.into()),
+            "name" => Value::String(self.name.clone()),
+            "employeeCount" => self.employee_count.map_or(Value::Null, |n| json!(n)),
+            "annualRevenue" => self
+                .annual_revenue
                 .as_ref()
                 .map_or(Value::Null, decimal_to_json),
-        );
-        for (i, key) in TEXT_FIELDS.iter().enumerate().take(11).skip(3) {
-            m.insert((*key).into(), text_json(&self.text[i]));
-        }
-        m.insert("tags".into(), json!(self.tags));
-        m.insert("notes".into(), text_json(&self.text[11]));
-        m.insert(
-            "ownerId".into(),
-            self.owner_id
+            "tags" => json!(self.tags),
+            "ownerId" => self
+                .owner_id
                 .map_or(Value::Null, |u| Value::String(u.to_string())),
-        );
-        m.insert(
-            "createdAt".into(),
-            Value::String(wire_time(&self.created_at)),
-        );
-        m.insert(
-            "updatedAt".into(),
-            Value::String(wire_time(&self.updated_at)),
-        );
-        Value::Object(m)
+            "createdAt" => Value::String(wire_time(&self.created_at)),
+            "updatedAt" => Value::String(wire_time(&self.updated_at)),
+            text => TEXT_FIELDS
+                .iter()
+                .position(|f| *f == text)
+                .and_then(|i| self.text[i].clone())
+                .map_or(Value::Null, Value::String),
+        }
     }
 
-    /// The wire JSON reduced to `fields` (canonical names, already validated).
+    /// The exact wire JSON (`CompanyResponse`), every field present, nulls included.
+    pub fn to_json(&self) -> Value {
+        self.to_json_projected(&RESPONSE_FIELDS)
+    }
+
+    /// The wire JSON reduced to `fields` (names from [`RESPONSE_FIELDS`]), in wire order.
     pub fn to_json_projected(&self, fields: &[&'static str]) -> Value {
-        let Value::Object(full) = self.to_json() else {
-            unreachable!("to_json always builds an object")
-        };
-        let mut m = Map::with_capacity(fields.len());
-        for (k, v) in full {
-            if fields.contains(&k.as_str()) {
-                m.insert(k, v);
-            }
-        }
+        let m: Map<String, Value> = RESPONSE_FIELDS
+            .iter()
+            .filter(|k| fields.contains(k))
+            .map(|k| ((*k).to_string(), self.field(k)))
+            .collect();
         Value::Object(m)
     }
 

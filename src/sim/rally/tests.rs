@@ -946,3 +946,17 @@ async fn an_unsupported_method_is_405_json() {
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
     assert!(body["error"].is_string(), "{body}");
 }
+
+#[tokio::test]
+async fn shutdown_stops_listening() {
+    let sim = sim_with(1).await;
+    let url = format!("{}/api/v1/companies", sim.base_url());
+    assert_eq!(list(&sim, "").await.len(), 1);
+    sim.shutdown().await;
+    let after = reqwest::Client::new()
+        .get(&url)
+        .header("X-Api-Key", KEY)
+        .send()
+        .await;
+    assert!(after.is_err(), "still answering after shutdown: {after:?}");
+}
