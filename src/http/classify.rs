@@ -91,23 +91,15 @@ impl Classifier for DefaultClassifier {
 
 /// A static label for an HTTP status, for metric keys (`"404"`, `"5xx"` for the rest).
 pub fn status_class(status: u16) -> &'static str {
+    const KNOWN: [&str; 16] = [
+        "400", "401", "403", "404", "405", "408", "409", "413", "414", "415", "422", "429", "500",
+        "502", "503", "504",
+    ];
+    let text = status.to_string();
+    if let Some(k) = KNOWN.iter().find(|k| **k == text) {
+        return k;
+    }
     match status {
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        408 => "408",
-        409 => "409",
-        413 => "413",
-        414 => "414",
-        415 => "415",
-        422 => "422",
-        429 => "429",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
         500..=599 => "5xx",
         400..=499 => "4xx",
         300..=399 => "3xx",
