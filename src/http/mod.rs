@@ -26,6 +26,22 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # For connector authors: what a vendor classifier should return
+//! | answer | [`Outcome`] |
+//! |---|---|
+//! | 2xx (Marketo: `success: true`) | `Success` (per-record failures are the connector's business) |
+//! | 429, Marketo 606 (rate), 615 (concurrency) | `Throttled` — nothing was done, so even a non-idempotent POST is retried |
+//! | 5xx, 408, Marketo 604/608/611/713 | `Retry` — retried only if [`ApiRequest::idempotent`] |
+//! | 401, Marketo 601/602 | `Reauth` — one refresh through the request's [`AuthProvider`], then one retry |
+//! | Marketo 607 (daily quota) | `Suspend { until: QuotaReset::UsCentralMidnight.next_reset(now) }` |
+//! | amoCRM 403 that is not a permission error (HTML/nginx) | `Suspend` for a while (e.g. 1 h): the circuit closes then and the next call probes |
+//! | anything else | `Fail` with the vendor's reason |
+//!
+//! Timeouts and connection resets after the request was written are retried only for
+//! idempotent requests; for the others the call ends with [`HttpError::Timeout`] /
+//! [`HttpError::Connection`] (`maybe_applied: true`) and the outbox replay decides.
+//! A refused connection (nothing written) is retried for every request.
+//!
 //! # Why the limiter is provably safe
 //! Vendors count calls in rolling windows ("100 per 20 s", "7 per second"). A token bucket
 //! (GCRA) with burst `n` would allow `n` calls at once and then refill during the same

@@ -97,6 +97,10 @@ fn central_dst_at_local_midnight(date: NaiveDate) -> bool {
 
 /// Where the daily call count lives. The store implements it durably so that a restart
 /// does not forget calls already spent today; [`MemoryQuotaLedger`] serves tests.
+///
+/// Both methods are called on the request path, once per attempt, under a lock that makes
+/// "check, then count" atomic within the daemon: keep them quick and non-blocking-ish
+/// (a small redb write is fine at vendor rates of a few calls per second).
 pub trait QuotaLedger: Send + Sync {
     /// Calls counted so far under `day` (a [`QuotaReset::day_key`]).
     fn used(&self, day: &str) -> u64;
