@@ -667,3 +667,33 @@ fn invalid_configs_are_refused() {
         );
     }
 }
+
+#[tokio::test]
+async fn rejected_static_key_is_an_auth_error_without_a_second_call() {
+    let server = MockServer::start().await;
+    Mock::given(header("x-api-key", "rk_bad"))
+        .respond_with(
+            ResponseTemplate::new(401).set_body_raw(r#"{"error":"bad key"}"#, "application/json"),
+        )
+        .mount(&server)
+        .await;
+    let auth = Arc::new(
+        StaticHeaderAuth::new(
+            "rally",
+            HeaderName::from_static("x-api-key"),
+            &Secret::new("rk_bad"),
+        )
+        .unwrap(),
+    );
+    let c = client(fast_cfg("rally"));
+    let err = c
+        .send(
+            ApiRequest::get("GET companies", url(&server, "/c")).auth(auth),
+            &DefaultClassifier,
+        )
+        .await
+        .expect_err("bad key");
+    assert!(matches!(err, HttpError::Auth { .. }), "{err:?}");
+    assert!(!format!("{err} {err:?}").contains("rk_bad"), "{err:?}");
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+}
