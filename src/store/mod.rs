@@ -1,1 +1,868 @@
-//! store
+//! The redb-backed store: canonical companies, identity links, match keys, cursors, the
+//! outbox, dead letters, the echo ledger, OAuth tokens and API quota counters.
+//!
+//! This is the only module that touches redb. Everything goes through a transaction:
+//! [`ReadTx`] for consistent snapshots, [`WriteTx`] for changes that become visible (and
+//! durable, fsync'ed) together on [`WriteTx::commit`] and not at all when the transaction
+//! is dropped without one. That is what lets the engine store a page of records, the
+//! cursor after it and the outbox entries it causes as one step.
+//!
+//! Values are JSON (serde_json) except counters and ids, which use redb's fixed-width
+//! integers; composite keys are redb tuples such as `(connector, vendor_id)`.
+
+mod error;
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+use std::marker::PhantomData;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use redb::{
+    Database, DatabaseError, ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::connector::Cursor;
+use crate::model::{CanonicalId, Company};
+
+use error::StorageContext;
+pub use error::StoreError;
+pub use types::{
+    DeadLetter, DeadLetterNew, Direction, LedgerEntry, OutboxEntry, OutboxRemoval, TokenRecord,
+};
+
+/// The schema version this build writes and understands. Bump it (and add a migration in
+/// [`Store::open`]) whenever a table's key or value encoding changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+// The meta table's types must never change: it is read before the version is known.
+const META: Tbl<&str, u32> = Tbl::new("meta");
+const SCHEMA_KEY: &str = "schema_version";
+/// Monotonic counters (outbox seq, dead-letter id), so ids are never reused.
+const SEQUENCES: Tbl<&str, u64> = Tbl::new("sequences");
+const OUTBOX_SEQ: &str = "outbox";
+const DEAD_LETTER_SEQ: &str = "dead_letter";
+
+const COMPANIES: Tbl<&str, &[u8]> = Tbl::new("companies");
+/// (connector, vendor_id) → canonical id.
+const LINKS: Tbl<(&str, &str), &str> = Tbl::new("links");
+/// (canonical id, connector) → vendor_id.
+const REVERSE_LINKS: Tbl<(&str, &str), &str> = Tbl::new("reverse_links");
+const MATCH_KEYS: Tbl<&str, &str> = Tbl::new("match_keys");
+const CURSORS: Tbl<&str, &[u8]> = Tbl::new("cursors");
+/// (target, seq) → OutboxEntry.
+const OUTBOX: Tbl<(&str, u64), &[u8]> = Tbl::new("outbox");
+/// (target, canonical id) → seq of its one pending entry.
+const OUTBOX_INDEX: Tbl<(&str, &str), u64> = Tbl::new("outbox_index");
+/// target → number of entries, so lengths are O(1) and not a scan.
+const OUTBOX_COUNTS: Tbl<&str, u64> = Tbl::new("outbox_counts");
+const DEAD_LETTERS: Tbl<u64, &[u8]> = Tbl::new("dead_letters");
+/// (connector, vendor_id) → LedgerEntry.
+const LEDGER: Tbl<(&str, &str), &[u8]> = Tbl::new("ledger");
+const TOKENS: Tbl<&str, &[u8]> = Tbl::new("tokens");
+/// (connector, "YYYY-MM-DD") → calls made that day.
+const QUOTA: Tbl<(&str, &str), u64> = Tbl::new("quota");
+
+/// A table's name and key/value types. Unlike redb's `TableDefinition`, its name is
+/// `&'static str`, so errors can carry it without allocating.
+struct Tbl<K: redb::Key + 'static, V: redb::Value + 'static> {
+    name: &'static str,
+    _types: PhantomData<(K, V)>,
+}
+
+impl<K: redb::Key + 'static, V: redb::Value + 'static> Clone for Tbl<K, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<K: redb::Key + 'static, V: redb::Value + 'static> Copy for Tbl<K, V> {}
+
+impl<K: redb::Key + 'static, V: redb::Value + 'static> Tbl<K, V> {
+    const fn new(name: &'static str) -> Self {
+        Tbl {
+            name,
+            _types: PhantomData,
+        }
+    }
+
+    fn def(self) -> TableDefinition<'static, K, V> {
+        TableDefinition::new(self.name)
+    }
+}
+
+fn encode<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Encode { table, source })
+}
+
+fn decode<T: DeserializeOwned>(
+    table: &'static str,
+    key: impl std::fmt::Display,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+        table,
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// The store: one redb file. Cheap to clone (an `Arc` inside), `Send + Sync`.
+///
+/// redb allows one write transaction at a time; [`Store::begin_write`] blocks until the
+/// previous one is committed or dropped, so callers on async runtimes should run write
+/// transactions on blocking threads and keep them short.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    path: Arc<PathBuf>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens the store at `path`, creating the file (and its directory) and all tables if
+    /// needed. Fails with [`StoreError::Locked`] when another process, or another `Store`
+    /// in this one, has the file open, and with [`StoreError::NewerSchema`] when a newer
+    /// crmbridge wrote it.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        let db = match Database::create(path) {
+            Ok(db) => db,
+            Err(DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::Locked {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(source) => {
+                return Err(StoreError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        let store = Store {
+            db: Arc::new(db),
+            path: Arc::new(path.to_path_buf()),
+        };
+        store.init_schema()?;
+        Ok(store)
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Checks the schema version and creates any missing table, in one transaction.
+    fn init_schema(&self) -> Result<(), StoreError> {
+        let tx = self.begin_write()?;
+        {
+            let mut meta = tx.table(META)?;
+            let found = meta
+                .get(SCHEMA_KEY)
+                .at(META.name, "get")?
+                .map(|v| v.value());
+            match found {
+                Some(found) if found > SCHEMA_VERSION => {
+                    // Dropping `tx` aborts: the newer file stays untouched.
+                    return Err(StoreError::NewerSchema {
+                        path: self.path.to_path_buf(),
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert(SCHEMA_KEY, SCHEMA_VERSION)
+                        .at(META.name, "insert")?;
+                }
+            }
+        }
+        // Opening a table creates it; creating all of them here means read transactions
+        // never meet a missing table.
+        tx.table(SEQUENCES)?;
+        tx.table(COMPANIES)?;
+        tx.table(LINKS)?;
+        tx.table(REVERSE_LINKS)?;
+        tx.table(MATCH_KEYS)?;
+        tx.table(CURSORS)?;
+        tx.table(OUTBOX)?;
+        tx.table(OUTBOX_INDEX)?;
+        tx.table(OUTBOX_COUNTS)?;
+        tx.table(DEAD_LETTERS)?;
+        tx.table(LEDGER)?;
+        tx.table(TOKENS)?;
+        tx.table(QUOTA)?;
+        tx.commit()
+    }
+
+    /// The schema version recorded in the file.
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        let tx = self.begin_read()?;
+        let meta = tx.table(META)?;
+        Ok(meta
+            .get(SCHEMA_KEY)
+            .at(META.name, "get")?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    /// Starts a write transaction, waiting for the current one (if any) to finish.
+    pub fn begin_write(&self) -> Result<WriteTx, StoreError> {
+        let txn = self.db.begin_write().map_err(|source| StoreError::Begin {
+            kind: "write",
+            source,
+        })?;
+        Ok(WriteTx { txn })
+    }
+
+    /// Starts a read transaction: a consistent snapshot of the last commit.
+    pub fn begin_read(&self) -> Result<ReadTx, StoreError> {
+        let txn = self.db.begin_read().map_err(|source| StoreError::Begin {
+            kind: "read",
+            source,
+        })?;
+        Ok(ReadTx { txn })
+    }
+}
+
+/// A read-only snapshot. Sees exactly what was committed when it began.
+pub struct ReadTx {
+    txn: redb::ReadTransaction,
+}
+
+impl ReadTx {
+    fn table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        def: Tbl<K, V>,
+    ) -> Result<ReadOnlyTable<K, V>, StoreError> {
+        self.txn
+            .open_table(def.def())
+            .map_err(|source| StoreError::Table {
+                table: def.name,
+                source,
+            })
+    }
+}
+
+/// A write transaction. Nothing it writes is visible to others until [`WriteTx::commit`];
+/// dropping it without a commit discards every change.
+///
+/// Tables are opened per call: redb's table handles borrow the transaction, so a wrapper
+/// cannot hold them without self-reference. Opening a table that is already touched in
+/// this transaction is a lookup in redb's in-memory pending-root map, which keeps the
+/// per-call cost small (see the throughput test in `tests.rs`).
+pub struct WriteTx {
+    txn: redb::WriteTransaction,
+}
+
+impl WriteTx {
+    #[track_caller]
+    fn table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        def: Tbl<K, V>,
+    ) -> Result<redb::Table<'_, K, V>, StoreError> {
+        self.txn
+            .open_table(def.def())
+            .map_err(|source| StoreError::Table {
+                table: def.name,
+                source,
+            })
+    }
+
+    /// Makes every change of this transaction visible and durable (fsync), or none.
+    pub fn commit(self) -> Result<(), StoreError> {
+        self.txn
+            .commit()
+            .map_err(|source| StoreError::Commit { source })
+    }
+
+    /// Discards every change (what dropping the transaction does, but explicit).
+    pub fn abort(self) -> Result<(), StoreError> {
+        self.txn.abort().at("*", "abort")
+    }
+
+    fn next_seq(&self, name: &'static str) -> Result<u64, StoreError> {
+        let mut t = self.table(SEQUENCES)?;
+        let next = t
+            .get(name)
+            .at(SEQUENCES.name, "get")?
+            .map(|v| v.value())
+            .unwrap_or(0)
+            + 1;
+        t.insert(name, next).at(SEQUENCES.name, "insert")?;
+        Ok(next)
+    }
+
+    /// Stores (replaces) a canonical company.
+    pub fn put_company(&self, company: &Company) -> Result<(), StoreError> {
+        let bytes = encode(COMPANIES.name, company)?;
+        self.table(COMPANIES)?
+            .insert(company.id.as_str(), bytes.as_slice())
+            .at(COMPANIES.name, "insert")?;
+        Ok(())
+    }
+
+    /// Links `connector`'s record `vendor_id` to `canonical_id`, both ways. A previous
+    /// record of that connector linked to the same company loses its link, and so does a
+    /// previous company linked to that record: each pair stays one-to-one.
+    pub fn put_link(
+        &self,
+        connector: &str,
+        vendor_id: &str,
+        canonical_id: &str,
+    ) -> Result<(), StoreError> {
+        let mut links = self.table(LINKS)?;
+        let mut reverse = self.table(REVERSE_LINKS)?;
+        let old_vendor = reverse
+            .get((canonical_id, connector))
+            .at(REVERSE_LINKS.name, "get")?
+            .map(|v| v.value().to_owned());
+        if let Some(old_vendor) = old_vendor.filter(|v| v != vendor_id) {
+            let stale = links
+                .get((connector, old_vendor.as_str()))
+                .at(LINKS.name, "get")?
+                .is_some_and(|c| c.value() == canonical_id);
+            if stale {
+                links
+                    .remove((connector, old_vendor.as_str()))
+                    .at(LINKS.name, "remove")?;
+            }
+        }
+        let old_canonical = links
+            .get((connector, vendor_id))
+            .at(LINKS.name, "get")?
+            .map(|v| v.value().to_owned());
+        if let Some(old_canonical) = old_canonical.filter(|c| c != canonical_id) {
+            let stale = reverse
+                .get((old_canonical.as_str(), connector))
+                .at(REVERSE_LINKS.name, "get")?
+                .is_some_and(|v| v.value() == vendor_id);
+            if stale {
+                reverse
+                    .remove((old_canonical.as_str(), connector))
+                    .at(REVERSE_LINKS.name, "remove")?;
+            }
+        }
+        links
+            .insert((connector, vendor_id), canonical_id)
+            .at(LINKS.name, "insert")?;
+        reverse
+            .insert((canonical_id, connector), vendor_id)
+            .at(REVERSE_LINKS.name, "insert")?;
+        Ok(())
+    }
+
+    /// Removes the link of `connector`'s record `vendor_id` (both directions); returns the
+    /// company it was linked to.
+    pub fn remove_link(
+        &self,
+        connector: &str,
+        vendor_id: &str,
+    ) -> Result<Option<CanonicalId>, StoreError> {
+        let removed = self
+            .table(LINKS)?
+            .remove((connector, vendor_id))
+            .at(LINKS.name, "remove")?
+            .map(|v| v.value().to_owned());
+        if let Some(canonical) = &removed {
+            let mut reverse = self.table(REVERSE_LINKS)?;
+            let ours = reverse
+                .get((canonical.as_str(), connector))
+                .at(REVERSE_LINKS.name, "get")?
+                .is_some_and(|v| v.value() == vendor_id);
+            if ours {
+                reverse
+                    .remove((canonical.as_str(), connector))
+                    .at(REVERSE_LINKS.name, "remove")?;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Points a match key (`"domain:acme.com"`, `"ext:EXT-1"`) at a company.
+    pub fn put_match_key(&self, key: &str, canonical_id: &str) -> Result<(), StoreError> {
+        self.table(MATCH_KEYS)?
+            .insert(key, canonical_id)
+            .at(MATCH_KEYS.name, "insert")?;
+        Ok(())
+    }
+
+    /// Removes a match key (the company no longer has that domain / external id).
+    pub fn remove_match_key(&self, key: &str) -> Result<(), StoreError> {
+        self.table(MATCH_KEYS)?
+            .remove(key)
+            .at(MATCH_KEYS.name, "remove")?;
+        Ok(())
+    }
+
+    /// Stores a connector's cursor. Do it in the transaction that stores what was read
+    /// under it, so the cursor never runs ahead of the data.
+    pub fn put_cursor(&self, connector: &str, cursor: &Cursor) -> Result<(), StoreError> {
+        let bytes = encode(CURSORS.name, cursor)?;
+        self.table(CURSORS)?
+            .insert(connector, bytes.as_slice())
+            .at(CURSORS.name, "insert")?;
+        Ok(())
+    }
+
+    fn outbox_entry(
+        &self,
+        outbox: &redb::Table<'_, (&str, u64), &[u8]>,
+        target: &str,
+        seq: u64,
+    ) -> Result<Option<OutboxEntry>, StoreError> {
+        outbox
+            .get((target, seq))
+            .at(OUTBOX.name, "get")?
+            .map(|v| decode(OUTBOX.name, format_args!("({target}, {seq})"), v.value()))
+            .transpose()
+    }
+
+    fn put_outbox_entry(
+        &self,
+        outbox: &mut redb::Table<'_, (&str, u64), &[u8]>,
+        target: &str,
+        seq: u64,
+        entry: &OutboxEntry,
+    ) -> Result<(), StoreError> {
+        let bytes = encode(OUTBOX.name, entry)?;
+        outbox
+            .insert((target, seq), bytes.as_slice())
+            .at(OUTBOX.name, "insert")?;
+        Ok(())
+    }
+
+    /// Queues a push of `canonical_id` to `target`. Returns true if a push is newly due:
+    /// a new entry, or an entry whose send is in flight with older state (it will then
+    /// stay queued after that send, see [`OutboxRemoval::Requeued`]). Returns false when
+    /// an entry is already waiting: the drain maps the company's latest state, so that
+    /// entry covers this change too.
+    pub fn enqueue(
+        &self,
+        target: &str,
+        canonical_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let mut index = self.table(OUTBOX_INDEX)?;
+        let mut outbox = self.table(OUTBOX)?;
+        let pending = index
+            .get((target, canonical_id))
+            .at(OUTBOX_INDEX.name, "get")?
+            .map(|v| v.value());
+        if let Some(seq) = pending
+            && let Some(mut entry) = self.outbox_entry(&outbox, target, seq)?
+        {
+            if entry.sending && !entry.changed_while_sending {
+                entry.changed_while_sending = true;
+                self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        let seq = self.next_seq(OUTBOX_SEQ)?;
+        let entry = OutboxEntry {
+            canonical_id: canonical_id.to_owned(),
+            enqueued_at: now,
+            attempts: 0,
+            last_error: None,
+            sending: false,
+            changed_while_sending: false,
+        };
+        self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
+        index
+            .insert((target, canonical_id), seq)
+            .at(OUTBOX_INDEX.name, "insert")?;
+        self.bump_outbox_count(target, 1)?;
+        Ok(true)
+    }
+
+    fn bump_outbox_count(&self, target: &str, delta: i64) -> Result<(), StoreError> {
+        let mut counts = self.table(OUTBOX_COUNTS)?;
+        let current = counts
+            .get(target)
+            .at(OUTBOX_COUNTS.name, "get")?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        let next = current.saturating_add_signed(delta);
+        if next == 0 {
+            counts.remove(target).at(OUTBOX_COUNTS.name, "remove")?;
+        } else {
+            counts
+                .insert(target, next)
+                .at(OUTBOX_COUNTS.name, "insert")?;
+        }
+        Ok(())
+    }
+
+    /// Records that a send of entry `seq` starts: `attempts += 1`, `sending = true`.
+    /// Commit this before calling the vendor, so a crash mid-send is visible on restart.
+    /// Returns the updated entry, or `None` if there is no such entry.
+    pub fn outbox_mark_sending(
+        &self,
+        target: &str,
+        seq: u64,
+    ) -> Result<Option<OutboxEntry>, StoreError> {
+        let mut outbox = self.table(OUTBOX)?;
+        let Some(mut entry) = self.outbox_entry(&outbox, target, seq)? else {
+            return Ok(None);
+        };
+        entry.attempts = entry.attempts.saturating_add(1);
+        entry.sending = true;
+        entry.changed_while_sending = false;
+        self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
+        Ok(Some(entry))
+    }
+
+    /// Records a failed send of entry `seq`: it stays queued with `error` as its last
+    /// error. Returns the updated entry, or `None` if there is no such entry.
+    pub fn outbox_fail(
+        &self,
+        target: &str,
+        seq: u64,
+        error: &str,
+    ) -> Result<Option<OutboxEntry>, StoreError> {
+        let mut outbox = self.table(OUTBOX)?;
+        let Some(mut entry) = self.outbox_entry(&outbox, target, seq)? else {
+            return Ok(None);
+        };
+        entry.sending = false;
+        // The next send maps the latest state anyway.
+        entry.changed_while_sending = false;
+        entry.last_error = Some(error.to_owned());
+        self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
+        Ok(Some(entry))
+    }
+
+    /// Takes entry `seq` off the outbox after the target answered (written, or rejected
+    /// and dead-lettered). If the company changed while the send was in flight, the entry
+    /// stays queued instead (attempts reset), since the target has not seen that change.
+    pub fn outbox_remove(&self, target: &str, seq: u64) -> Result<OutboxRemoval, StoreError> {
+        let mut outbox = self.table(OUTBOX)?;
+        let Some(mut entry) = self.outbox_entry(&outbox, target, seq)? else {
+            return Ok(OutboxRemoval::NotFound);
+        };
+        if entry.changed_while_sending {
+            entry.changed_while_sending = false;
+            entry.sending = false;
+            entry.attempts = 0;
+            entry.last_error = None;
+            self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
+            return Ok(OutboxRemoval::Requeued);
+        }
+        outbox.remove((target, seq)).at(OUTBOX.name, "remove")?;
+        let mut index = self.table(OUTBOX_INDEX)?;
+        let indexed_here = index
+            .get((target, entry.canonical_id.as_str()))
+            .at(OUTBOX_INDEX.name, "get")?
+            .is_some_and(|v| v.value() == seq);
+        if indexed_here {
+            index
+                .remove((target, entry.canonical_id.as_str()))
+                .at(OUTBOX_INDEX.name, "remove")?;
+        }
+        self.bump_outbox_count(target, -1)?;
+        Ok(OutboxRemoval::Removed)
+    }
+
+    /// Adds a dead letter; returns its id.
+    pub fn add_dead_letter(&self, new: DeadLetterNew) -> Result<u64, StoreError> {
+        let id = self.next_seq(DEAD_LETTER_SEQ)?;
+        let letter = DeadLetter::from_new(id, new);
+        let bytes = encode(DEAD_LETTERS.name, &letter)?;
+        self.table(DEAD_LETTERS)?
+            .insert(id, bytes.as_slice())
+            .at(DEAD_LETTERS.name, "insert")?;
+        Ok(id)
+    }
+
+    /// Removes a dead letter (replayed or discarded by an operator); returns it.
+    pub fn remove_dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
+        self.table(DEAD_LETTERS)?
+            .remove(id)
+            .at(DEAD_LETTERS.name, "remove")?
+            .map(|v| decode(DEAD_LETTERS.name, id, v.value()))
+            .transpose()
+    }
+
+    /// Records the content hash last pushed to / read from a vendor record.
+    pub fn put_ledger(
+        &self,
+        connector: &str,
+        vendor_id: &str,
+        entry: &LedgerEntry,
+    ) -> Result<(), StoreError> {
+        let bytes = encode(LEDGER.name, entry)?;
+        self.table(LEDGER)?
+            .insert((connector, vendor_id), bytes.as_slice())
+            .at(LEDGER.name, "insert")?;
+        Ok(())
+    }
+
+    /// Stores a connector's OAuth tokens.
+    pub fn put_token(&self, connector: &str, token: &TokenRecord) -> Result<(), StoreError> {
+        let bytes = encode(TOKENS.name, token)?;
+        self.table(TOKENS)?
+            .insert(connector, bytes.as_slice())
+            .at(TOKENS.name, "insert")?;
+        Ok(())
+    }
+
+    /// Adds `n` API calls to a connector's count for `day` (`"YYYY-MM-DD"`); returns the
+    /// new total.
+    pub fn add_quota(&self, connector: &str, day: &str, n: u64) -> Result<u64, StoreError> {
+        let mut t = self.table(QUOTA)?;
+        let total = t
+            .get((connector, day))
+            .at(QUOTA.name, "get")?
+            .map(|v| v.value())
+            .unwrap_or(0)
+            .saturating_add(n);
+        t.insert((connector, day), total).at(QUOTA.name, "insert")?;
+        Ok(total)
+    }
+}
+
+/// The getters, identical on [`ReadTx`] and [`WriteTx`] (a write transaction reads its
+/// own uncommitted writes). A macro rather than a trait so callers need no import.
+macro_rules! getters {
+    ($tx:ty) => {
+        impl $tx {
+            /// The canonical company with this id.
+            pub fn get_company(&self, id: &str) -> Result<Option<Company>, StoreError> {
+                self.table(COMPANIES)?
+                    .get(id)
+                    .at(COMPANIES.name, "get")?
+                    .map(|v| decode(COMPANIES.name, id, v.value()))
+                    .transpose()
+            }
+
+            /// How many canonical companies there are.
+            pub fn company_count(&self) -> Result<u64, StoreError> {
+                self.table(COMPANIES)?.len().at(COMPANIES.name, "len")
+            }
+
+            /// Up to `limit` companies in id order, starting after id `after` (paging for
+            /// backfill, dumps and tests).
+            pub fn companies(
+                &self,
+                after: Option<&str>,
+                limit: usize,
+            ) -> Result<Vec<Company>, StoreError> {
+                let t = self.table(COMPANIES)?;
+                let lower = match after {
+                    Some(id) => Bound::Excluded(id),
+                    None => Bound::Unbounded,
+                };
+                let range = t
+                    .range::<&str>((lower, Bound::Unbounded))
+                    .at(COMPANIES.name, "range")?;
+                let mut out = Vec::with_capacity(limit.min(1024));
+                for item in range.take(limit) {
+                    let (k, v) = item.at(COMPANIES.name, "range")?;
+                    out.push(decode(COMPANIES.name, k.value(), v.value())?);
+                }
+                Ok(out)
+            }
+
+            /// The company `connector`'s record `vendor_id` is linked to.
+            pub fn link_of(
+                &self,
+                connector: &str,
+                vendor_id: &str,
+            ) -> Result<Option<CanonicalId>, StoreError> {
+                Ok(self
+                    .table(LINKS)?
+                    .get((connector, vendor_id))
+                    .at(LINKS.name, "get")?
+                    .map(|v| v.value().to_owned()))
+            }
+
+            /// `connector`'s record id for a company.
+            pub fn vendor_id_of(
+                &self,
+                canonical_id: &str,
+                connector: &str,
+            ) -> Result<Option<String>, StoreError> {
+                Ok(self
+                    .table(REVERSE_LINKS)?
+                    .get((canonical_id, connector))
+                    .at(REVERSE_LINKS.name, "get")?
+                    .map(|v| v.value().to_owned()))
+            }
+
+            /// Every `(connector, vendor_id)` linked to a company, by connector name.
+            pub fn links_of(
+                &self,
+                canonical_id: &str,
+            ) -> Result<Vec<(String, String)>, StoreError> {
+                let t = self.table(REVERSE_LINKS)?;
+                // ("id", "") is the smallest key with this company as its first element.
+                let range = t
+                    .range((canonical_id, "")..)
+                    .at(REVERSE_LINKS.name, "range")?;
+                let mut out = Vec::new();
+                for item in range {
+                    let (k, v) = item.at(REVERSE_LINKS.name, "range")?;
+                    let (canonical, connector) = k.value();
+                    if canonical != canonical_id {
+                        break;
+                    }
+                    out.push((connector.to_owned(), v.value().to_owned()));
+                }
+                Ok(out)
+            }
+
+            /// The company a match key points at.
+            pub fn match_key(&self, key: &str) -> Result<Option<CanonicalId>, StoreError> {
+                Ok(self
+                    .table(MATCH_KEYS)?
+                    .get(key)
+                    .at(MATCH_KEYS.name, "get")?
+                    .map(|v| v.value().to_owned()))
+            }
+
+            /// A connector's stored cursor (`None`: never polled).
+            pub fn cursor(&self, connector: &str) -> Result<Option<Cursor>, StoreError> {
+                self.table(CURSORS)?
+                    .get(connector)
+                    .at(CURSORS.name, "get")?
+                    .map(|v| decode(CURSORS.name, connector, v.value()))
+                    .transpose()
+            }
+
+            /// Up to `limit` outbox entries of `target`, oldest first, with their seq.
+            pub fn outbox_batch(
+                &self,
+                target: &str,
+                limit: usize,
+            ) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+                let t = self.table(OUTBOX)?;
+                let range = t
+                    .range((target, 0u64)..=(target, u64::MAX))
+                    .at(OUTBOX.name, "range")?;
+                let mut out = Vec::with_capacity(limit.min(1024));
+                for item in range.take(limit) {
+                    let (k, v) = item.at(OUTBOX.name, "range")?;
+                    let (_, seq) = k.value();
+                    let entry = decode(OUTBOX.name, format_args!("({target}, {seq})"), v.value())?;
+                    out.push((seq, entry));
+                }
+                Ok(out)
+            }
+
+            /// How many entries wait for `target`.
+            pub fn outbox_len(&self, target: &str) -> Result<u64, StoreError> {
+                Ok(self
+                    .table(OUTBOX_COUNTS)?
+                    .get(target)
+                    .at(OUTBOX_COUNTS.name, "get")?
+                    .map(|v| v.value())
+                    .unwrap_or(0))
+            }
+
+            /// Every target with a non-empty outbox, with its length, by name.
+            pub fn outbox_targets(&self) -> Result<Vec<(String, u64)>, StoreError> {
+                let t = self.table(OUTBOX_COUNTS)?;
+                let mut out = Vec::new();
+                for item in t.iter().at(OUTBOX_COUNTS.name, "iter")? {
+                    let (k, v) = item.at(OUTBOX_COUNTS.name, "iter")?;
+                    out.push((k.value().to_owned(), v.value()));
+                }
+                Ok(out)
+            }
+
+            /// Up to `limit` dead letters, oldest first, skipping the first `offset`.
+            pub fn dead_letters(
+                &self,
+                limit: usize,
+                offset: usize,
+            ) -> Result<Vec<DeadLetter>, StoreError> {
+                let t = self.table(DEAD_LETTERS)?;
+                let mut out = Vec::with_capacity(limit.min(1024));
+                for item in t
+                    .iter()
+                    .at(DEAD_LETTERS.name, "iter")?
+                    .skip(offset)
+                    .take(limit)
+                {
+                    let (k, v) = item.at(DEAD_LETTERS.name, "iter")?;
+                    out.push(decode(DEAD_LETTERS.name, k.value(), v.value())?);
+                }
+                Ok(out)
+            }
+
+            /// One dead letter.
+            pub fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
+                self.table(DEAD_LETTERS)?
+                    .get(id)
+                    .at(DEAD_LETTERS.name, "get")?
+                    .map(|v| decode(DEAD_LETTERS.name, id, v.value()))
+                    .transpose()
+            }
+
+            /// How many dead letters there are.
+            pub fn dead_letter_count(&self) -> Result<u64, StoreError> {
+                self.table(DEAD_LETTERS)?.len().at(DEAD_LETTERS.name, "len")
+            }
+
+            /// The content hash last pushed to / read from a vendor record.
+            pub fn ledger(
+                &self,
+                connector: &str,
+                vendor_id: &str,
+            ) -> Result<Option<LedgerEntry>, StoreError> {
+                self.table(LEDGER)?
+                    .get((connector, vendor_id))
+                    .at(LEDGER.name, "get")?
+                    .map(|v| {
+                        decode(
+                            LEDGER.name,
+                            format_args!("({connector}, {vendor_id})"),
+                            v.value(),
+                        )
+                    })
+                    .transpose()
+            }
+
+            /// A connector's stored OAuth tokens.
+            pub fn token(&self, connector: &str) -> Result<Option<TokenRecord>, StoreError> {
+                self.table(TOKENS)?
+                    .get(connector)
+                    .at(TOKENS.name, "get")?
+                    .map(|v| decode(TOKENS.name, connector, v.value()))
+                    .transpose()
+            }
+
+            /// API calls a connector made on `day` (`"YYYY-MM-DD"`).
+            pub fn quota_used(&self, connector: &str, day: &str) -> Result<u64, StoreError> {
+                Ok(self
+                    .table(QUOTA)?
+                    .get((connector, day))
+                    .at(QUOTA.name, "get")?
+                    .map(|v| v.value())
+                    .unwrap_or(0))
+            }
+        }
+    };
+}
+
+getters!(ReadTx);
+getters!(WriteTx);
