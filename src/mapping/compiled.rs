@@ -328,16 +328,15 @@ fn check_overlaps(rules: &[Rule], errors: &mut Vec<MappingError>) {
                 canonical: c.to_string(),
             });
         }
-        if r.writes() {
-            if let Some(first) = written_keys.insert(&r.key, c) {
-                if first != c {
-                    errors.push(MappingError::VendorKeyConflict {
-                        vendor: r.key.clone(),
-                        first: first.to_string(),
-                        second: c.to_string(),
-                    });
-                }
-            }
+        if r.writes()
+            && let Some(first) = written_keys.insert(&r.key, c)
+            && first != c
+        {
+            errors.push(MappingError::VendorKeyConflict {
+                vendor: r.key.clone(),
+                first: first.to_string(),
+                second: c.to_string(),
+            });
         }
     }
 }

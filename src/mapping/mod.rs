@@ -11,3 +11,6 @@ pub use compiled::Mapping;
 pub use defaults::{default_rules, split_enum_suffix};
 pub use error::MappingError;
 pub use rules::{Direction, FieldRule, MappingRules, Transform};
+
+#[cfg(test)]
+mod tests;
