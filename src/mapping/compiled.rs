@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use rust_decimal::Decimal;
+
 use serde_json::{Map, Value as Json};
 
 use crate::model::{
@@ -428,7 +430,9 @@ fn read_value(rule: &Rule, raw: &Json) -> Result<Value, MappingError> {
                 Json::String(s) => s.clone(),
                 _ => return Err(wrong("an exact decimal")),
             };
-            Value::Decimal(parse_decimal(&text).ok_or_else(|| bad_number("an exact decimal"))?)
+            Value::Decimal(
+                parse_exact_decimal(&text).ok_or_else(|| bad_number("an exact decimal"))?,
+            )
         }
         FieldType::Tags => match raw {
             Json::String(s) => Value::Tags(split_tags(s)),
@@ -465,6 +469,36 @@ fn parse_int(text: &str) -> Option<i64> {
         i64::try_from(d).ok()
     } else {
         None
+    }
+}
+
+/// A decimal from its JSON text, refusing text it would round: `rust_decimal` keeps at
+/// most 28 fractional digits and silently rounds beyond them.
+fn parse_exact_decimal(text: &str) -> Option<Decimal> {
+    let d = parse_decimal(text)?;
+    let plain = !text.contains(['e', 'E']);
+    // Exponent forms either fit exactly or fail to parse; plain forms may round.
+    (!plain || plain_decimal_digits(text) == plain_decimal_digits(&d.to_string())).then_some(d)
+}
+
+/// Plain decimal text reduced to a unique form: no `+`, no leading zeros of the integer
+/// part, no trailing zeros of the fraction, zero without sign.
+fn plain_decimal_digits(text: &str) -> String {
+    let t = text.trim();
+    let t = t.strip_prefix('+').unwrap_or(t);
+    let (neg, t) = t.strip_prefix('-').map_or((false, t), |rest| (true, rest));
+    let (int, frac) = t.split_once('.').unwrap_or((t, ""));
+    let int = int.trim_start_matches('0');
+    let frac = frac.trim_end_matches('0');
+    if int.is_empty() && frac.is_empty() {
+        return "0".into();
+    }
+    let sign = if neg { "-" } else { "" };
+    let int = if int.is_empty() { "0" } else { int };
+    if frac.is_empty() {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
     }
 }
 

@@ -651,3 +651,87 @@ fn tags_write_as_a_sorted_array() {
         .unwrap();
     assert_eq!(out.get("tags"), Some(&json!(["a", "z", "ä"])));
 }
+
+#[test]
+fn decimal_with_more_digits_than_it_can_hold_is_an_error_not_rounded() {
+    let m = defaults(CrmKind::Rally);
+    for raw in [
+        "1.00000000000000000000000000001",
+        "12345678901234567890123456789.5",
+        "123456789012345678901234567890",
+        "1e40",
+    ] {
+        let vendor: Map<String, Json> =
+            serde_json::from_str(&format!(r#"{{"annualRevenue": {raw}}}"#)).unwrap();
+        let err = m.read(&vendor);
+        assert!(
+            matches!(&err, Err(MappingError::BadNumber { canonical, .. }) if canonical == "annualRevenue"),
+            "{raw}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn decimal_keeps_trailing_zeros_and_leading_zeros_meaningless() {
+    let m = defaults(CrmKind::Rally);
+    for (raw, want) in [
+        ("007.500", "7.5"),
+        ("-0.000", "0"),
+        ("+3", "3"),
+        ("1.5e3", "1500"),
+    ] {
+        let got = m.read(&obj(json!({ "annualRevenue": raw }))).unwrap();
+        assert_eq!(
+            got.get("annualRevenue").map(Value::normalized),
+            Some(Value::Decimal(parse_decimal(want).unwrap())),
+            "{raw}"
+        );
+    }
+}
+
+#[test]
+fn rules_parse_from_toml_and_compile() {
+    let rules: MappingRules = toml::from_str(
+        r#"
+        ignore = ["state"]
+        [[fields]]
+        canonical = "industry"
+        vendor = "sicCode"
+        direction = "read-only"
+        transforms = ["trim", "uppercase"]
+        values = { "5411" = "GROCERY" }
+        [[fields]]
+        canonical = "custom.tier"
+        vendor = "tier"
+        default = 3
+        "#,
+    )
+    .unwrap();
+    let m = Mapping::compile(CrmKind::Marketo, &rules).unwrap();
+    assert!(!m.read_fields().contains(&"state".to_string()));
+    assert!(!m.write_fields().contains(&"industry".to_string()));
+    let got = m.read(&obj(json!({"sicCode": " 5411 "}))).unwrap();
+    assert_eq!(got.get("industry"), Some(&text("GROCERY")));
+    assert_eq!(got.get("custom.tier"), Some(&Value::Json(json!(3))));
+}
+
+#[test]
+fn compile_reports_every_bad_rule() {
+    let rules = MappingRules {
+        use_defaults: false,
+        ignore: vec![],
+        fields: vec![
+            FieldRule {
+                canonical: "phone".into(),
+                ..FieldRule::default()
+            },
+            FieldRule {
+                transforms: vec![Transform::Lowercase],
+                ..rule("employeeCount", "n")
+            },
+            rule("nosuch", "x"),
+        ],
+    };
+    let errs = Mapping::compile(CrmKind::Rally, &rules).unwrap_err();
+    assert_eq!(errs.len(), 3, "{errs:?}");
+}
