@@ -1,0 +1,569 @@
+//! The compiled mapping of one connector: its rules validated and resolved to flat vendor
+//! keys, converting vendor records to canonical fields and back. Conversions are exact —
+//! numbers never pass through a float — and never invent values: a vendor key absent from
+//! a record leaves the canonical field absent, and JSON null is [`Value::Null`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+
+use serde_json::{Map, Value as Json};
+
+use crate::model::{
+    CrmKind, FieldType, Fields, Value, decimal_to_json, field_type, normalize_domain, parse_decimal,
+};
+
+use super::defaults::{AMO_CF_CODE, AMO_CF_ID, AMO_CF_NAME, default_rules, split_enum_suffix};
+use super::error::{MappingError, truncate_value};
+use super::rules::{Direction, FieldRule, MappingRules, Transform};
+
+/// One rule, validated and resolved.
+#[derive(Debug, Clone)]
+struct Rule {
+    canonical: String,
+    ty: FieldType,
+    /// Key looked up by `read`, and written by `write` unless `enum_code` adds a suffix.
+    key: String,
+    /// amoCRM enum code `write` appends as `@<code>`.
+    enum_code: Option<String>,
+    direction: Direction,
+    transforms: Vec<Transform>,
+    /// Vendor value → canonical value.
+    to_canonical: BTreeMap<String, String>,
+    /// Canonical value → vendor value (the reverse of `to_canonical`).
+    to_vendor: BTreeMap<String, String>,
+    /// Canonical value read when the vendor value is null or missing.
+    default: Option<Value>,
+}
+
+impl Rule {
+    fn reads(&self) -> bool {
+        self.direction != Direction::WriteOnly
+    }
+
+    fn writes(&self) -> bool {
+        self.direction != Direction::ReadOnly
+    }
+
+    fn write_key(&self) -> String {
+        match &self.enum_code {
+            Some(code) => format!("{}@{code}", self.key),
+            None => self.key.clone(),
+        }
+    }
+}
+
+/// A connector's mapping, compiled from the CRM's defaults and its `[mapping]` rules.
+/// Cloning is cheap (the rules are shared).
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    kind: CrmKind,
+    rules: Arc<[Rule]>,
+}
+
+impl Mapping {
+    /// Compiles the mapping of a connector of `kind`: the built-in rules (when
+    /// `use_defaults`) minus the `ignore`d fields, with a rule in `rules.fields` replacing
+    /// the default rule of its canonical field or adding a new one. Every problem found
+    /// is reported, not just the first.
+    pub fn compile(kind: CrmKind, rules: &MappingRules) -> Result<Mapping, Vec<MappingError>> {
+        let mut errors = Vec::new();
+        for name in &rules.ignore {
+            if field_type(name).is_none() {
+                errors.push(MappingError::UnknownCanonical {
+                    canonical: name.clone(),
+                });
+            }
+        }
+        let overridden: BTreeSet<&str> =
+            rules.fields.iter().map(|r| r.canonical.as_str()).collect();
+        let defaults = if rules.use_defaults {
+            default_rules(kind)
+        } else {
+            Vec::new()
+        };
+        let chosen = defaults
+            .iter()
+            .filter(|r| {
+                !rules.ignore.contains(&r.canonical) && !overridden.contains(r.canonical.as_str())
+            })
+            .chain(&rules.fields);
+
+        let mut compiled: Vec<Rule> = Vec::new();
+        for rule in chosen {
+            match compile_rule(kind, rule) {
+                Ok(r) => compiled.push(r),
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+        check_overlaps(&compiled, &mut errors);
+        if errors.is_empty() {
+            Ok(Mapping {
+                kind,
+                rules: compiled.into(),
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The CRM this mapping is for.
+    pub fn kind(&self) -> CrmKind {
+        self.kind
+    }
+
+    /// Converts a flat vendor record (keys as documented in [`super::defaults`]) into
+    /// canonical fields, through the rules that read (`both`, `read-only`).
+    pub fn read(&self, vendor: &Map<String, Json>) -> Result<Fields, MappingError> {
+        let mut out = Fields::new();
+        for rule in self.rules.iter().filter(|r| r.reads()) {
+            let value = match vendor.get(&rule.key) {
+                Some(raw) => read_value(rule, raw)?,
+                None => match &rule.default {
+                    Some(d) => d.clone(),
+                    None => continue,
+                },
+            };
+            let value = match (&rule.default, value) {
+                (Some(d), Value::Null) => d.clone(),
+                (_, v) => v,
+            };
+            out.insert(rule.canonical.clone(), value);
+        }
+        Ok(out)
+    }
+
+    /// Converts canonical fields into a flat vendor record, through the rules that write
+    /// (`both`, `write-only`). A field absent from `canonical` is left out of the record.
+    pub fn write(&self, canonical: &Fields) -> Result<Map<String, Json>, MappingError> {
+        let mut out = Map::new();
+        for rule in self.rules.iter().filter(|r| r.writes()) {
+            if let Some(value) = canonical.get(&rule.canonical) {
+                out.insert(rule.write_key(), write_value(rule, value)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Canonical fields this mapping reads, sorted.
+    pub fn read_fields(&self) -> Vec<String> {
+        self.canonical_fields(Rule::reads)
+    }
+
+    /// Canonical fields this mapping writes, sorted.
+    pub fn write_fields(&self) -> Vec<String> {
+        self.canonical_fields(Rule::writes)
+    }
+
+    fn canonical_fields(&self, keep: fn(&Rule) -> bool) -> Vec<String> {
+        let set: BTreeSet<&str> = self
+            .rules
+            .iter()
+            .filter(|r| keep(r))
+            .map(|r| r.canonical.as_str())
+            .collect();
+        set.into_iter().map(String::from).collect()
+    }
+
+    /// Every vendor key used either way, without enum suffixes, sorted: the fields to
+    /// request from the vendor and to check exist (`check --online`).
+    pub fn vendor_keys(&self) -> Vec<String> {
+        let set: BTreeSet<&str> = self.rules.iter().map(|r| r.key.as_str()).collect();
+        set.into_iter().map(String::from).collect()
+    }
+
+    /// This mapping without the rules whose vendor key is in `missing` (keys as
+    /// [`vendor_keys`](Self::vendor_keys) gives them; an `@ENUM` suffix is ignored), and
+    /// the canonical fields whose rules were dropped — for a connector to log at start
+    /// when the account lacks some custom fields.
+    pub fn without_vendor_keys(&self, missing: &[String]) -> (Mapping, Vec<String>) {
+        let missing: BTreeSet<&str> = missing.iter().map(|k| split_enum_suffix(k).0).collect();
+        let (dropped, kept): (Vec<&Rule>, Vec<&Rule>) = self
+            .rules
+            .iter()
+            .partition(|r| missing.contains(r.key.as_str()));
+        let dropped: BTreeSet<String> = dropped.iter().map(|r| r.canonical.clone()).collect();
+        let rules: Vec<Rule> = kept.into_iter().cloned().collect();
+        (
+            Mapping {
+                kind: self.kind,
+                rules: rules.into(),
+            },
+            dropped.into_iter().collect(),
+        )
+    }
+}
+
+/// Validates one rule and resolves its vendor key.
+fn compile_rule(kind: CrmKind, rule: &FieldRule) -> Result<Rule, Vec<MappingError>> {
+    let canonical = rule.canonical.clone();
+    let Some(ty) = field_type(&canonical) else {
+        return Err(vec![MappingError::UnknownCanonical { canonical }]);
+    };
+    let mut errors = Vec::new();
+    if kind != CrmKind::Amocrm {
+        for (set, option) in [
+            (rule.field_code.is_some(), "field_code"),
+            (rule.field_id.is_some(), "field_id"),
+            (rule.field_name.is_some(), "field_name"),
+            (rule.enum_code.is_some(), "enum_code"),
+        ] {
+            if set {
+                errors.push(MappingError::OptionNotForKind {
+                    canonical: canonical.clone(),
+                    option,
+                    kind,
+                });
+            }
+        }
+    }
+    let targets: Vec<String> = [
+        rule.vendor.clone(),
+        rule.field_code
+            .as_ref()
+            .map(|c| format!("{AMO_CF_CODE}{c}")),
+        rule.field_id.map(|id| format!("{AMO_CF_ID}{id}")),
+        rule.field_name
+            .as_ref()
+            .map(|n| format!("{AMO_CF_NAME}{n}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let (key, enum_code) = match targets.as_slice() {
+        [] => {
+            errors.push(MappingError::NoVendorField {
+                canonical: canonical.clone(),
+            });
+            (String::new(), None)
+        }
+        [one] => {
+            // A key written as `cf.code.PHONE@WORK` carries its enum code inline.
+            let (base, inline) = split_enum_suffix(one);
+            let code = rule.enum_code.clone().or(inline.map(String::from));
+            (base.to_string(), code)
+        }
+        _ => {
+            errors.push(MappingError::AmbiguousVendorField {
+                canonical: canonical.clone(),
+            });
+            (String::new(), None)
+        }
+    };
+    if key.is_empty() && targets.len() == 1 {
+        errors.push(MappingError::NoVendorField {
+            canonical: canonical.clone(),
+        });
+    }
+
+    for t in &rule.transforms {
+        let fits = match ty {
+            FieldType::Text | FieldType::Json => true,
+            FieldType::Tags => *t != Transform::DomainFromUrl,
+            FieldType::Int | FieldType::Decimal => false,
+        };
+        if !fits {
+            errors.push(MappingError::NotForType {
+                canonical: canonical.clone(),
+                what: format!("transform {t:?}"),
+                ty,
+            });
+        }
+    }
+    if !rule.values.is_empty() && matches!(ty, FieldType::Int | FieldType::Decimal) {
+        errors.push(MappingError::NotForType {
+            canonical: canonical.clone(),
+            what: "a value map".into(),
+            ty,
+        });
+    }
+    let default = match &rule.default {
+        Some(d) => match default_value(&canonical, ty, d) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        },
+        None => None,
+    };
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+
+    let to_canonical = rule.values.clone();
+    // Several vendor values may map to one canonical value; write the first of them (in
+    // key order) so the choice is stable.
+    let mut to_vendor = BTreeMap::new();
+    for (vendor_value, canonical_value) in &to_canonical {
+        to_vendor
+            .entry(canonical_value.clone())
+            .or_insert_with(|| vendor_value.clone());
+    }
+    Ok(Rule {
+        canonical,
+        ty,
+        key,
+        enum_code,
+        direction: rule.direction,
+        transforms: rule.transforms.clone(),
+        to_canonical,
+        to_vendor,
+        default,
+    })
+}
+
+/// Finds rules that would both read, or both write, one canonical field, and vendor keys
+/// written by two rules.
+fn check_overlaps(rules: &[Rule], errors: &mut Vec<MappingError>) {
+    let mut readers: BTreeSet<&str> = BTreeSet::new();
+    let mut writers: BTreeSet<&str> = BTreeSet::new();
+    let mut reported: BTreeSet<&str> = BTreeSet::new();
+    let mut written_keys: BTreeMap<&str, &str> = BTreeMap::new();
+    for r in rules {
+        let c = r.canonical.as_str();
+        let dup_read = r.reads() && !readers.insert(c);
+        let dup_write = r.writes() && !writers.insert(c);
+        if (dup_read || dup_write) && reported.insert(c) {
+            errors.push(MappingError::DuplicateRule {
+                canonical: c.to_string(),
+            });
+        }
+        if r.writes()
+            && let Some(first) = written_keys.insert(&r.key, c)
+            && first != c
+        {
+            errors.push(MappingError::VendorKeyConflict {
+                vendor: r.key.clone(),
+                first: first.to_string(),
+                second: c.to_string(),
+            });
+        }
+    }
+}
+
+/// The canonical value of a rule's TOML `default`.
+fn default_value(canonical: &str, ty: FieldType, d: &toml::Value) -> Result<Value, MappingError> {
+    let bad = |expected| MappingError::BadDefault {
+        canonical: canonical.to_string(),
+        expected,
+        value: truncate_value(d),
+    };
+    match (ty, d) {
+        (FieldType::Text, toml::Value::String(s)) => Ok(Value::Text(s.clone())),
+        (FieldType::Text, _) => Err(bad("text")),
+        (FieldType::Int, toml::Value::Integer(i)) => Ok(Value::Int(*i)),
+        (FieldType::Int, _) => Err(bad("a whole number")),
+        (FieldType::Decimal, toml::Value::Integer(i)) => Ok(Value::Decimal((*i).into())),
+        // A TOML float's text is what the user wrote (shortest round-trip form); a string
+        // keeps any precision.
+        (FieldType::Decimal, toml::Value::Float(f)) => parse_decimal(&f.to_string())
+            .map(Value::Decimal)
+            .ok_or_else(|| bad("an exact decimal")),
+        (FieldType::Decimal, toml::Value::String(s)) => parse_decimal(s)
+            .map(Value::Decimal)
+            .ok_or_else(|| bad("an exact decimal")),
+        (FieldType::Decimal, _) => Err(bad("an exact decimal")),
+        (FieldType::Tags, toml::Value::String(s)) => Ok(Value::Tags(split_tags(s))),
+        (FieldType::Tags, toml::Value::Array(items)) => items
+            .iter()
+            .map(|i| i.as_str().map(String::from))
+            .collect::<Option<BTreeSet<_>>>()
+            .map(Value::Tags)
+            .ok_or_else(|| bad("an array of strings")),
+        (FieldType::Tags, _) => Err(bad("an array of strings")),
+        (FieldType::Json, v) => serde_json::to_value(v)
+            .map(Value::Json)
+            .map_err(|_| bad("JSON")),
+    }
+}
+
+/// A comma-separated tag list as a set, blanks dropped.
+fn split_tags(s: &str) -> BTreeSet<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Converts one vendor JSON value by the rule's canonical type, then applies transforms
+/// and the value map.
+fn read_value(rule: &Rule, raw: &Json) -> Result<Value, MappingError> {
+    let wrong = |expected| MappingError::WrongType {
+        canonical: rule.canonical.clone(),
+        vendor: rule.key.clone(),
+        expected,
+        value: truncate_value(raw),
+    };
+    let bad_number = |expected| MappingError::BadNumber {
+        canonical: rule.canonical.clone(),
+        vendor: rule.key.clone(),
+        expected,
+        value: truncate_value(raw),
+    };
+    if raw.is_null() {
+        return Ok(Value::Null);
+    }
+    let value = match rule.ty {
+        FieldType::Text => match raw {
+            Json::String(s) => Value::Text(s.clone()),
+            Json::Number(n) => Value::Text(n.to_string()),
+            Json::Bool(b) => Value::Text(b.to_string()),
+            _ => return Err(wrong("text")),
+        },
+        FieldType::Int => {
+            let text = match raw {
+                Json::Number(n) => n.to_string(),
+                // Vendors send "" for an unset number field; it means no value.
+                Json::String(s) if s.trim().is_empty() => return Ok(Value::Null),
+                Json::String(s) => s.trim().to_string(),
+                _ => return Err(wrong("a whole number")),
+            };
+            Value::Int(parse_int(&text).ok_or_else(|| bad_number("a whole number"))?)
+        }
+        FieldType::Decimal => {
+            let text = match raw {
+                Json::Number(n) => n.to_string(),
+                Json::String(s) if s.trim().is_empty() => return Ok(Value::Null),
+                Json::String(s) => s.clone(),
+                _ => return Err(wrong("an exact decimal")),
+            };
+            Value::Decimal(
+                parse_exact_decimal(&text).ok_or_else(|| bad_number("an exact decimal"))?,
+            )
+        }
+        FieldType::Tags => match raw {
+            Json::String(s) => Value::Tags(split_tags(s)),
+            Json::Array(items) => {
+                let mut tags = BTreeSet::new();
+                for item in items {
+                    let tag = match item {
+                        Json::String(s) => s.clone(),
+                        Json::Number(n) => n.to_string(),
+                        Json::Object(o) => match o.get("name") {
+                            Some(Json::String(s)) => s.clone(),
+                            _ => return Err(wrong("an array of tag names")),
+                        },
+                        _ => return Err(wrong("an array of tag names")),
+                    };
+                    tags.insert(tag);
+                }
+                Value::Tags(tags)
+            }
+            _ => return Err(wrong("an array of tag names")),
+        },
+        FieldType::Json => Value::Json(raw.clone()),
+    };
+    Ok(apply_read_rules(rule, value))
+}
+
+/// A whole number from its JSON text; `12`, `-3`, `1e3` and `12.0` are whole, `1.5` is not.
+fn parse_int(text: &str) -> Option<i64> {
+    if let Ok(i) = text.parse::<i64>() {
+        return Some(i);
+    }
+    let d = parse_decimal(text)?;
+    if d.fract().is_zero() {
+        i64::try_from(d).ok()
+    } else {
+        None
+    }
+}
+
+/// A decimal from its JSON text, refusing text it would round: `rust_decimal` keeps at
+/// most 28 fractional digits and silently rounds beyond them.
+fn parse_exact_decimal(text: &str) -> Option<Decimal> {
+    let d = parse_decimal(text)?;
+    let plain = !text.contains(['e', 'E']);
+    // Exponent forms either fit exactly or fail to parse; plain forms may round.
+    (!plain || plain_decimal_digits(text) == plain_decimal_digits(&d.to_string())).then_some(d)
+}
+
+/// Plain decimal text reduced to a unique form: no `+`, no leading zeros of the integer
+/// part, no trailing zeros of the fraction, zero without sign.
+fn plain_decimal_digits(text: &str) -> String {
+    let t = text.trim();
+    let t = t.strip_prefix('+').unwrap_or(t);
+    let (neg, t) = t.strip_prefix('-').map_or((false, t), |rest| (true, rest));
+    let (int, frac) = t.split_once('.').unwrap_or((t, ""));
+    let int = int.trim_start_matches('0');
+    let frac = frac.trim_end_matches('0');
+    if int.is_empty() && frac.is_empty() {
+        return "0".into();
+    }
+    let sign = if neg { "-" } else { "" };
+    let int = if int.is_empty() { "0" } else { int };
+    if frac.is_empty() {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    }
+}
+
+/// Transforms, then the value map (whose keys therefore match transformed text).
+fn apply_read_rules(rule: &Rule, value: Value) -> Value {
+    let map_text = |s: String| -> Option<String> {
+        let mut s = s;
+        for t in &rule.transforms {
+            s = match t {
+                Transform::Trim => s.trim().to_string(),
+                Transform::Lowercase => s.to_lowercase(),
+                Transform::Uppercase => s.to_uppercase(),
+                Transform::DomainFromUrl => normalize_domain(&s)?,
+            };
+        }
+        Some(rule.to_canonical.get(&s).cloned().unwrap_or(s))
+    };
+    match value {
+        // Text that holds no domain is no value.
+        Value::Text(s) => map_text(s).map_or(Value::Null, Value::Text),
+        Value::Json(Json::String(s)) => {
+            map_text(s).map_or(Value::Null, |s| Value::Json(Json::String(s)))
+        }
+        Value::Tags(tags) => Value::Tags(tags.into_iter().filter_map(map_text).collect()),
+        other => other,
+    }
+}
+
+/// Converts one canonical value into vendor JSON by the rule's type, reverse-mapping
+/// values.
+fn write_value(rule: &Rule, value: &Value) -> Result<Json, MappingError> {
+    let to_vendor = |s: &str| {
+        rule.to_vendor
+            .get(s)
+            .cloned()
+            .unwrap_or_else(|| s.to_string())
+    };
+    let wrong = |expected| MappingError::WrongType {
+        canonical: rule.canonical.clone(),
+        vendor: rule.write_key(),
+        expected,
+        value: truncate_value(value),
+    };
+    Ok(match (rule.ty, value) {
+        (_, Value::Null) => Json::Null,
+        (FieldType::Text, Value::Text(s)) => Json::String(to_vendor(s)),
+        (FieldType::Text, _) => return Err(wrong("text")),
+        (FieldType::Int, Value::Int(i)) => Json::from(*i),
+        (FieldType::Int, _) => return Err(wrong("a whole number")),
+        (FieldType::Decimal, Value::Decimal(d)) => decimal_to_json(d),
+        (FieldType::Decimal, Value::Int(i)) => Json::from(*i),
+        (FieldType::Decimal, _) => return Err(wrong("an exact decimal")),
+        (FieldType::Tags, Value::Tags(tags)) => {
+            let vendor: BTreeSet<String> = tags.iter().map(|t| to_vendor(t)).collect();
+            Json::Array(vendor.into_iter().map(Json::String).collect())
+        }
+        (FieldType::Tags, _) => return Err(wrong("a tag set")),
+        (FieldType::Json, Value::Json(Json::String(s))) => Json::String(to_vendor(s)),
+        (FieldType::Json, Value::Json(j)) => j.clone(),
+        // Custom fields are JSON; a typed value stored there still has an exact JSON form.
+        (FieldType::Json, Value::Text(s)) => Json::String(to_vendor(s)),
+        (FieldType::Json, Value::Int(i)) => Json::from(*i),
+        (FieldType::Json, Value::Decimal(d)) => decimal_to_json(d),
+        (FieldType::Json, Value::Tags(tags)) => {
+            Json::Array(tags.iter().map(|t| Json::String(to_vendor(t))).collect())
+        }
+    })
+}
