@@ -2,3 +2,4 @@
 //! demo and benchmarks. They listen on loopback only.
 
 pub mod common;
+pub mod marketo;
