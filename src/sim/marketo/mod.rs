@@ -550,6 +550,7 @@ impl MarketoSim {
             tick.tick().await;
             loop {
                 tokio::select! {
+                    biased;
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => { inner.mutate_random(1); }
                 }
