@@ -189,14 +189,14 @@ fn seeded_values(seed: u64, idx: usize, variant: u8) -> BTreeMap<&'static str, S
     let mut employees = s.employee_count;
     let mut phone = s.phone.clone();
     let v = variant as usize;
-    if v != 0 && (idx + v) % 4 == 0 {
+    if v != 0 && (idx + v).is_multiple_of(4) {
         employees += v as i64;
     }
-    if v != 0 && (idx + v) % 6 == 0 {
+    if v != 0 && (idx + v).is_multiple_of(6) {
         phone = format!("{phone} x{v}");
     }
     let mut m = BTreeMap::new();
-    if idx % 3 != 0 {
+    if !idx.is_multiple_of(3) {
         m.insert("externalCompanyId", Stored::Text(format!("EXT-{idx}")));
     }
     m.insert("company", Stored::Text(s.name));
