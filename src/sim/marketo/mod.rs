@@ -149,7 +149,6 @@ struct Usage {
 }
 
 /// State shared by the server tasks and the test-facing handle.
-#[derive(Debug)]
 struct Inner {
     cfg: MarketoSimConfig,
     store: RwLock<Store>,
@@ -166,7 +165,6 @@ struct Inner {
 }
 
 /// A running simulated Marketo instance on loopback.
-#[derive(Debug)]
 pub struct MarketoSim {
     inner: Arc<Inner>,
     addr: SocketAddr,
@@ -571,6 +569,16 @@ impl MarketoSim {
                 abort.abort();
             }
         }
+    }
+}
+
+impl fmt::Debug for MarketoSim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not the store: 100k companies in a panic message help nobody.
+        f.debug_struct("MarketoSim")
+            .field("addr", &self.addr)
+            .field("cfg", &self.inner.cfg)
+            .finish_non_exhaustive()
     }
 }
 

@@ -592,6 +592,34 @@ async fn id_field_dedupe_is_refused_with_create_only() {
 }
 
 #[tokio::test]
+async fn sync_with_broken_json_is_609_and_without_json_content_type_is_612() {
+    let sim = start(cfg(0)).await;
+    let api = Api::new(&sim).await;
+    let send = |ct: &'static str, body: &'static str| {
+        api.http
+            .post(format!("{}/rest/v1/companies.json", sim.base_url()))
+            .bearer_auth(&api.token)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    let body: Value = send("application/json", "{\"input\": [")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(error_code(&body), "609", "{body}");
+    let body: Value = send("text/plain", "{\"input\": []}")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(error_code(&body), "612", "{body}");
+}
+
+#[tokio::test]
 async fn sync_refuses_more_than_300_records() {
     let sim = start(cfg(0)).await;
     let input: Vec<Value> = (0..301)
