@@ -67,8 +67,8 @@ pub struct ConnectorInfo {
     pub kind: String,
     /// Daily budget of calls, if any.
     pub quota_budget: Option<u64>,
-    /// Day key (as the quota ledger counts) for "today".
-    pub quota_day: fn() -> String,
+    /// When the vendor's daily quota resets (decides what "today" is).
+    pub quota_reset: crate::http::QuotaReset,
 }
 
 /// Builds the status report from the store and the metrics.
@@ -98,7 +98,7 @@ pub fn status_report(
             .and_then(|t| DateTime::from_timestamp(t as i64, 0))
             .filter(|t| *t > now);
         let lag = last.map(|t| (now - t).num_milliseconds() as f64 / 1000.0);
-        let day = (c.quota_day)();
+        let day = c.quota_reset.day_key(now);
         let st = ConnectorStatus {
             name: c.name.clone(),
             kind: c.kind.clone(),

@@ -15,6 +15,7 @@ use super::server::{self, ConnectorInfo, ServerState};
 use crate::config::{Config, ConnectorConfig};
 use crate::connector::ConnectorError;
 use crate::engine::{ConflictPolicy, Endpoint, Engine, EngineSettings, MatchKeyKind};
+use crate::http::QuotaReset;
 use crate::mapping::Mapping;
 use crate::store::{Store, StoreError};
 
@@ -122,9 +123,9 @@ pub fn connector_infos(config: &Config) -> Vec<ConnectorInfo> {
                 quota_budget: limits
                     .daily_quota
                     .map(|q| (q as f64 * limits.daily_share).floor() as u64),
-                quota_day: match c {
-                    ConnectorConfig::Marketo(_) => crate::http::quota_day_us_central,
-                    _ => crate::http::quota_day_utc,
+                quota_reset: match c {
+                    ConnectorConfig::Marketo(_) => QuotaReset::UsCentralMidnight,
+                    _ => QuotaReset::UtcMidnight,
                 },
             }
         })

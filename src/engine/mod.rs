@@ -252,6 +252,8 @@ impl Engine {
                 record: serde_json::Value::String(bad.raw.clone()),
                 reason: bad.reason.clone(),
                 attempts: 1,
+                first_at: Utc::now(),
+                last_at: Utc::now(),
             })?;
             stats.dead += 1;
         }
@@ -278,6 +280,8 @@ impl Engine {
                         record: serde_json::Value::Object(rec.fields.clone()),
                         reason: e.to_string(),
                         attempts: 1,
+                        first_at: Utc::now(),
+                        last_at: Utc::now(),
                     })?;
                     stats.dead += 1;
                     continue;
@@ -390,6 +394,8 @@ impl Engine {
                         record: serde_json::to_value(&values).unwrap_or_default(),
                         reason: e.to_string(),
                         attempts: entry.attempts + 1,
+                        first_at: Utc::now(),
+                        last_at: Utc::now(),
                     })?;
                     tx.outbox_remove(target, seq)?;
                     stats.rejected += 1;
@@ -477,6 +483,8 @@ impl Engine {
                         record: serde_json::Value::Object(item.fields.clone()),
                         reason: reason.clone(),
                         attempts: item.prior_attempts + 1,
+                        first_at: Utc::now(),
+                        last_at: Utc::now(),
                     })?;
                     tx.outbox_remove(target, *seq)?;
                     stats.rejected += 1;

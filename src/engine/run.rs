@@ -279,6 +279,8 @@ impl Engine {
                         entry.last_error.unwrap_or_default()
                     ),
                     attempts: entry.attempts,
+                    first_at: Utc::now(),
+                    last_at: Utc::now(),
                 })?;
                 tx.outbox_remove(target, seq)?;
                 n += 1;
