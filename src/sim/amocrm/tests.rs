@@ -1,0 +1,1 @@
+//! Tests of the amoCRM simulator against its HTTP surface.
