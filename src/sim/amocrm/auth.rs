@@ -24,8 +24,7 @@ impl GrantError {
     }
 }
 
-/// Token state of the simulated account.
-#[derive(Debug)]
+/// Token state of the simulated account. No `Debug`: it holds live tokens.
 pub(crate) struct Auth {
     long_lived: Option<String>,
     client_id: String,

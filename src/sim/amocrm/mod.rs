@@ -2,6 +2,18 @@
 //! tokens and long-lived tokens, HAL lists with 204 for "nothing", whole-second
 //! timestamps, all-or-nothing batch validation, 7 rps with 429s that are sometimes HTML,
 //! and nginx 403 bans. It listens on loopback only and never persists anything.
+//!
+//! Where amoCRM's documents are silent the simulator picks the stricter reading, so a
+//! client that passes here survives the real thing:
+//! - numeric custom field values are read back as strings holding the exact text written
+//!   (`"1234567.50"`), and accepted as JSON numbers or numeric strings;
+//! - a batch of more than 250 entities answers 400 problem+json (the notes also mention
+//!   422: clients should treat both as "split the batch", never retry as is);
+//! - PATCH ignores `created_at`/`updated_at` (every write stamps "now") and rejects
+//!   `created_by`/`updated_by`; POST honours `created_at`/`updated_at` for imports;
+//! - a bare `filter[updated_at]=TS` matches that exact second only;
+//! - `values: []` or only empty strings leave a field unchanged; `values: null` clears it;
+//! - a dropped connection happens after the request was carried out (lost answer).
 
 // Helpers hand back a ready HTTP answer as their error; boxing it would only add noise.
 #![allow(clippy::result_large_err)]
@@ -24,6 +36,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -36,7 +49,7 @@ use auth::Auth;
 use store::{Account, EntityErrors, ListQuery, MAX_BATCH, OrderKey, WriteKind, Written};
 
 /// How the simulated amoCRM account behaves.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AmoSimConfig {
     /// Seed of the company universe (`common::seed_company`) and of random mutations.
     pub seed: u64,
@@ -66,6 +79,31 @@ pub struct AmoSimConfig {
     pub api_filter_enabled: bool,
     /// Perturbs a few seeded values deterministically (0: none).
     pub variant: u8,
+}
+
+impl std::fmt::Debug for AmoSimConfig {
+    /// Token and secret values are redacted, as everywhere in crmbridge.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmoSimConfig")
+            .field("seed", &self.seed)
+            .field("seed_indices", &self.seed_indices.len())
+            .field(
+                "long_lived_token",
+                &self.long_lived_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("redirect_uri", &self.redirect_uri)
+            .field("initial_refresh_token", &"<redacted>")
+            .field("access_ttl", &self.access_ttl)
+            .field("rps", &self.rps)
+            .field("ban_after_violations", &self.ban_after_violations)
+            .field("ban_window", &self.ban_window)
+            .field("ban_duration", &self.ban_duration)
+            .field("api_filter_enabled", &self.api_filter_enabled)
+            .field("variant", &self.variant)
+            .finish()
+    }
 }
 
 impl Default for AmoSimConfig {
@@ -125,7 +163,6 @@ impl Drop for MutatorHandle {
 }
 
 /// State shared by the HTTP handlers and the test-facing methods.
-#[derive(Debug)]
 struct Shared {
     cfg: AmoSimConfig,
     base_url: String,
@@ -152,7 +189,6 @@ fn now_unix() -> i64 {
 }
 
 /// A running amoCRM simulator.
-#[derive(Debug)]
 pub struct AmoSim {
     shared: Arc<Shared>,
     addr: SocketAddr,
@@ -366,6 +402,15 @@ impl AmoSim {
                 task.abort();
             }
         }
+    }
+}
+
+impl std::fmt::Debug for AmoSim {
+    /// Only where it listens: the account can hold 100k companies and live tokens.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmoSim")
+            .field("base_url", &self.shared.base_url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -651,8 +696,6 @@ async fn drop_midway(resp: Response) -> Response {
     });
     Response::from_parts(parts, Body::from_stream(stream))
 }
-
-use futures::StreamExt;
 
 async fn not_found() -> Response {
     problem(StatusCode::NOT_FOUND, "Not Found", "Resource not found")

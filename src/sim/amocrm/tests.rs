@@ -1119,3 +1119,28 @@ async fn stats_count_requests_per_endpoint_and_reset() {
     assert_eq!(sim.stats().total_requests(), 0);
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn debug_output_redacts_tokens_and_secrets() {
+    let c = AmoSimConfig::default();
+    let shown = format!("{c:?}");
+    for secret in [TOKEN, "amo-client-secret", "amo-refresh-0"] {
+        assert!(!shown.contains(secret), "{secret} leaked in {shown}");
+    }
+    let sim = start(cfg(1)).await;
+    let shown = format!("{sim:?}");
+    assert!(
+        shown.contains(&sim.base_url()) && !shown.contains(TOKEN),
+        "{shown}"
+    );
+}
+
+#[tokio::test]
+async fn with_contacts_is_accepted_and_embeds_an_empty_list() {
+    let sim = start(cfg(1)).await;
+    let p = get(&sim, "/api/v4/companies?with=contacts").await.json();
+    assert_eq!(
+        p["_embedded"]["companies"][0]["_embedded"]["contacts"],
+        json!([])
+    );
+}
