@@ -1177,31 +1177,55 @@ impl Account {
                 .map(|(_, id)| self.render_deleted(id, &self.deleted[&id]))
                 .collect();
         }
-        let ids: Box<dyn DoubleEndedIterator<Item = i64> + '_> = match (q.order, &q.ids, q.updated)
-        {
-            (OrderKey::Id, Some(set), _) => Box::new(set.iter().copied()),
-            (OrderKey::Id, None, _) => Box::new(self.live.keys().copied()),
-            (OrderKey::UpdatedAt, _, Some((a, b))) if a <= b => Box::new(
-                self.by_updated
-                    .range((a, i64::MIN)..=(b, i64::MAX))
-                    .map(|(_, id)| *id),
-            ),
-            (OrderKey::UpdatedAt, _, _) => Box::new(self.by_updated.iter().map(|(_, id)| *id)),
-            (OrderKey::CreatedAt, _, _) => Box::new(self.by_created.iter().map(|(_, id)| *id)),
+        let (from, to) = q.updated.unwrap_or((i64::MIN, i64::MAX));
+        if from > to {
+            return Vec::new();
+        }
+        let in_window = || {
+            self.by_updated
+                .range((from, i64::MIN)..=(to, i64::MAX))
+                .map(|(_, id)| *id)
         };
-        let ids: Box<dyn Iterator<Item = i64> + '_> =
-            if q.desc { Box::new(ids.rev()) } else { ids };
+        // Walk the index that already enforces the most conditions, so that deep pages
+        // of 100k companies skip over ids without looking records up.
+        let ordered: Box<dyn DoubleEndedIterator<Item = i64> + '_> = match (q.order, &q.ids) {
+            (OrderKey::UpdatedAt, _) => Box::new(in_window()),
+            (OrderKey::Id, Some(set)) => Box::new(set.iter().copied()),
+            (OrderKey::Id, None) if q.updated.is_some() => {
+                let mut v: Vec<i64> = in_window().collect();
+                v.sort_unstable();
+                Box::new(v.into_iter())
+            }
+            (OrderKey::Id, None) => Box::new(self.live.keys().copied()),
+            (OrderKey::CreatedAt, _) => Box::new(self.by_created.iter().map(|(_, id)| *id)),
+        };
+        let ordered: Box<dyn Iterator<Item = i64> + '_> = if q.desc {
+            Box::new(ordered.rev())
+        } else {
+            ordered
+        };
+        let walked_window =
+            q.order == OrderKey::UpdatedAt || (q.order == OrderKey::Id && q.ids.is_none());
+        let check_window = q.updated.is_some() && !walked_window;
+        let check_ids = q.order != OrderKey::Id;
+        // Ids named by filter[id] need not exist.
+        let check_live = q.order == OrderKey::Id && q.ids.is_some();
         let needle = q.query.as_ref().map(|s| s.to_lowercase());
-        ids.filter_map(|id| self.live.get(&id))
-            .filter(|c| {
-                q.ids.as_ref().is_none_or(|s| s.contains(&c.id))
-                    && q.updated
-                        .is_none_or(|(a, b)| (a..=b).contains(&c.updated_at))
-                    && needle.as_deref().is_none_or(|n| self.matches_query(c, n))
+        let look_up = check_window || check_live || needle.is_some();
+        ordered
+            .filter(|id| !check_ids || q.ids.as_ref().is_none_or(|s| s.contains(id)))
+            .filter(|id| {
+                if !look_up {
+                    return true;
+                }
+                self.live.get(id).is_some_and(|c| {
+                    (!check_window || (from..=to).contains(&c.updated_at))
+                        && needle.as_deref().is_none_or(|n| self.matches_query(c, n))
+                })
             })
             .skip(skip)
             .take(q.limit)
-            .filter_map(|c| self.render(c.id, &q.with))
+            .filter_map(|id| self.render(id, &q.with))
             .collect()
     }
 
