@@ -251,6 +251,25 @@ fn compile_rule(kind: CrmKind, rule: &FieldRule) -> Result<Rule, Vec<MappingErro
             (String::new(), None)
         }
     };
+    if let Some(code) = &enum_code
+        && !key.is_empty()
+    {
+        let reason = if !key.starts_with("cf.") {
+            Some("only amoCRM custom fields (cf.*) take an enum code")
+        } else if split_enum_suffix(&format!("{key}@{code}")).1 != Some(code.as_str()) {
+            Some("enum codes are upper-case letters, digits and _")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            errors.push(MappingError::BadEnumCode {
+                canonical: canonical.clone(),
+                vendor: key.clone(),
+                enum_code: code.clone(),
+                reason,
+            });
+        }
+    }
     if key.is_empty() && targets.len() == 1 {
         errors.push(MappingError::NoVendorField {
             canonical: canonical.clone(),

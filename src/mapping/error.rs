@@ -67,6 +67,19 @@ pub enum MappingError {
         /// The connector's CRM.
         kind: CrmKind,
     },
+    /// An `enum_code` that cannot be written: on a key that is not an amoCRM custom field,
+    /// or not an upper-case code such as `WORK`.
+    #[error("rule for {canonical:?}: enum code {enum_code:?} on vendor key {vendor:?}: {reason}")]
+    BadEnumCode {
+        /// Canonical field of the rule.
+        canonical: String,
+        /// The vendor key.
+        vendor: String,
+        /// The code given.
+        enum_code: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
     /// Two rules for one canonical field would both read, or both write, it.
     #[error("two rules for canonical field {canonical:?} overlap in direction")]
     DuplicateRule {

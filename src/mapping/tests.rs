@@ -735,3 +735,45 @@ fn compile_reports_every_bad_rule() {
     let errs = Mapping::compile(CrmKind::Rally, &rules).unwrap_err();
     assert_eq!(errs.len(), 3, "{errs:?}");
 }
+
+#[test]
+fn enum_code_on_a_built_in_amocrm_field_fails_compile() {
+    let errs = Mapping::compile(
+        CrmKind::Amocrm,
+        &MappingRules {
+            use_defaults: false,
+            ignore: vec![],
+            fields: vec![FieldRule {
+                enum_code: Some("WORK".into()),
+                ..rule("name", "name")
+            }],
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&errs[..], [MappingError::BadEnumCode { vendor, .. }] if vendor == "name"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn lower_case_enum_code_fails_compile() {
+    let errs = Mapping::compile(
+        CrmKind::Amocrm,
+        &MappingRules {
+            use_defaults: false,
+            ignore: vec![],
+            fields: vec![FieldRule {
+                canonical: "phone".into(),
+                field_code: Some("PHONE".into()),
+                enum_code: Some("work".into()),
+                ..FieldRule::default()
+            }],
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&errs[..], [MappingError::BadEnumCode { enum_code, .. }] if enum_code == "work"),
+        "{errs:?}"
+    );
+}
