@@ -178,6 +178,12 @@ pub trait Connector: Send + Sync {
         Vec::new()
     }
 
+    /// Problems `check --online` should report beyond missing fields (e.g. Marketo's
+    /// Companies API read-only because native CRM sync is on). Called after `start`.
+    async fn online_problems(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Reads the next page of changes after `cursor`.
     async fn poll(&self, cursor: &Cursor, mode: &PollMode) -> Result<Page, ConnectorError>;
 

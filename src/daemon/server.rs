@@ -1,7 +1,6 @@
 //! The operator endpoint on a loopback address: `/metrics` (Prometheus text), `/healthz`
 //! (200 or 503 with the reason) and `/status` (JSON, what `crmbridge status` prints).
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -344,7 +344,7 @@ impl Engine {
                     tx.put_match_key(&k, &cid)?;
                 }
             }
-            tx.put_ledger(source, &rec.vendor_id, LedgerEntry { hash, at: now })?;
+            tx.put_ledger(source, &rec.vendor_id, &LedgerEntry { hash, at: now })?;
             if outcome.is_unchanged() {
                 stats.unchanged += 1;
                 continue;
@@ -452,7 +452,7 @@ impl Engine {
                     tx.put_ledger(
                         target,
                         vendor_id,
-                        LedgerEntry {
+                        &LedgerEntry {
                             hash: hash.clone(),
                             at: now,
                         },

@@ -1,0 +1,75 @@
+//! Pieces every connector uses: the HTTP client built from the common connector config,
+//! and the daily-quota ledger kept in the store so budgets survive restarts.
+
+use std::sync::Arc;
+
+use crate::config::CommonConnectorConfig;
+use crate::http::{HttpClient, HttpConfig, HttpError, QuotaLedger, QuotaReset, RateLimit};
+use crate::store::Store;
+
+/// Counts calls per quota day in the store (table `quota`).
+pub struct StoreQuotaLedger {
+    store: Arc<Store>,
+    connector: String,
+}
+
+impl StoreQuotaLedger {
+    /// A ledger for `connector`.
+    pub fn new(store: Arc<Store>, connector: &str) -> Self {
+        StoreQuotaLedger {
+            store,
+            connector: connector.to_string(),
+        }
+    }
+}
+
+impl QuotaLedger for StoreQuotaLedger {
+    fn used(&self, day: &str) -> u64 {
+        self.store
+            .begin_read()
+            .and_then(|tx| tx.quota_used(&self.connector, day))
+            .unwrap_or(0)
+    }
+
+    fn add(&self, day: &str, n: u64) -> u64 {
+        // A failed count must not stop the call; the vendor's own quota still protects.
+        let res = self.store.begin_write().and_then(|tx| {
+            let total = tx.add_quota(&self.connector, day, n)?;
+            tx.commit()?;
+            Ok(total)
+        });
+        match res {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(connector = %self.connector, error = %e, "quota ledger write failed");
+                0
+            }
+        }
+    }
+}
+
+/// The HTTP client of connector `name` from its common config.
+pub fn http_client(
+    name: &str,
+    common: &CommonConnectorConfig,
+    quota_reset: QuotaReset,
+    store: &Arc<Store>,
+) -> Result<HttpClient, HttpError> {
+    let l = &common.limits;
+    let rate = match (l.requests_per_window, l.requests_per_second) {
+        (Some((calls, window)), _) => RateLimit::PerWindow { calls, window },
+        (None, Some(r)) => RateLimit::PerSecond(r),
+        (None, None) => RateLimit::Unlimited,
+    };
+    let cfg = HttpConfig {
+        connect_timeout: common.timeouts.connect,
+        read_timeout: common.timeouts.read,
+        write_timeout: common.timeouts.write,
+        rate,
+        max_concurrent: l.max_concurrent.max(1),
+        daily_budget: l.daily_quota.map(|q| (q as f64 * l.daily_share).floor() as u64),
+        quota_reset,
+        ..HttpConfig::new(name)
+    };
+    HttpClient::new(cfg, Arc::new(StoreQuotaLedger::new(store.clone(), name)))
+}
