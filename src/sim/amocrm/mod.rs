@@ -362,6 +362,9 @@ impl AmoSim {
 
     /// Makes random UI edits in the background at about `per_second`, until the handle
     /// is dropped or stopped.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
     pub fn spawn_mutator(&self, per_second: f64) -> MutatorHandle {
         let cancel = CancellationToken::new();
         let stop = cancel.clone();
@@ -392,9 +395,8 @@ impl AmoSim {
     /// Stops serving and waits for the server task to end.
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
-        if let Some(task) = self.server.take() {
+        if let Some(mut task) = self.server.take() {
             // Idle keep-alive connections could hold graceful shutdown open; cap the wait.
-            let mut task = task;
             if tokio::time::timeout(Duration::from_secs(5), &mut task)
                 .await
                 .is_err()
