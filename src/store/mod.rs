@@ -389,7 +389,7 @@ impl WriteTx {
     pub fn abort(self) -> Result<(), StoreError> {
         let WriteTx { tables, txn } = self;
         drop(tables);
-        txn.into_inner().abort().at("*", "abort")
+        txn.into_inner().abort().at("(all)", "abort")
     }
 
     fn next_seq(&self, name: &'static str) -> Result<u64, StoreError> {
