@@ -16,9 +16,11 @@ mod types;
 #[cfg(test)]
 mod tests;
 
-use std::marker::PhantomData;
+use std::cell::{RefCell, RefMut};
+use std::mem::ManuallyDrop;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -43,38 +45,39 @@ pub use types::{
 pub const SCHEMA_VERSION: u32 = 1;
 
 // The meta table's types must never change: it is read before the version is known.
-const META: Tbl<&str, u32> = Tbl::new("meta");
+const META: Tbl<&str, u32> = Tbl::new("meta", |t| &t.meta);
 const SCHEMA_KEY: &str = "schema_version";
 /// Monotonic counters (outbox seq, dead-letter id), so ids are never reused.
-const SEQUENCES: Tbl<&str, u64> = Tbl::new("sequences");
+const SEQUENCES: Tbl<&str, u64> = Tbl::new("sequences", |t| &t.sequences);
 const OUTBOX_SEQ: &str = "outbox";
 const DEAD_LETTER_SEQ: &str = "dead_letter";
 
-const COMPANIES: Tbl<&str, &[u8]> = Tbl::new("companies");
+const COMPANIES: Tbl<&str, &[u8]> = Tbl::new("companies", |t| &t.companies);
 /// (connector, vendor_id) → canonical id.
-const LINKS: Tbl<(&str, &str), &str> = Tbl::new("links");
+const LINKS: Tbl<(&str, &str), &str> = Tbl::new("links", |t| &t.links);
 /// (canonical id, connector) → vendor_id.
-const REVERSE_LINKS: Tbl<(&str, &str), &str> = Tbl::new("reverse_links");
-const MATCH_KEYS: Tbl<&str, &str> = Tbl::new("match_keys");
-const CURSORS: Tbl<&str, &[u8]> = Tbl::new("cursors");
+const REVERSE_LINKS: Tbl<(&str, &str), &str> = Tbl::new("reverse_links", |t| &t.reverse_links);
+const MATCH_KEYS: Tbl<&str, &str> = Tbl::new("match_keys", |t| &t.match_keys);
+const CURSORS: Tbl<&str, &[u8]> = Tbl::new("cursors", |t| &t.cursors);
 /// (target, seq) → OutboxEntry.
-const OUTBOX: Tbl<(&str, u64), &[u8]> = Tbl::new("outbox");
+const OUTBOX: Tbl<(&str, u64), &[u8]> = Tbl::new("outbox", |t| &t.outbox);
 /// (target, canonical id) → seq of its one pending entry.
-const OUTBOX_INDEX: Tbl<(&str, &str), u64> = Tbl::new("outbox_index");
+const OUTBOX_INDEX: Tbl<(&str, &str), u64> = Tbl::new("outbox_index", |t| &t.outbox_index);
 /// target → number of entries, so lengths are O(1) and not a scan.
-const OUTBOX_COUNTS: Tbl<&str, u64> = Tbl::new("outbox_counts");
-const DEAD_LETTERS: Tbl<u64, &[u8]> = Tbl::new("dead_letters");
+const OUTBOX_COUNTS: Tbl<&str, u64> = Tbl::new("outbox_counts", |t| &t.outbox_counts);
+const DEAD_LETTERS: Tbl<u64, &[u8]> = Tbl::new("dead_letters", |t| &t.dead_letters);
 /// (connector, vendor_id) → LedgerEntry.
-const LEDGER: Tbl<(&str, &str), &[u8]> = Tbl::new("ledger");
-const TOKENS: Tbl<&str, &[u8]> = Tbl::new("tokens");
+const LEDGER: Tbl<(&str, &str), &[u8]> = Tbl::new("ledger", |t| &t.ledger);
+const TOKENS: Tbl<&str, &[u8]> = Tbl::new("tokens", |t| &t.tokens);
 /// (connector, "YYYY-MM-DD") → calls made that day.
-const QUOTA: Tbl<(&str, &str), u64> = Tbl::new("quota");
+const QUOTA: Tbl<(&str, &str), u64> = Tbl::new("quota", |t| &t.quota);
 
 /// A table's name and key/value types. Unlike redb's `TableDefinition`, its name is
 /// `&'static str`, so errors can carry it without allocating.
 struct Tbl<K: redb::Key + 'static, V: redb::Value + 'static> {
     name: &'static str,
-    _types: PhantomData<(K, V)>,
+    /// Where a write transaction caches this table's open handle.
+    slot: fn(&OpenTables) -> &Slot<K, V>,
 }
 
 impl<K: redb::Key + 'static, V: redb::Value + 'static> Clone for Tbl<K, V> {
@@ -86,11 +89,8 @@ impl<K: redb::Key + 'static, V: redb::Value + 'static> Clone for Tbl<K, V> {
 impl<K: redb::Key + 'static, V: redb::Value + 'static> Copy for Tbl<K, V> {}
 
 impl<K: redb::Key + 'static, V: redb::Value + 'static> Tbl<K, V> {
-    const fn new(name: &'static str) -> Self {
-        Tbl {
-            name,
-            _types: PhantomData,
-        }
+    const fn new(name: &'static str, slot: fn(&OpenTables) -> &Slot<K, V>) -> Self {
+        Tbl { name, slot }
     }
 
     fn def(self) -> TableDefinition<'static, K, V> {
@@ -230,7 +230,10 @@ impl Store {
             kind: "write",
             source,
         })?;
-        Ok(WriteTx { txn })
+        Ok(WriteTx {
+            tables: OpenTables::default(),
+            txn: TxnBox::new(txn),
+        })
     }
 
     /// Starts a read transaction: a consistent snapshot of the last commit.
@@ -265,38 +268,128 @@ impl ReadTx {
 /// A write transaction. Nothing it writes is visible to others until [`WriteTx::commit`];
 /// dropping it without a commit discards every change.
 ///
-/// Tables are opened per call: redb's table handles borrow the transaction, so a wrapper
-/// cannot hold them without self-reference. Opening a table that is already touched in
-/// this transaction is a lookup in redb's in-memory pending-root map, which keeps the
-/// per-call cost small (see the throughput test in `tests.rs`).
+/// `Send` but not `Sync`: use it from one thread at a time (ideally a blocking thread;
+/// redb serialises write transactions, so keep it short and never hold it across an
+/// `.await` that waits on the network).
 pub struct WriteTx {
-    txn: redb::WriteTransaction,
+    // Field order is load-bearing: `tables` borrows from `*txn` and must drop first.
+    tables: OpenTables,
+    txn: TxnBox,
 }
 
+/// The outbox table's handle type inside a write transaction.
+type OutboxTable = redb::Table<'static, (&'static str, u64), &'static [u8]>;
+
+/// A cached open table of a write transaction (see [`OpenTables`]).
+type Slot<K, V> = RefCell<Option<redb::Table<'static, K, V>>>;
+
+/// Table handles opened once per write transaction and reused by every call.
+///
+/// Opening a redb table costs a lookup in the table catalogue, about as much as the
+/// `get` or `insert` that follows; an engine page touches ~10 tables per record, so
+/// reopening per call would roughly halve throughput. redb's handles borrow the
+/// transaction, hence the `'static` stand-in lifetime: see [`WriteTx::table`].
+#[derive(Default)]
+struct OpenTables {
+    meta: Slot<&'static str, u32>,
+    sequences: Slot<&'static str, u64>,
+    companies: Slot<&'static str, &'static [u8]>,
+    links: Slot<(&'static str, &'static str), &'static str>,
+    reverse_links: Slot<(&'static str, &'static str), &'static str>,
+    match_keys: Slot<&'static str, &'static str>,
+    cursors: Slot<&'static str, &'static [u8]>,
+    outbox: Slot<(&'static str, u64), &'static [u8]>,
+    outbox_index: Slot<(&'static str, &'static str), u64>,
+    outbox_counts: Slot<&'static str, u64>,
+    dead_letters: Slot<u64, &'static [u8]>,
+    ledger: Slot<(&'static str, &'static str), &'static [u8]>,
+    tokens: Slot<&'static str, &'static [u8]>,
+    quota: Slot<(&'static str, &'static str), u64>,
+}
+
+/// The heap-allocated redb transaction the cached tables point into. A raw pointer rather
+/// than a `Box` field so that moving the `WriteTx` asserts nothing about uniqueness while
+/// tables hold shared references to it.
+struct TxnBox(NonNull<redb::WriteTransaction>);
+
+impl TxnBox {
+    fn new(txn: redb::WriteTransaction) -> Self {
+        TxnBox(NonNull::from(Box::leak(Box::new(txn))))
+    }
+
+    fn get(&self) -> &redb::WriteTransaction {
+        // SAFETY: the pointer comes from `Box::leak` and is freed only by `into_inner`
+        // or `drop`, both of which consume `self`.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// The transaction, by value. Callers must have dropped every table first.
+    fn into_inner(self) -> redb::WriteTransaction {
+        let this = ManuallyDrop::new(self);
+        // SAFETY: as in `get`; `ManuallyDrop` keeps `drop` from freeing it a second time.
+        *unsafe { Box::from_raw(this.0.as_ptr()) }
+    }
+}
+
+impl Drop for TxnBox {
+    fn drop(&mut self) {
+        // SAFETY: as in `get`. Dropping the transaction aborts it.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+    }
+}
+
+// SAFETY: `WriteTx` owns its transaction and every table borrowing it, and they always
+// move together. redb's `WriteTransaction` is `Send + Sync` and its `Table` is `Send`,
+// so handing the whole bundle to another thread is sound. (Not `Sync`: `RefCell`.)
+unsafe impl Send for WriteTx {}
+
 impl WriteTx {
-    #[track_caller]
+    /// The open handle of `def`, opened (or created) on first use in this transaction.
+    ///
+    /// Panics if this module borrows the same table twice at once (a bug here, never a
+    /// runtime condition).
     fn table<K: redb::Key + 'static, V: redb::Value + 'static>(
         &self,
         def: Tbl<K, V>,
-    ) -> Result<redb::Table<'_, K, V>, StoreError> {
-        self.txn
-            .open_table(def.def())
-            .map_err(|source| StoreError::Table {
-                table: def.name,
-                source,
-            })
+    ) -> Result<RefMut<'_, redb::Table<'static, K, V>>, StoreError> {
+        let mut slot = (def.slot)(&self.tables).borrow_mut();
+        if slot.is_none() {
+            let table =
+                self.txn
+                    .get()
+                    .open_table(def.def())
+                    .map_err(|source| StoreError::Table {
+                        table: def.name,
+                        source,
+                    })?;
+            // SAFETY: the table borrows `*self.txn`, which is heap-allocated, never moves,
+            // and is freed only after `self.tables` is dropped (field order in `WriteTx`;
+            // `commit`/`abort` drop the tables explicitly first). The `'static` never
+            // escapes this module: handles are only lent out behind `RefMut<'_>`, and no
+            // method of `redb::Table` returns anything carrying its transaction lifetime.
+            let table: redb::Table<'static, K, V> = unsafe { std::mem::transmute(table) };
+            *slot = Some(table);
+        }
+        Ok(RefMut::map(slot, |t| {
+            t.as_mut().expect("slot was just filled")
+        }))
     }
 
     /// Makes every change of this transaction visible and durable (fsync), or none.
     pub fn commit(self) -> Result<(), StoreError> {
-        self.txn
+        let WriteTx { tables, txn } = self;
+        // Closing the tables stages their new roots in the transaction.
+        drop(tables);
+        txn.into_inner()
             .commit()
             .map_err(|source| StoreError::Commit { source })
     }
 
     /// Discards every change (what dropping the transaction does, but explicit).
     pub fn abort(self) -> Result<(), StoreError> {
-        self.txn.abort().at("*", "abort")
+        let WriteTx { tables, txn } = self;
+        drop(tables);
+        txn.into_inner().abort().at("(all)", "abort")
     }
 
     fn next_seq(&self, name: &'static str) -> Result<u64, StoreError> {
@@ -425,7 +518,7 @@ impl WriteTx {
 
     fn outbox_entry(
         &self,
-        outbox: &redb::Table<'_, (&str, u64), &[u8]>,
+        outbox: &OutboxTable,
         target: &str,
         seq: u64,
     ) -> Result<Option<OutboxEntry>, StoreError> {
@@ -438,7 +531,7 @@ impl WriteTx {
 
     fn put_outbox_entry(
         &self,
-        outbox: &mut redb::Table<'_, (&str, u64), &[u8]>,
+        outbox: &mut OutboxTable,
         target: &str,
         seq: u64,
         entry: &OutboxEntry,

@@ -611,6 +611,7 @@ fn engine_like_throughput() {
     let pages = 50;
     let per_page = 200;
     let started = std::time::Instant::now();
+    let mut commit_time = std::time::Duration::ZERO;
     for p in 0..pages {
         let tx = store.begin_write().unwrap();
         for r in 0..per_page {
@@ -636,12 +637,14 @@ fn engine_like_throughput() {
             tx.enqueue("amocrm", &id, ts(0)).unwrap();
         }
         tx.put_cursor("rally", &Cursor(json!({"page": p}))).unwrap();
+        let c = std::time::Instant::now();
         tx.commit().unwrap();
+        commit_time += c.elapsed();
     }
     let elapsed = started.elapsed();
     let rate = (pages * per_page) as f64 / elapsed.as_secs_f64();
     println!(
-        "{} records in {elapsed:?}: {rate:.0} records/s",
+        "{} records in {elapsed:?} ({commit_time:?} in commits): {rate:.0} records/s",
         pages * per_page
     );
 }
