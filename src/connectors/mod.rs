@@ -38,9 +38,8 @@ pub fn build(
 pub async fn check_online(config: &Config) -> Result<Vec<(String, Vec<String>)>, String> {
     let store_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     // A scratch store: the check must not need (or lock) the daemon's store.
-    let store = Arc::new(
-        Store::open(&store_dir.path().join("check.redb")).map_err(|e| e.to_string())?,
-    );
+    let store =
+        Arc::new(Store::open(&store_dir.path().join("check.redb")).map_err(|e| e.to_string())?);
     let ctx = BuildContext {
         store,
         metrics: Arc::new(Metrics::new()),

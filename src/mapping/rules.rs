@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 /// Mapping rules of one connector. The built-in defaults for its CRM apply first; these
 /// rules replace the default rule of the same canonical field, add new ones, or drop some.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MappingRules {
     /// Start from the built-in mapping of this CRM (default true).
@@ -18,6 +18,17 @@ pub struct MappingRules {
     /// Field rules, replacing default rules for the same canonical field.
     #[serde(default)]
     pub fields: Vec<FieldRule>,
+}
+
+impl Default for MappingRules {
+    /// The built-in mapping of the CRM, unchanged (what an absent `[mapping]` means).
+    fn default() -> Self {
+        MappingRules {
+            use_defaults: true,
+            ignore: Vec::new(),
+            fields: Vec::new(),
+        }
+    }
 }
 
 fn default_true() -> bool {
