@@ -30,7 +30,7 @@ pub enum DaemonError {
         path: String,
         /// What failed.
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     /// A connector could not be built or started.
     #[error("connector {connector}: {detail}")]
@@ -65,7 +65,7 @@ pub fn open_store(config: &Config) -> Result<Arc<Store>, DaemonError> {
         .map(Arc::new)
         .map_err(|source| DaemonError::Store {
             path: config.store.path.display().to_string(),
-            source,
+            source: Box::new(source),
         })
 }
 
