@@ -21,7 +21,11 @@ fn parse(text: &str) -> Result<Config, ConfigErrors> {
 fn messages(text: &str) -> Vec<String> {
     match parse(text) {
         Ok(c) => panic!("should be rejected: {c:#?}"),
-        Err(e) => e.errors.iter().map(|e| format!("{}: {}", e.key, e.message)).collect(),
+        Err(e) => e
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.key, e.message))
+            .collect(),
     }
 }
 
@@ -42,15 +46,30 @@ auth = { type = "long_lived", token = { env = "C" } }
     let c = parse(text).unwrap_or_else(|e| panic!("{e}"));
     let m = c.connectors["m"].common();
     assert_eq!(m.batch_size, 300);
-    assert_eq!(m.limits.requests_per_window, Some((100, Duration::from_secs(20))));
-    assert_eq!((m.limits.max_concurrent, m.limits.daily_quota), (10, Some(50_000)));
+    assert_eq!(
+        m.limits.requests_per_window,
+        Some((100, Duration::from_secs(20)))
+    );
+    assert_eq!(
+        (m.limits.max_concurrent, m.limits.daily_quota),
+        (10, Some(50_000))
+    );
     assert_eq!(m.limits.daily_share, 0.5);
-    assert_eq!((m.timeouts.read, m.timeouts.write), (Duration::from_secs(30), Duration::from_secs(60)));
+    assert_eq!(
+        (m.timeouts.read, m.timeouts.write),
+        (Duration::from_secs(30), Duration::from_secs(60))
+    );
     let a = c.connectors["a"].common();
-    assert_eq!((a.batch_size, a.limits.requests_per_second), (50, Some(7.0)));
+    assert_eq!(
+        (a.batch_size, a.limits.requests_per_second),
+        (50, Some(7.0))
+    );
     assert_eq!(c.daemon.listen, Some("127.0.0.1:9464".parse().unwrap()));
     assert_eq!(c.daemon.unhealthy_after, Duration::from_secs(900));
-    assert_eq!(c.match_keys, [MatchKey::Domain, MatchKey::ExternalCompanyId]);
+    assert_eq!(
+        c.match_keys,
+        [MatchKey::Domain, MatchKey::ExternalCompanyId]
+    );
     assert!(!c.propagate_deletes);
 }
 
@@ -71,9 +90,15 @@ client_id = { env = "A" }
 client_secret = { env = "B" }
 "#;
     let c = parse(text).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(c.connectors["m"].common().base_url.as_str(), "https://1-a.mktorest.com/");
+    assert_eq!(
+        c.connectors["m"].common().base_url.as_str(),
+        "https://1-a.mktorest.com/"
+    );
     let r = parse(&RALLY.replace("rallycrm.io\"", "rallycrm.io/tenant\"")).unwrap();
-    assert_eq!(r.connectors["rally"].common().base_url.as_str(), "https://acme.rallycrm.io/tenant/");
+    assert_eq!(
+        r.connectors["rally"].common().base_url.as_str(),
+        "https://acme.rallycrm.io/tenant/"
+    );
 }
 
 #[test]
@@ -81,7 +106,9 @@ fn base_url_must_be_http_or_https() {
     let m = messages(&RALLY.replace("https://acme.rallycrm.io", "ftp://acme.rallycrm.io"));
     assert_eq!(
         m,
-        ["connectors.rally.base_url: \"ftp://acme.rallycrm.io\" must be an http:// or https:// URL with a host"]
+        [
+            "connectors.rally.base_url: \"ftp://acme.rallycrm.io\" must be an http:// or https:// URL with a host"
+        ]
     );
 }
 
@@ -92,7 +119,9 @@ fn amocrm_custom_field_keys_are_rejected_on_other_kinds() {
     ));
     assert_eq!(
         m,
-        ["connectors.rally.mapping.fields[0].field_code: `field_code` addresses amoCRM custom fields; a rally connector uses `vendor`"]
+        [
+            "connectors.rally.mapping.fields[0].field_code: `field_code` addresses amoCRM custom fields; a rally connector uses `vendor`"
+        ]
     );
 }
 
@@ -126,7 +155,9 @@ fn duplicate_canonical_field_in_one_mapping_is_rejected() {
     let m = messages(&format!("{RALLY}\n{rule}{rule}"));
     assert_eq!(
         m,
-        ["connectors.rally.mapping.fields[1].canonical: canonical field `city` is mapped twice in this connector"]
+        [
+            "connectors.rally.mapping.fields[1].canonical: canonical field `city` is mapped twice in this connector"
+        ]
     );
 }
 
@@ -156,10 +187,14 @@ fn batch_and_page_sizes_above_the_api_maximum_are_rejected() {
 
 #[test]
 fn daily_share_outside_zero_to_one_is_rejected() {
-    let m = messages(&format!("{RALLY}[connectors.rally.limits]\ndaily_share = 1.5\n"));
+    let m = messages(&format!(
+        "{RALLY}[connectors.rally.limits]\ndaily_share = 1.5\n"
+    ));
     assert_eq!(
         m,
-        ["connectors.rally.limits.daily_share: 1.5 is outside 0..=1 (it is a share of daily_quota, e.g. 0.5)"]
+        [
+            "connectors.rally.limits.daily_share: 1.5 is outside 0..=1 (it is a share of daily_quota, e.g. 0.5)"
+        ]
     );
 }
 
@@ -167,9 +202,17 @@ fn daily_share_outside_zero_to_one_is_rejected() {
 fn non_loopback_listen_needs_explicit_consent() {
     let m = messages(&format!("{RALLY}[daemon]\nlisten = \"0.0.0.0:9464\"\n"));
     assert_eq!(m.len(), 1, "{m:?}");
-    assert!(m[0].starts_with("daemon.listen: 0.0.0.0:9464 is not a loopback address"), "{m:?}");
-    let ok = parse(&format!("{RALLY}[daemon]\nlisten = \"0.0.0.0:9464\"\nallow_non_loopback = true\n"));
-    assert_eq!(ok.unwrap().daemon.listen, Some("0.0.0.0:9464".parse().unwrap()));
+    assert!(
+        m[0].starts_with("daemon.listen: 0.0.0.0:9464 is not a loopback address"),
+        "{m:?}"
+    );
+    let ok = parse(&format!(
+        "{RALLY}[daemon]\nlisten = \"0.0.0.0:9464\"\nallow_non_loopback = true\n"
+    ));
+    assert_eq!(
+        ok.unwrap().daemon.listen,
+        Some("0.0.0.0:9464".parse().unwrap())
+    );
 }
 
 #[test]
@@ -219,6 +262,8 @@ fn rally_read_only_fields_need_read_only_direction() {
     ));
     assert_eq!(
         m,
-        ["connectors.rally.mapping.fields[0].vendor: Rally field `createdAt` is read-only: add direction = \"read-only\""]
+        [
+            "connectors.rally.mapping.fields[0].vendor: Rally field `createdAt` is read-only: add direction = \"read-only\""
+        ]
     );
 }
