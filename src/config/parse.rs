@@ -90,8 +90,7 @@ pub(crate) fn parse(
 }
 
 fn finish(mut ctx: Ctx<'_>) -> ConfigErrors {
-    ctx.errors
-        .sort_by(|a, b| (a.line, a.column).cmp(&(b.line, b.column)));
+    ctx.errors.sort_by_key(|e| (e.line, e.column));
     ConfigErrors { errors: ctx.errors }
 }
 
