@@ -633,8 +633,16 @@ fn check_rule(
             &span_of(item, "default"),
             &join(path, "default"),
             format!(
-                "default does not fit field `{}` of type {ft:?}",
-                rule.canonical
+                "default does not fit field `{}`: {}",
+                rule.canonical,
+                match ft {
+                    FieldType::Text => "expected a string",
+                    FieldType::Int => "expected an integer",
+                    FieldType::Decimal =>
+                        "expected a decimal as a string (\"12.50\") or an integer",
+                    FieldType::Tags => "expected a list of strings",
+                    FieldType::Json => "any value fits",
+                }
             ),
         );
     }

@@ -8,6 +8,8 @@ mod error;
 mod parse;
 mod reader;
 mod secret;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

@@ -66,7 +66,8 @@ pub(crate) fn parse(
     let propagate_deletes = top.bool(&mut ctx, "propagate_deletes").unwrap_or(false);
     top.finish(&mut ctx);
 
-    if ctx.errors.is_empty() && resolve_secrets {
+    // Secrets are fetched even when other errors were found, so one `check` lists them all.
+    if resolve_secrets {
         for site in sites.iter().filter(|s| s.enabled) {
             if let Err(e) = site.secret.resolve() {
                 ctx.error(&site.span, &site.key, e.to_string());
@@ -89,8 +90,7 @@ pub(crate) fn parse(
 }
 
 fn finish(mut ctx: Ctx<'_>) -> ConfigErrors {
-    ctx.errors
-        .sort_by(|a, b| (a.line, a.column).cmp(&(b.line, b.column)));
+    ctx.errors.sort_by_key(|e| (e.line, e.column));
     ConfigErrors { errors: ctx.errors }
 }
 
