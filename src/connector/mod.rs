@@ -178,6 +178,12 @@ pub trait Connector: Send + Sync {
         Vec::new()
     }
 
+    /// Counters of the connector's HTTP client (calls, retries, limiter waits,
+    /// rejections, quota), for `/metrics`.
+    fn http_metrics(&self) -> Option<crate::http::HttpMetrics> {
+        None
+    }
+
     /// Problems `check --online` should report beyond missing fields (e.g. Marketo's
     /// Companies API read-only because native CRM sync is on). Called after `start`.
     async fn online_problems(&self) -> Vec<String> {

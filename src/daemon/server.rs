@@ -143,6 +143,8 @@ pub struct ServerState {
     pub unhealthy_after: Duration,
     /// When the daemon started.
     pub started: DateTime<Utc>,
+    /// The engine, whose connectors' HTTP counters are exported.
+    pub engine: Option<Arc<crate::engine::Engine>>,
 }
 
 impl ServerState {
@@ -158,7 +160,39 @@ impl ServerState {
     }
 }
 
+/// Copies the connectors' HTTP client counters into the registry.
+fn export_http_metrics(s: &ServerState) {
+    let Some(engine) = &s.engine else { return };
+    for ep in engine.endpoints() {
+        let Some(h) = ep.connector.http_metrics() else {
+            continue;
+        };
+        let l = [("connector", ep.name.as_str())];
+        s.metrics.set("crmbridge_http_calls_total", &l, h.calls as f64);
+        s.metrics.set(
+            "crmbridge_limiter_wait_seconds_total",
+            &l,
+            h.limiter_wait_ms as f64 / 1000.0,
+        );
+        for (class, n) in &h.rejections {
+            s.metrics.set(
+                "crmbridge_limit_rejections_total",
+                &[("connector", ep.name.as_str()), ("class", class.as_str())],
+                *n as f64,
+            );
+        }
+        if let Some(until) = h.suspended_until {
+            s.metrics.set(
+                "crmbridge_suspended_until_timestamp_seconds",
+                &l,
+                until.timestamp() as f64,
+            );
+        }
+    }
+}
+
 async fn metrics_handler(State(s): State<ServerState>) -> impl IntoResponse {
+    export_http_metrics(&s);
     // Gauges that live in the store are read at scrape time.
     if let Ok(r) = s.report() {
         s.metrics
@@ -201,6 +235,7 @@ async fn metrics_handler(State(s): State<ServerState>) -> impl IntoResponse {
 }
 
 async fn health_handler(State(s): State<ServerState>) -> impl IntoResponse {
+    export_http_metrics(&s);
     match s.report() {
         Ok(r) if r.healthy => (StatusCode::OK, "ok\n".to_string()),
         Ok(r) => (
@@ -212,6 +247,7 @@ async fn health_handler(State(s): State<ServerState>) -> impl IntoResponse {
 }
 
 async fn status_handler(State(s): State<ServerState>) -> impl IntoResponse {
+    export_http_metrics(&s);
     match s.report() {
         Ok(r) => (
             StatusCode::OK,

@@ -232,6 +232,7 @@ pub async fn run(config: Config, external_stop: CancellationToken) -> Result<(),
             connectors: Arc::new(connector_infos(&config)),
             unhealthy_after: config.daemon.unhealthy_after,
             started,
+            engine: Some(engine.clone()),
         };
         let bound = server::serve(addr, state, shutdown.clone())
             .await

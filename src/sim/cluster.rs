@@ -178,6 +178,24 @@ between = ["rally", "marketo", "amocrm"]
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn generated_sync_config_is_valid() {
+        let cluster = SimCluster::start(&ClusterConfig {
+            companies: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let text = cluster.sync_config(dir.path(), "2s", None).unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let cfg = crate::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.connectors.len(), 3);
+        assert_eq!(cfg.targets_of("rally"), vec!["amocrm", "marketo"]);
+        cluster.shutdown().await;
+    }
+
     #[test]
     fn every_company_is_somewhere_and_many_overlap() {
         let [r, m, a] = overlapping_indices(100);
