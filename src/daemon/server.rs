@@ -168,7 +168,8 @@ fn export_http_metrics(s: &ServerState) {
             continue;
         };
         let l = [("connector", ep.name.as_str())];
-        s.metrics.set("crmbridge_http_calls_total", &l, h.calls as f64);
+        s.metrics
+            .set("crmbridge_http_calls_total", &l, h.calls as f64);
         s.metrics.set(
             "crmbridge_limiter_wait_seconds_total",
             &l,

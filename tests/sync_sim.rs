@@ -1,0 +1,186 @@
+//! End-to-end sync through the wire simulators: backfill plus live two-way sync among all
+//! three CRMs converges with no duplicates and settles to zero writes; a company created
+//! in any CRM reaches the others and comes back unchanged.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use crmbridge::config::Config;
+use crmbridge::daemon::metrics::Metrics;
+use crmbridge::daemon::service::{build_engine, open_store};
+use crmbridge::engine::{BackfillOptions, Engine};
+use crmbridge::model::Value;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+fn pushed(m: &Metrics) -> f64 {
+    CRMS.iter()
+        .map(|c| {
+            m.get("crmbridge_records_pushed_total", &[("connector", c)])
+                .unwrap_or(0.0)
+        })
+        .sum()
+}
+
+fn outbox_total(engine: &Engine) -> u64 {
+    let tx = engine.store().begin_read().unwrap();
+    CRMS.iter().map(|c| tx.outbox_len(c).unwrap()).sum()
+}
+
+/// Waits until the outboxes are empty and no push happened for `quiet`; panics after
+/// `limit`. (The daemon has no "idle" event to await: quiescence is the absence of work.)
+async fn settle(engine: &Engine, metrics: &Metrics, quiet: Duration, limit: Duration) {
+    let start = Instant::now();
+    let mut last = (pushed(metrics), Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = pushed(metrics);
+        if now != last.0 || outbox_total(engine) > 0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() >= quiet {
+            return;
+        }
+        assert!(start.elapsed() < limit, "did not settle within {limit:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_crms_converge_under_mutations_and_then_stop_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path) = cluster_with_config(24, dir.path(), "1s", None).await;
+    let cfg = Config::load(&path).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let engine = build_engine(&cfg, open_store(&cfg).unwrap(), metrics.clone())
+        .await
+        .unwrap();
+    let sd = CancellationToken::new();
+    let report = engine
+        .backfill(&BackfillOptions::default(), &sd, &|_, _| {})
+        .await
+        .unwrap();
+    assert!(report.ok(), "backfill failed: {report:?}");
+
+    let handle = engine.start(sd.clone());
+    let mut mutator = TestMutator::new();
+    for _ in 0..12 {
+        mutator.step(&cluster);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    settle(
+        &engine,
+        &metrics,
+        Duration::from_millis(2500),
+        Duration::from_secs(120),
+    )
+    .await;
+
+    // Zero writes within two more poll cycles.
+    let before = pushed(&metrics);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        pushed(&metrics),
+        before,
+        "still writing after mutations stopped"
+    );
+    sd.cancel();
+    handle.wait().await;
+
+    let views = crm_views(&path).await;
+    assert_converged(&views);
+    assert_expectations(&views, &mutator.expect);
+    let dead = engine
+        .store()
+        .begin_read()
+        .unwrap()
+        .dead_letter_count()
+        .unwrap();
+    assert_eq!(dead, 0, "unexpected dead letters");
+    for (name, s) in [
+        ("rally", cluster.rally.stats()),
+        ("marketo", cluster.marketo.stats()),
+        ("amocrm", cluster.amocrm.stats()),
+    ] {
+        assert_eq!(
+            s.total_rejections(),
+            0,
+            "{name} rate-limit rejections: {s:?}"
+        );
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_company_created_anywhere_reaches_the_others_and_comes_back_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path) = cluster_with_config(3, dir.path(), "1s", None).await;
+    let rally = cluster.rally.create(json!({
+        "name": "Ærøskøbing Bryggeri ApS — 北京",
+        "domain": "roundtrip-rally.example.org",
+        "annualRevenue": 12345678901234.56,
+        "employeeCount": 42,
+        "phone": "+45 12 34 56 78",
+        "city": "Ærøskøbing",
+        "tags": ["zeta", "alpha"],
+    }));
+    let ids = amo_field_ids(&cluster);
+    cluster.amocrm.create(json!({
+        "name": "Δέλτα Α.Ε.",
+        "custom_fields_values": [
+            {"field_id": ids["Domain"], "values": [{"value": "roundtrip-amo.example.org"}]},
+            {"field_id": ids["Annual revenue"], "values": [{"value": "0.10"}]},
+            {"field_id": ids["City"], "values": [{"value": "Αθήνα"}]},
+        ],
+    }));
+    cluster.marketo.create(json!({
+        "company": "Ünïcödé Marketo Inc.",
+        "website": "https://roundtrip-marketo.example.org",
+        "annualRevenue": 99999999999.99,
+        "numberOfEmployees": 7,
+    }));
+
+    let cfg = Config::load(&path).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let engine = build_engine(&cfg, open_store(&cfg).unwrap(), metrics.clone())
+        .await
+        .unwrap();
+    let sd = CancellationToken::new();
+    let handle = engine.start(sd.clone());
+    settle(
+        &engine,
+        &metrics,
+        Duration::from_millis(2500),
+        Duration::from_secs(60),
+    )
+    .await;
+    sd.cancel();
+    handle.wait().await;
+
+    let views = crm_views(&path).await;
+    assert_converged(&views);
+    let r = &views["marketo"]["roundtrip-rally.example.org"][0];
+    assert_eq!(
+        r.get("annualRevenue"),
+        Some(&Value::Decimal("12345678901234.56".parse().unwrap()))
+    );
+    assert_eq!(
+        views["amocrm"]["roundtrip-rally.example.org"][0].get("name"),
+        Some(&Value::Text("Ærøskøbing Bryggeri ApS — 北京".into()))
+    );
+    assert_eq!(
+        views["rally"]["roundtrip-amo.example.org"][0].get("annualRevenue"),
+        Some(&Value::Decimal("0.1".parse().unwrap()))
+    );
+    // The Rally original was never written back: same content, same updatedAt.
+    let after = cluster
+        .rally
+        .get(rally["id"].as_str().unwrap())
+        .expect("still there");
+    assert_eq!(
+        after, rally,
+        "the source record was modified by its own echo"
+    );
+    cluster.shutdown().await;
+}
