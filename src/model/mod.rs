@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// The id crmbridge gives a company, independent of any CRM (a UUID v4 in text form).
+/// The id crmbridge gives a company, independent of any CRM (a UUID v7 in text form).
 pub type CanonicalId = String;
 
 /// Name of a configured connector instance (e.g. `"rally"`, `"marketo-emea"`).
@@ -188,9 +188,10 @@ impl Company {
         }
     }
 
-    /// A fresh canonical id.
+    /// A fresh canonical id: a time-ordered UUID (v7), so new companies append to the
+    /// store's B-tree instead of touching random pages.
     pub fn new_id() -> CanonicalId {
-        uuid::Uuid::new_v4().to_string()
+        uuid::Uuid::now_v7().to_string()
     }
 
     /// The current values without provenance.
