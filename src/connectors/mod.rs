@@ -2,6 +2,7 @@
 //! from config. Adding a CRM: a new folder implementing [`crate::connector::Connector`]
 //! and one line in [`build`] (plus its config variant).
 
+pub mod marketo;
 pub mod shared;
 
 use std::sync::Arc;
@@ -26,11 +27,14 @@ pub fn build(
     cfg: &ConnectorConfig,
     ctx: &BuildContext,
 ) -> Result<Arc<dyn Connector>, ConnectorError> {
-    let _ = (name, cfg, ctx);
-    Err(ConnectorError::Fatal {
-        connector: name.to_string(),
-        detail: "connector implementations are being merged".into(),
-    })
+    match cfg {
+        ConnectorConfig::Marketo(c) => Ok(Arc::new(marketo::MarketoConnector::new(name, c, ctx)?)),
+        #[allow(unreachable_patterns)]
+        _ => Err(ConnectorError::Fatal {
+            connector: name.to_string(),
+            detail: "connector implementations are being merged".into(),
+        }),
+    }
 }
 
 /// `check --online`: per connector, the problems found by talking to the instance

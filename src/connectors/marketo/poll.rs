@@ -1,0 +1,278 @@
+//! Change detection without a time filter: the id-range scan and its paced cycles (see the
+//! module docs of [`super`] for the scheme, its cost and what it can and cannot see).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::MarketoConnector;
+use super::wire::{Describe, parse_record, record_id};
+use crate::connector::{ConnectorError, Cursor, Page, PollMode};
+use crate::http::ApiRequest;
+
+/// Marketo's cap on `filterValues` per query and on `batchSize`.
+pub const WINDOW: i64 = 300;
+
+/// The fields a scan asks for, when the instance has them (intersected with `describe`).
+pub const READ_FIELDS: &[&str] = &[
+    "id",
+    "externalCompanyId",
+    "company",
+    "website",
+    "mainPhone",
+    "industry",
+    "numberOfEmployees",
+    "annualRevenue",
+    "billingStreet",
+    "billingCity",
+    "billingState",
+    "billingCountry",
+    "billingPostalCode",
+    "sicCode",
+    "updatedAt",
+    "createdAt",
+];
+
+/// The scan's position, stored by the engine with each page as the connector's cursor.
+///
+/// Safe to store after every page because a page's records are exactly those of the id
+/// windows below `scan_from`; `since` only moves at the end of a complete cycle, to the
+/// time that cycle *began*, so a change made during a cycle behind the scan position is
+/// picked up by the next cycle.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScanCursor {
+    /// The lowest id of the next window of the running cycle; `None` between cycles.
+    pub scan_from: Option<i64>,
+    /// The running cycle's lower time bound for the next one: when it began, minus a lag
+    /// for Marketo's whole-second `updatedAt`.
+    pub cycle_start: Option<DateTime<Utc>>,
+    /// When the running cycle began (wall clock), for pacing.
+    pub began_at: Option<DateTime<Utc>>,
+    /// Records updated at or after this (less the overlap) are emitted; `None` = all.
+    pub since: Option<DateTime<Utc>>,
+    /// The highest company id ever seen; empty windows above it end a cycle.
+    pub max_id: Option<i64>,
+    /// The lowest company id ever seen. Ids only grow, so nothing new can appear below
+    /// it: cycles start here.
+    pub min_id: Option<i64>,
+    /// Consecutive empty windows above `max_id` in the running cycle.
+    pub empty_run: u32,
+    /// Query calls the running cycle has made.
+    pub cycle_calls: u64,
+    /// No new incremental cycle starts before this (daily-budget pacing).
+    pub not_before: Option<DateTime<Utc>>,
+}
+
+impl ScanCursor {
+    /// Reads the engine's cursor (`null` = never polled).
+    pub fn from_cursor(c: &Cursor) -> Result<ScanCursor, String> {
+        if c.0.is_null() {
+            return Ok(ScanCursor::default());
+        }
+        serde_json::from_value(c.0.clone()).map_err(|e| format!("unreadable cursor {}: {e}", c.0))
+    }
+
+    /// The engine's cursor.
+    pub fn to_cursor(&self) -> Cursor {
+        Cursor(serde_json::to_value(self).expect("the cursor serialises"))
+    }
+}
+
+impl MarketoConnector {
+    /// One poll: the next windows of the running cycle, or the start of a new cycle, or
+    /// (too early for a new cycle) an empty page with the cursor unchanged.
+    pub(super) async fn scan(
+        &self,
+        cursor: &Cursor,
+        mode: &PollMode,
+    ) -> Result<Page, ConnectorError> {
+        let d = self.ensure_described().await?;
+        let mut c = ScanCursor::from_cursor(cursor).map_err(|detail| ConnectorError::Fatal {
+            connector: self.name.clone(),
+            detail,
+        })?;
+        let now = Utc::now();
+        let full_since = match mode {
+            PollMode::Full { since } => Some(*since),
+            PollMode::Incremental => None,
+        };
+        if c.scan_from.is_none() {
+            if full_since.is_none()
+                && let Some(nb) = c.not_before
+                && now < nb
+            {
+                tracing::debug!(connector = %self.name, not_before = %nb, "next scan cycle paced to stay within the daily read budget");
+                return Ok(Page {
+                    next: cursor.clone(),
+                    more: false,
+                    ..Page::default()
+                });
+            }
+            let lag = chrono::Duration::from_std(self.opts.lag).unwrap_or_default();
+            c.cycle_start = Some(now - lag);
+            c.began_at = Some(now);
+            c.scan_from = Some(c.min_id.unwrap_or(self.opts.first_id));
+            c.empty_run = 0;
+            c.cycle_calls = 0;
+            if let Some(since) = full_since {
+                c.since = since;
+            }
+        }
+        let overlap = chrono::Duration::from_std(self.opts.overlap).unwrap_or_default();
+        let emit_from = match full_since {
+            Some(since) => since,
+            None => c.since.map(|s| s - overlap),
+        };
+        let stop_after = if c.max_id.is_some() {
+            self.opts.empty_windows_to_stop.max(1)
+        } else {
+            self.opts.discovery_windows.max(1)
+        };
+        let from = c.scan_from.expect("set above");
+        let known = c
+            .max_id
+            .filter(|m| *m >= from)
+            .map_or(0, |m| (m - from) / WINDOW + 1);
+        let needed = i64::from(stop_after.saturating_sub(c.empty_run).max(1));
+        let count = (known + needed).min(i64::from(self.opts.windows_per_poll.max(1)));
+        let fields = self.read_fields(&d);
+        let fetched = futures::future::join_all(
+            (0..count).map(|k| self.fetch_window(from + k * WINDOW, &fields)),
+        )
+        .await;
+
+        let mut page = Page::default();
+        for (k, result) in fetched.into_iter().enumerate() {
+            let (rows, calls) = result?;
+            let lo = from + k as i64 * WINDOW;
+            c.cycle_calls += calls;
+            let empty = rows.is_empty();
+            for row in &rows {
+                match parse_record(row) {
+                    Ok((id, rec)) => {
+                        c.max_id = Some(c.max_id.map_or(id, |m| m.max(id)));
+                        c.min_id = Some(c.min_id.map_or(id, |m| m.min(id)));
+                        if emit_from.is_none_or(|f| rec.updated_at >= f) {
+                            page.records.push(rec);
+                        }
+                    }
+                    Err(bad) => {
+                        if let Some(id) = row.as_object().and_then(record_id) {
+                            c.max_id = Some(c.max_id.map_or(id, |m| m.max(id)));
+                            c.min_id = Some(c.min_id.map_or(id, |m| m.min(id)));
+                        }
+                        page.malformed.push(bad);
+                    }
+                }
+            }
+            let beyond = c.max_id.is_none_or(|m| lo > m);
+            c.empty_run = if empty && beyond { c.empty_run + 1 } else { 0 };
+            c.scan_from = Some(lo + WINDOW);
+        }
+        let stop_after = if c.max_id.is_some() {
+            self.opts.empty_windows_to_stop.max(1)
+        } else {
+            self.opts.discovery_windows.max(1)
+        };
+        if c.empty_run >= stop_after {
+            tracing::info!(
+                connector = %self.name,
+                calls = c.cycle_calls,
+                max_id = ?c.max_id,
+                "company scan cycle complete"
+            );
+            c.since = c.cycle_start;
+            c.not_before = self.pace(c.began_at.unwrap_or(now), c.cycle_calls);
+            c.scan_from = None;
+            c.cycle_start = None;
+            c.began_at = None;
+            c.empty_run = 0;
+            page.more = false;
+        } else {
+            page.more = true;
+        }
+        page.next = c.to_cursor();
+        Ok(page)
+    }
+
+    /// When the next cycle may start so that reads spread evenly over the day and stay
+    /// within `read_share` of the daily budget; `None` without a budget.
+    fn pace(&self, began_at: DateTime<Utc>, calls: u64) -> Option<DateTime<Utc>> {
+        let budget = self.http.config().daily_budget?;
+        let per_day = (budget as f64 * self.opts.read_share).max(1.0);
+        let secs = 86_400.0 * calls as f64 / per_day;
+        Some(began_at + chrono::Duration::milliseconds((secs * 1000.0) as i64))
+    }
+
+    /// The query's `fields=`: the standard list plus mapped keys, as far as describe has them.
+    fn read_fields(&self, d: &Describe) -> String {
+        let extra = self.extra_read.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<&str> = Vec::new();
+        for name in READ_FIELDS
+            .iter()
+            .copied()
+            .chain(extra.iter().map(String::as_str))
+        {
+            if (d.has(name) || name == "id") && !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        out.join(",")
+    }
+
+    /// All companies with ids in `[lo, lo + 300)`, following `nextPageToken`; also the
+    /// number of calls made.
+    async fn fetch_window(
+        &self,
+        lo: i64,
+        fields: &str,
+    ) -> Result<(Vec<Value>, u64), ConnectorError> {
+        let ids = (lo..lo + WINDOW)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut url = self.url("rest/v1/companies.json")?;
+        // 300 ids are ~2 KB: send them as a form body so URL limits (414) never bite.
+        url.set_query(Some("_method=GET"));
+        let mut rows = Vec::new();
+        let mut calls = 0u64;
+        let mut token: Option<String> = None;
+        loop {
+            let mut form = vec![
+                ("filterType".to_string(), "id".to_string()),
+                ("filterValues".to_string(), ids.clone()),
+                ("fields".to_string(), fields.to_string()),
+                ("batchSize".to_string(), WINDOW.to_string()),
+            ];
+            if let Some(t) = &token {
+                form.push(("nextPageToken".to_string(), t.clone()));
+            }
+            let req = ApiRequest::post("POST companies.json?_method=GET", url.clone())
+                .form(form)
+                .auth(self.auth.clone())
+                .idempotent(true)
+                .write(false);
+            let resp = self.http.send(req, &self.classifier).await?;
+            calls += 1;
+            let body = resp.json_value()?;
+            let result = body
+                .get("result")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let got = result.len();
+            rows.extend(result);
+            let next = body
+                .get("nextPageToken")
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
+            match next {
+                // A token that repeats, or one on an empty page, would loop forever.
+                Some(t) if got > 0 && token.as_deref() != Some(t.as_str()) => token = Some(t),
+                _ => break,
+            }
+        }
+        Ok((rows, calls))
+    }
+}
