@@ -1,0 +1,1 @@
+//! Simulator tests of the amoCRM connector.
