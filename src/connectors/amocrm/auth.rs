@@ -81,10 +81,9 @@ impl AmoTokenSource {
             .and_then(|at| (at - Utc::now()).to_std().ok());
         Token {
             access: Secret::new(rec.access_token.clone()),
-            expires_at: match rec.expires_at {
-                Some(_) => Some(Instant::now() + left.unwrap_or_default()),
-                None => None,
-            },
+            expires_at: rec
+                .expires_at
+                .map(|_| Instant::now() + left.unwrap_or_default()),
         }
     }
 }
