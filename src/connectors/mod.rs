@@ -2,6 +2,7 @@
 //! from config. Adding a CRM: a new folder implementing [`crate::connector::Connector`]
 //! and one line in [`build`] (plus its config variant).
 
+pub mod amocrm;
 pub mod marketo;
 pub mod shared;
 
@@ -29,6 +30,7 @@ pub fn build(
 ) -> Result<Arc<dyn Connector>, ConnectorError> {
     match cfg {
         ConnectorConfig::Marketo(c) => Ok(Arc::new(marketo::MarketoConnector::new(name, c, ctx)?)),
+        ConnectorConfig::Amocrm(c) => Ok(Arc::new(amocrm::AmocrmConnector::new(name, c, ctx)?)),
         #[allow(unreachable_patterns)]
         _ => Err(ConnectorError::Fatal {
             connector: name.to_string(),

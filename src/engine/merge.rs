@@ -227,7 +227,7 @@ mod tests {
             &mut c,
             &fields(&[("industry", Value::Null)]),
             "rally",
-            ts(0),
+            ts(5),
             &p,
         );
         assert_eq!(out.changed, vec!["industry".to_string()]);

@@ -1,0 +1,350 @@
+//! The amoCRM connector (API v4 companies).
+//!
+//! # Auth
+//! A private integration's long-lived token is sent as a static bearer. OAuth uses
+//! [`auth::AmoTokenSource`] behind the shared single-flight `BearerAuth`: the refresh
+//! token in use is the store's (`Store::token`) if any, else the config's initial one;
+//! every refresh rotates it, and the new pair is committed to the store before it is
+//! used. Tokens are refreshed 10 minutes ahead of their 24 h expiry and once after a 401.
+//! A refused refresh token ends in an `Auth` error asking for re-authorisation.
+//!
+//! # Reading changes (cursor scheme)
+//! The cursor is `(ts, ids)`: every company updated before second `ts` has been returned,
+//! and of those updated *at* `ts`, the ids listed. Each poll cycle fixes its upper bound
+//! at `now − 1 s` when it starts (amoCRM stamps whole seconds, so a second that is over
+//! can gain no more writes) and keeps it in the cursor until the cycle ends.
+//!
+//! With API filtering (`GET /api/v4/account?with=is_api_filter_enabled`) each call is
+//! `filter[updated_at][from]=ts&filter[updated_at][to]=upper&order[updated_at]=asc&
+//! limit=250&page=1`: keyset paging, always page 1, dropping records at or before the
+//! cursor. Page numbers are never trusted over a changing set. A page that is full and
+//! entirely inside one second `S` (more than 250 records share `S`, e.g. a bulk import)
+//! switches to the exact-second procedure: `from=to=S`, pages 1..n, then the whole second
+//! again until a pass finds no unseen id and lists as many rows as the pass before
+//! (records can only *leave* a past second, so such a pass lost nothing to a page shift);
+//! the cursor then moves to `S + 1`. A 204 or a short page ends the cycle and the cursor
+//! moves to `upper + 1`. Steady state costs one call per cycle; a full read costs about
+//! `N / 250` calls, plus `2 × ceil(k / 250)` for each second holding `k > 250` records.
+//!
+//! Without API filtering the fallback scans `order[updated_at]=desc` page by page until
+//! it meets records older than the cursor, skipping records newer than the cycle's upper
+//! bound. A full read costs `N / 250` calls and so does every cycle after a burst of
+//! changes as deep as the scan goes. A record updated mid-scan moves to the front of the
+//! list: the rows behind it shift one place back (read twice, never skipped) and the
+//! record itself is read next cycle, since its new time is past the fixed upper bound.
+//! A company *deleted* in the UI mid-scan shifts later rows one place forward, so the
+//! fallback can miss one row per such deletion at a page boundary; only filtering closes
+//! that gap. Deletions themselves are not reported.
+//!
+//! # Flat keys
+//! `name`, `responsible_user_id`, `tags` and, for every custom field, `cf.id.<id>`,
+//! `cf.code.<CODE>` (fields with a code) and `cf.name.<name>` carrying the first value as
+//! amoCRM sent it (numbers stay the vendor's text). Catalogue fields absent from a record
+//! are JSON null, so a cleared field is visible.
+//!
+//! # Writing
+//! Items with a vendor id go to `PATCH /api/v4/companies`, the others to `POST`, with
+//! minimal bodies and `request_id` = the item's index. A 400 `validation-errors` stores
+//! nothing: the named items are `Rejected` with amoCRM's reason and the rest are sent
+//! again. 413/422 and a PATCH 504 halve the batch. A POST cannot be repeated safely (two
+//! identical POSTs make two companies): after a lost answer or a 504 the items come back
+//! as `Retry`, and an item replayed with `prior_attempts > 0` and no vendor id is first
+//! searched (`GET /api/v4/companies?query=…`, then an exact match on the "Domain" field,
+//! or on the name when the item has no domain) and updated if found. Residual risk: a
+//! company created by a lost POST whose domain/name amoCRM's search does not return yet
+//! (search indexing lag) or that someone edited in between is created a second time.
+//!
+//! # Limits
+//! 7 calls/s by default (the shared limiter), 429s (JSON or HTML, with or without
+//! `Retry-After`) are waited out for at least 1 s, and a 403 that is not a JSON
+//! permission problem — or any 403 from the token endpoint — is a ban: the circuit opens
+//! for [`DEFAULT_BAN_COOLDOWN`] with a loud log, and nothing is retried.
+
+pub mod auth;
+pub mod classify;
+pub mod poll;
+pub mod push;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use url::Url;
+
+use crate::config::{AmoAuth, AmocrmConfig};
+use crate::connector::{Connector, ConnectorError, Cursor, Page, PollMode, PushItem, PushOutcome};
+use crate::connectors::BuildContext;
+use crate::connectors::shared::http_client;
+use crate::http::{ApiRequest, AuthProvider, BearerAuth, HttpClient, QuotaReset, StaticHeaderAuth};
+use crate::mapping::split_enum_suffix;
+
+use auth::AmoTokenSource;
+use classify::{AmoClassifier, CallKind};
+use wire::{Catalogue, CustomField, ParsedPage};
+
+/// How long calls stop after a ban (403 HTML): amoCRM lifts bans by hand or after a while.
+pub const DEFAULT_BAN_COOLDOWN: Duration = Duration::from_secs(30 * 60);
+/// Tokens are renewed when less than this is left of their life.
+const REFRESH_AHEAD: Duration = Duration::from_secs(600);
+
+/// The amoCRM connector.
+pub struct AmocrmConnector {
+    name: String,
+    base_url: Url,
+    client: HttpClient,
+    auth: Arc<dyn AuthProvider>,
+    batch_size: usize,
+    ban_cooldown: Duration,
+    /// Creates per POST; halved after a POST 504 (never above `batch_size`).
+    create_batch_limit: AtomicUsize,
+    catalogue: RwLock<Option<Arc<Catalogue>>>,
+    filter_enabled: AtomicBool,
+}
+
+impl std::fmt::Debug for AmocrmConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmocrmConnector")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url.as_str())
+            .field("batch_size", &self.batch_size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn fatal(name: &str, detail: String) -> ConnectorError {
+    ConnectorError::Fatal {
+        connector: name.to_string(),
+        detail,
+    }
+}
+
+impl AmocrmConnector {
+    /// Builds the connector: resolves secrets, builds the HTTP client (7 calls/s by
+    /// default, UTC quota day) and the auth provider. No call is made before `start`.
+    pub fn new(name: &str, cfg: &AmocrmConfig, ctx: &BuildContext) -> Result<Self, ConnectorError> {
+        let client = http_client(name, &cfg.common, QuotaReset::UtcMidnight, &ctx.store)?;
+        let base_url = cfg.common.base_url.clone();
+        let secret = |r: &crate::config::SecretRef, what: &str| {
+            r.resolve()
+                .map_err(|e| fatal(name, format!("cannot read the amoCRM {what}: {e}")))
+        };
+        let ban_cooldown = DEFAULT_BAN_COOLDOWN;
+        let auth: Arc<dyn AuthProvider> = match &cfg.auth {
+            AmoAuth::LongLived { token } => {
+                let token = secret(token, "long-lived token")?;
+                Arc::new(StaticHeaderAuth::bearer(name, &token)?)
+            }
+            AmoAuth::OAuth {
+                client_id,
+                client_secret,
+                redirect_uri,
+                refresh_token,
+            } => {
+                let source = AmoTokenSource {
+                    connector: name.to_string(),
+                    client: client.clone(),
+                    token_url: base_url
+                        .join("oauth2/access_token")
+                        .map_err(|e| fatal(name, format!("bad base_url: {e}")))?,
+                    client_id: secret(client_id, "client_id")?,
+                    client_secret: secret(client_secret, "client_secret")?,
+                    redirect_uri: redirect_uri.clone(),
+                    initial_refresh: secret(refresh_token, "refresh_token")?,
+                    store: ctx.store.clone(),
+                    ban_cooldown,
+                };
+                Arc::new(BearerAuth::new(name, source, REFRESH_AHEAD))
+            }
+        };
+        let batch_size = cfg.common.batch_size.clamp(1, 250);
+        Ok(AmocrmConnector {
+            name: name.to_string(),
+            base_url,
+            client,
+            auth,
+            batch_size,
+            ban_cooldown,
+            create_batch_limit: AtomicUsize::new(batch_size),
+            catalogue: RwLock::new(None),
+            filter_enabled: AtomicBool::new(false),
+        })
+    }
+
+    /// The HTTP client (metrics, circuit state).
+    pub fn http(&self) -> &HttpClient {
+        &self.client
+    }
+
+    /// Whether `start` found API filtering enabled on the account.
+    pub fn filter_enabled(&self) -> bool {
+        self.filter_enabled.load(Ordering::Relaxed)
+    }
+
+    /// The custom field catalogue loaded by `start` (empty before).
+    pub fn catalogue(&self) -> Arc<Catalogue> {
+        self.catalogue
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
+    }
+
+    fn url(&self, path: &str) -> Url {
+        self.base_url
+            .join(path)
+            .expect("a relative path joins onto a base URL")
+    }
+
+    fn read_classifier(&self) -> AmoClassifier {
+        AmoClassifier {
+            kind: CallKind::Read,
+            ban_cooldown: self.ban_cooldown,
+        }
+    }
+
+    async fn get(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        params: Vec<(String, String)>,
+    ) -> Result<Option<Value>, ConnectorError> {
+        let mut req = ApiRequest::get(endpoint, self.url(path)).auth(self.auth.clone());
+        req.query = params;
+        let resp = self.client.send(req, &self.read_classifier()).await?;
+        if resp.status.as_u16() == 204 || resp.body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(None);
+        }
+        Ok(Some(resp.json_value()?.clone()))
+    }
+
+    /// One list call; `None` for 204 (amoCRM's empty list).
+    async fn list(
+        &self,
+        params: Vec<(String, String)>,
+    ) -> Result<Option<ParsedPage>, ConnectorError> {
+        let Some(v) = self
+            .get("GET companies", "api/v4/companies", params)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let catalogue = self.catalogue();
+        wire::parse_company_page(&v, &catalogue)
+            .map(Some)
+            .map_err(|detail| ConnectorError::Transient {
+                connector: self.name.clone(),
+                detail: format!("GET companies: {detail}"),
+                retry_after: None,
+            })
+    }
+
+    /// Loads every page of the company custom field catalogue.
+    async fn load_catalogue(&self) -> Result<Catalogue, ConnectorError> {
+        let mut fields: Vec<CustomField> = Vec::new();
+        for page in 1u32.. {
+            let params = vec![
+                ("limit".to_string(), "250".to_string()),
+                ("page".to_string(), page.to_string()),
+            ];
+            let Some(v) = self
+                .get(
+                    "GET companies/custom_fields",
+                    "api/v4/companies/custom_fields",
+                    params,
+                )
+                .await?
+            else {
+                break;
+            };
+            let list = v
+                .get("_embedded")
+                .and_then(|e| e.get("custom_fields"))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            fields.extend(list.iter().filter_map(CustomField::from_json));
+            let has_next = v
+                .get("_links")
+                .and_then(|l| l.get("next"))
+                .is_some_and(|n| !n.is_null());
+            if list.is_empty() || !has_next {
+                break;
+            }
+        }
+        Ok(Catalogue::new(fields))
+    }
+
+    async fn ensure_started(&self) -> Result<(), ConnectorError> {
+        let loaded = self
+            .catalogue
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if loaded { Ok(()) } else { self.start().await }
+    }
+}
+
+#[async_trait]
+impl Connector for AmocrmConnector {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn start(&self) -> Result<(), ConnectorError> {
+        let account = self
+            .get(
+                "GET account",
+                "api/v4/account",
+                vec![("with".into(), "is_api_filter_enabled".into())],
+            )
+            .await?;
+        let enabled = account
+            .as_ref()
+            .and_then(|a| a.get("is_api_filter_enabled"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if !enabled {
+            tracing::warn!(connector = %self.name, "amoCRM API filtering is off for this account: polling scans by updated_at descending (costlier, see docs)");
+        }
+        self.filter_enabled.store(enabled, Ordering::Relaxed);
+        let catalogue = self.load_catalogue().await?;
+        tracing::info!(connector = %self.name, fields = catalogue.fields().len(), filter = enabled, "amoCRM connector started");
+        *self.catalogue.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(catalogue));
+        Ok(())
+    }
+
+    fn unavailable_fields(&self, vendor_keys: &[String]) -> Vec<String> {
+        let catalogue = self.catalogue();
+        vendor_keys
+            .iter()
+            .filter(|k| {
+                let (base, _) = split_enum_suffix(k);
+                base.starts_with("cf.") && catalogue.resolve(base).is_none()
+            })
+            .cloned()
+            .collect()
+    }
+
+    async fn poll(&self, cursor: &Cursor, mode: &PollMode) -> Result<Page, ConnectorError> {
+        self.ensure_started().await?;
+        self.poll_step(cursor, mode).await
+    }
+
+    fn max_batch(&self) -> usize {
+        self.batch_size
+    }
+
+    async fn push(&self, items: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
+        self.ensure_started().await?;
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.push_items(items).await
+    }
+}
