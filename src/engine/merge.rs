@@ -77,6 +77,9 @@ pub fn merge_into(
     let mut out = MergeOutcome::default();
     for (field, value) in incoming {
         match company.fields.get_mut(field) {
+            // "No value" for a field we know nothing of is no news: recording it would
+            // only make every other CRM write an explicit null.
+            None if value.is_null() => {}
             None => {
                 company.fields.insert(
                     field.clone(),

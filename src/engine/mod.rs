@@ -115,13 +115,21 @@ pub fn visible_hash(mapping: &Mapping, fields: &Fields) -> String {
         Ok(round) => {
             // Read-only fields (e.g. a domain derived from a website) come back from the
             // write as well; keep only what the write carries.
+            // Null and absent are the same content for a target (a CRM returns null for
+            // what we never wrote), so neither takes part in the hash.
             let writable: Fields = round
                 .into_iter()
-                .filter(|(k, _)| fields.contains_key(k))
+                .filter(|(k, v)| fields.contains_key(k) && !v.is_null())
                 .collect();
             content_hash(&writable)
         }
-        Err(_) => content_hash(fields),
+        Err(_) => content_hash(
+            &fields
+                .iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
     }
 }
 
