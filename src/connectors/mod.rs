@@ -2,6 +2,7 @@
 //! from config. Adding a CRM: a new folder implementing [`crate::connector::Connector`]
 //! and one line in [`build`] (plus its config variant).
 
+pub mod rally;
 pub mod shared;
 
 use std::sync::Arc;
@@ -26,11 +27,13 @@ pub fn build(
     cfg: &ConnectorConfig,
     ctx: &BuildContext,
 ) -> Result<Arc<dyn Connector>, ConnectorError> {
-    let _ = (name, cfg, ctx);
-    Err(ConnectorError::Fatal {
-        connector: name.to_string(),
-        detail: "connector implementations are being merged".into(),
-    })
+    match cfg {
+        ConnectorConfig::Rally(c) => Ok(Arc::new(rally::RallyConnector::new(name, c, ctx)?)),
+        _ => Err(ConnectorError::Fatal {
+            connector: name.to_string(),
+            detail: "connector implementations are being merged".into(),
+        }),
+    }
 }
 
 /// `check --online`: per connector, the problems found by talking to the instance
@@ -38,9 +41,8 @@ pub fn build(
 pub async fn check_online(config: &Config) -> Result<Vec<(String, Vec<String>)>, String> {
     let store_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     // A scratch store: the check must not need (or lock) the daemon's store.
-    let store = Arc::new(
-        Store::open(&store_dir.path().join("check.redb")).map_err(|e| e.to_string())?,
-    );
+    let store =
+        Arc::new(Store::open(&store_dir.path().join("check.redb")).map_err(|e| e.to_string())?);
     let ctx = BuildContext {
         store,
         metrics: Arc::new(Metrics::new()),

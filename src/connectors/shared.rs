@@ -67,7 +67,9 @@ pub fn http_client(
         write_timeout: common.timeouts.write,
         rate,
         max_concurrent: l.max_concurrent.max(1),
-        daily_budget: l.daily_quota.map(|q| (q as f64 * l.daily_share).floor() as u64),
+        daily_budget: l
+            .daily_quota
+            .map(|q| (q as f64 * l.daily_share).floor() as u64),
         quota_reset,
         ..HttpConfig::new(name)
     };

@@ -291,7 +291,9 @@ mod tests {
         fb.insert("annualRevenue".into(), Value::Decimal(b));
         assert_eq!(content_hash(&fa), content_hash(&fb));
         assert_eq!(
-            parse_decimal("12345678901234567890.123456789").unwrap().to_string(),
+            parse_decimal("12345678901234567890.123456789")
+                .unwrap()
+                .to_string(),
             "12345678901234567890.123456789"
         );
         assert_eq!(decimal_to_json(&a).to_string(), "45000000.5");

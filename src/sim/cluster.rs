@@ -182,7 +182,10 @@ mod tests {
     fn every_company_is_somewhere_and_many_overlap() {
         let [r, m, a] = overlapping_indices(100);
         for i in 0..100 {
-            assert!(r.contains(&i) || m.contains(&i) || a.contains(&i), "{i} nowhere");
+            assert!(
+                r.contains(&i) || m.contains(&i) || a.contains(&i),
+                "{i} nowhere"
+            );
         }
         let both = r.iter().filter(|i| m.contains(i)).count();
         assert!(both > 0, "rally and marketo share nothing");

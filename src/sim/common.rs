@@ -74,7 +74,11 @@ impl Faults {
         let roll: f64 = rng.random();
         let mut edge = c.server_error;
         if roll < edge {
-            return Some(Fault::ServerError(if rng.random_bool(0.5) { 500 } else { 503 }));
+            return Some(Fault::ServerError(if rng.random_bool(0.5) {
+                500
+            } else {
+                503
+            }));
         }
         edge += c.slow;
         if roll < edge {
@@ -271,17 +275,55 @@ pub struct SeedCompany {
 }
 
 const NAME_A: &[&str] = &[
-    "Acme", "Globex", "Initech", "Umbrella", "Stark", "Wayne", "Hooli", "Vandelay", "Soylent",
-    "Tyrell", "Wonka", "Cyberdyne", "Müller", "Ørsted", "Société", "Nakatomi", "Zürich",
-    "Łódź", "São Paulo", "Kraków",
+    "Acme",
+    "Globex",
+    "Initech",
+    "Umbrella",
+    "Stark",
+    "Wayne",
+    "Hooli",
+    "Vandelay",
+    "Soylent",
+    "Tyrell",
+    "Wonka",
+    "Cyberdyne",
+    "Müller",
+    "Ørsted",
+    "Société",
+    "Nakatomi",
+    "Zürich",
+    "Łódź",
+    "São Paulo",
+    "Kraków",
 ];
 const NAME_B: &[&str] = &[
-    "Industries", "Labs", "Systems", "GmbH", "Logistics", "Foods", "Analytics", "Holdings",
-    "Robotics", "Partners", "Textiles", "Energy", "Générale", "Bank", "Media",
+    "Industries",
+    "Labs",
+    "Systems",
+    "GmbH",
+    "Logistics",
+    "Foods",
+    "Analytics",
+    "Holdings",
+    "Robotics",
+    "Partners",
+    "Textiles",
+    "Energy",
+    "Générale",
+    "Bank",
+    "Media",
 ];
 const INDUSTRIES: &[&str] = &[
-    "Technology", "Manufacturing", "Retail", "Finance", "Healthcare", "Energy", "Education",
-    "Logistics", "Media", "Hospitality",
+    "Technology",
+    "Manufacturing",
+    "Retail",
+    "Finance",
+    "Healthcare",
+    "Energy",
+    "Education",
+    "Logistics",
+    "Media",
+    "Hospitality",
 ];
 const CITIES: &[(&str, &str)] = &[
     ("San Francisco", "US"),
@@ -296,7 +338,15 @@ const CITIES: &[(&str, &str)] = &[
     ("Toronto", "CA"),
 ];
 const TAGS: &[&str] = &[
-    "enterprise", "smb", "partner", "churn-risk", "vip", "trial", "emea", "apac", "amer",
+    "enterprise",
+    "smb",
+    "partner",
+    "churn-risk",
+    "vip",
+    "trial",
+    "emea",
+    "apac",
+    "amer",
 ];
 
 /// The first `n` companies of the universe for `seed`: the same seed always gives the
