@@ -15,7 +15,7 @@ use crate::http::{ApiRequest, DefaultClassifier};
 const TAIL_LEN: usize = 3;
 
 /// The decoded cursor. JSON: `{"since": RFC3339 Z | null, "cycle_start": RFC3339 Z | null,
-/// "offset": n, "tail": ["<id>@<updatedAt>", …], "probe": bool, "restarts": n}`.
+/// "offset": n, "tail": ["<id>@<updatedAt>", …], "probe": bool, "slack": n, "restarts": n}`.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct CursorState {
     /// Lower bound of the current (or next) cycle before the overlap; `None` = read all.
@@ -29,6 +29,10 @@ pub struct CursorState {
     pub tail: Vec<String>,
     /// True when `offset` is a back-up probe after a page that did not contain the tail.
     pub probe: bool,
+    /// Extra rows of overlap (beyond the one) each next page re-reads: 0 at the start of a
+    /// cycle, doubled each time a page lost its place, so that a steady stream of deletes
+    /// ahead of our position cannot make every page miss the tail (a livelock).
+    pub slack: usize,
     /// How often this cycle started over from offset 0 after losing its place.
     pub restarts: u32,
 }
@@ -74,6 +78,7 @@ impl CursorState {
             offset: usize::try_from(count("offset")?).map_err(|e| e.to_string())?,
             tail,
             probe: obj.get("probe").and_then(Value::as_bool).unwrap_or(false),
+            slack: usize::try_from(count("slack")?).map_err(|e| e.to_string())?,
             restarts: u32::try_from(count("restarts")?).unwrap_or(u32::MAX),
         })
     }
@@ -87,6 +92,7 @@ impl CursorState {
             "offset": self.offset,
             "tail": self.tail,
             "probe": self.probe,
+            "slack": self.slack,
             "restarts": self.restarts,
         }))
     }
@@ -125,7 +131,7 @@ pub enum Step {
 }
 
 /// Where a page fetched at `offset` continues the read: at offset 0 it covers the start of
-/// the listing; otherwise right after the first tail row it contains.
+/// the listing; otherwise right after the last tail row it contains.
 pub fn locate(offset: usize, tail: &[String], rows: &[Value]) -> Step {
     if offset == 0 {
         return Step::Continue { from: 0 };
@@ -133,8 +139,9 @@ pub fn locate(offset: usize, tail: &[String], rows: &[Value]) -> Step {
     if tail.is_empty() {
         return Step::Lost;
     }
+    // The latest tail row present: fewest repeats (any unchanged tail row would do).
     rows.iter()
-        .position(|r| tail.contains(&anchor_key(r)))
+        .rposition(|r| tail.contains(&anchor_key(r)))
         .map_or(Step::Lost, |k| Step::Continue { from: k + 1 })
 }
 
@@ -150,15 +157,18 @@ pub fn advance(st: &mut CursorState, rows: &[Value], limit: usize) -> (Option<us
             }
             let start = rows.len().saturating_sub(TAIL_LEN);
             st.tail = rows[start..].iter().map(anchor_key).collect();
-            // One row of overlap: the next page starts at the last row of this one.
-            st.offset += rows.len() - 1;
+            // One row of overlap (plus the slack): the next page starts at the last row of
+            // this one. Slack stays below half a page, so each page moves on.
+            st.offset = (st.offset + rows.len() - 1).saturating_sub(st.slack);
             st.probe = false;
             (Some(from), false)
         }
         Step::Lost if !st.probe => {
-            // Rows before our place were deleted (the tail moved left) — look one page back.
-            st.offset = st.offset.saturating_sub(limit - 1);
+            // Rows before our place were deleted (the tail moved left): look at the page that
+            // ends where the last row handed out was, and overlap more from now on.
+            st.offset = (st.offset + st.slack).saturating_sub(limit - 1);
             st.probe = true;
+            st.slack = (st.slack * 2).max(2).min(limit.saturating_sub(2) / 2);
             (None, false)
         }
         Step::Lost => {
@@ -194,6 +204,7 @@ impl RallyConnector {
             st.offset = 0;
             st.tail.clear();
             st.probe = false;
+            st.slack = 0;
             st.restarts = 0;
         }
         let limit = self.page_size;
@@ -293,6 +304,7 @@ mod tests {
             offset: 99,
             tail: vec!["a@x".into()],
             probe: true,
+            slack: 4,
             restarts: 2,
         };
         let c = st.to_cursor();
@@ -318,6 +330,26 @@ mod tests {
             row("d", "2025-01-01T00:00:00Z"),
         ];
         assert_eq!(locate(st.offset, &st.tail, &moved), Step::Lost);
+    }
+
+    #[test]
+    fn losing_the_tail_widens_the_overlap_but_pages_still_advance() {
+        let mut st = CursorState::default();
+        let page = |first: usize| -> Vec<Value> {
+            (first..first + 10)
+                .map(|i| row(&format!("r{i}"), "2025-01-01T00:00:00Z"))
+                .collect()
+        };
+        advance(&mut st, &page(0), 10);
+        assert_eq!(st.offset, 9);
+        // r9 was deleted: offset 9 now holds r11 onwards.
+        assert_eq!(advance(&mut st, &page(11), 10), (None, false));
+        assert_eq!((st.offset, st.probe, st.slack), (0, true, 2));
+        advance(&mut st, &page(0), 10);
+        // Next page starts two rows earlier than the last row handed out.
+        assert_eq!((st.offset, st.probe), (7, false));
+        let (from, _) = advance(&mut st, &page(7), 10);
+        assert_eq!((from, st.offset), (Some(3), 14));
     }
 
     #[test]

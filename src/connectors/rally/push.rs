@@ -333,13 +333,16 @@ impl RallyConnector {
                 .client
                 .send(req, &crate::http::DefaultClassifier)
                 .await?;
-            let rows = resp
-                .json
-                .as_ref()
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            for row in &rows {
+            // An unreadable answer must not read as "no such record": that would create
+            // the duplicate this look-up exists to prevent.
+            let Some(rows) = resp.json.as_ref().and_then(Value::as_array) else {
+                return Err(HttpError::Decode {
+                    connector: self.name.clone(),
+                    endpoint: "GET companies",
+                    detail: format!("not a JSON array: {}", resp.text_snippet()),
+                });
+            };
+            for row in rows {
                 if row.get("name").and_then(Value::as_str) != Some(name) {
                     continue;
                 }
