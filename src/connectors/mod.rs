@@ -4,6 +4,7 @@
 
 pub mod amocrm;
 pub mod marketo;
+pub mod rally;
 pub mod shared;
 
 use std::sync::Arc;
@@ -29,13 +30,9 @@ pub fn build(
     ctx: &BuildContext,
 ) -> Result<Arc<dyn Connector>, ConnectorError> {
     match cfg {
+        ConnectorConfig::Rally(c) => Ok(Arc::new(rally::RallyConnector::new(name, c, ctx)?)),
         ConnectorConfig::Marketo(c) => Ok(Arc::new(marketo::MarketoConnector::new(name, c, ctx)?)),
         ConnectorConfig::Amocrm(c) => Ok(Arc::new(amocrm::AmocrmConnector::new(name, c, ctx)?)),
-        #[allow(unreachable_patterns)]
-        _ => Err(ConnectorError::Fatal {
-            connector: name.to_string(),
-            detail: "connector implementations are being merged".into(),
-        }),
     }
 }
 

@@ -1,0 +1,472 @@
+//! Writing to Rally: partial updates by id, bulk upserts by domain (with an upsert
+//! fallback to learn the ids of matched records), and guarded one-by-one creates for
+//! records without a domain. One outcome per item; per-record verdicts become `Rejected`.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::Utc;
+use futures::StreamExt;
+use serde_json::{Map, Value};
+
+use super::RallyConnector;
+use super::wire::{RecordVerdictClassifier, error_message, wire_time};
+use crate::connector::{ConnectorError, PushItem, PushOutcome};
+use crate::http::{ApiRequest, ApiResponse, HttpError};
+
+/// Most records one `POST /companies/bulk` takes (Rally's documented limit).
+pub const BULK_MAX: usize = 100;
+
+/// What happened to one item: a definite outcome, or an error that concerns the whole
+/// connector (credentials, suspension, misconfiguration).
+type ItemResult = Result<PushOutcome, ConnectorError>;
+
+/// One unit of work of a push.
+enum Job {
+    /// `PUT /companies/{id}` for the item at this index.
+    Update(usize),
+    /// `POST /companies/bulk` for these items (all with a domain).
+    Bulk(Vec<usize>),
+    /// `POST /companies` for the item at this index (no domain).
+    Create(usize),
+}
+
+/// The item's domain, if it has a non-blank one (the upsert match key).
+fn domain_of(fields: &Map<String, Value>) -> Option<&str> {
+    fields
+        .get("domain")
+        .and_then(Value::as_str)
+        .filter(|d| !d.trim().is_empty())
+}
+
+/// Turns a failed call for one item into its outcome: transient failures (the client has
+/// already retried) are `Retry`; failures of the whole connector stay errors.
+fn item_error(e: HttpError) -> ItemResult {
+    match e {
+        HttpError::Transient { .. }
+        | HttpError::Timeout { .. }
+        | HttpError::Connection { .. }
+        | HttpError::Decode { .. } => Ok(PushOutcome::Retry {
+            reason: e.to_string(),
+        }),
+        HttpError::Rejected { detail, .. } => Ok(PushOutcome::Rejected { reason: detail }),
+        other => Err(other.into()),
+    }
+}
+
+/// A verdict answer (4xx the [`RecordVerdictClassifier`] lets through) as `Rejected`.
+fn rejected(resp: &ApiResponse) -> PushOutcome {
+    PushOutcome::Rejected {
+        reason: error_message(resp),
+    }
+}
+
+impl RallyConnector {
+    /// Writes `items` (see the module docs); outcomes in item order.
+    pub(super) async fn push_items(
+        &self,
+        items: &[PushItem],
+    ) -> Result<Vec<PushOutcome>, ConnectorError> {
+        let mut jobs = Vec::new();
+        let mut bulk: Vec<usize> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if item.vendor_id.is_some() {
+                jobs.push(Job::Update(i));
+            } else if domain_of(&item.fields).is_some() {
+                bulk.push(i);
+            } else {
+                jobs.push(Job::Create(i));
+            }
+        }
+        for chunk in bulk.chunks(BULK_MAX.min(self.max_batch)) {
+            jobs.push(Job::Bulk(chunk.to_vec()));
+        }
+        let results: Vec<Vec<(usize, ItemResult)>> = futures::stream::iter(jobs)
+            .map(|job| self.run_job(job, items))
+            .buffer_unordered(self.max_concurrent)
+            .collect()
+            .await;
+        let mut slots: Vec<Option<ItemResult>> = (0..items.len()).map(|_| None).collect();
+        for (i, r) in results.into_iter().flatten() {
+            slots[i] = Some(r);
+        }
+        let slots: Vec<ItemResult> = slots
+            .into_iter()
+            .map(|s| {
+                s.unwrap_or_else(|| {
+                    Ok(PushOutcome::Retry {
+                        reason: "no outcome was recorded for this item".into(),
+                    })
+                })
+            })
+            .collect();
+        // An `Err` only when nothing definite can be said about any item.
+        if slots.iter().all(Result::is_err) {
+            if let Some(Err(e)) = slots.into_iter().next() {
+                return Err(e);
+            }
+            return Ok(Vec::new());
+        }
+        Ok(slots
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|e| PushOutcome::Retry {
+                    reason: e.to_string(),
+                })
+            })
+            .collect())
+    }
+
+    async fn run_job(&self, job: Job, items: &[PushItem]) -> Vec<(usize, ItemResult)> {
+        match job {
+            Job::Update(i) => vec![(i, self.update_one(&items[i]).await)],
+            Job::Create(i) => vec![(i, self.create_guarded(&items[i]).await)],
+            Job::Bulk(idx) => self.bulk(&idx, items).await,
+        }
+    }
+
+    /// `PUT /companies/{id}` with the item's fields (a partial update).
+    async fn update_one(&self, item: &PushItem) -> ItemResult {
+        let id = item.vendor_id.as_deref().unwrap_or_default();
+        let req = ApiRequest::new(
+            reqwest::Method::PUT,
+            "PUT companies/{id}",
+            self.company_url(id),
+        )
+        .auth(self.auth.clone())
+        .json(Value::Object(item.fields.clone()));
+        let resp = match self.client.send(req, &RecordVerdictClassifier).await {
+            Ok(r) => r,
+            Err(e) => return item_error(e),
+        };
+        match resp.status.as_u16() {
+            200..=299 => Ok(PushOutcome::Written {
+                vendor_id: resp
+                    .json
+                    .as_ref()
+                    .and_then(|j| j.get("id"))
+                    .and_then(Value::as_str)
+                    .unwrap_or(id)
+                    .to_string(),
+                created: false,
+            }),
+            404 if self.opts.recreate_deleted => {
+                tracing::info!(connector = %self.name, vendor_id = id, "record deleted in Rally: creating it again");
+                match domain_of(&item.fields) {
+                    Some(_) => self.upsert_one(&item.fields, None).await,
+                    None => self.create_guarded(item).await,
+                }
+            }
+            404 => Ok(PushOutcome::Rejected {
+                reason: format!(
+                    "deleted in Rally (404: {}); not re-created (recreate_deleted is off)",
+                    error_message(&resp)
+                ),
+            }),
+            _ => Ok(rejected(&resp)),
+        }
+    }
+
+    /// `PUT /companies/upsert` (idempotent by domain). `created_ids`, when given, says which
+    /// ids an earlier bulk call created (the upsert then reports them as updated).
+    async fn upsert_one(
+        &self,
+        fields: &Map<String, Value>,
+        created_ids: Option<&HashSet<String>>,
+    ) -> ItemResult {
+        let req = ApiRequest::new(
+            reqwest::Method::PUT,
+            "PUT companies/upsert",
+            self.url("api/v1/companies/upsert"),
+        )
+        .auth(self.auth.clone())
+        .json(Value::Object(fields.clone()));
+        let resp = match self.client.send(req, &RecordVerdictClassifier).await {
+            Ok(r) => r,
+            Err(e) => return item_error(e),
+        };
+        if !resp.status.is_success() {
+            return Ok(rejected(&resp));
+        }
+        let body = resp.json.as_ref();
+        let id = body.and_then(|j| j.get("id")).and_then(Value::as_str);
+        let action = body.and_then(|j| j.get("action")).and_then(Value::as_str);
+        match id {
+            Some(id) => Ok(PushOutcome::Written {
+                vendor_id: id.to_string(),
+                created: created_ids.map_or(action == Some("created"), |c| c.contains(id)),
+            }),
+            // Written, but we cannot tell where: an idempotent replay will tell.
+            None => Ok(PushOutcome::Retry {
+                reason: format!("upsert answer without an id: {}", resp.text_snippet()),
+            }),
+        }
+    }
+
+    /// `POST /companies/bulk` for items with a domain (matched like upsert, so the call is
+    /// idempotent and replayed freely).
+    async fn bulk(&self, idx: &[usize], items: &[PushItem]) -> Vec<(usize, ItemResult)> {
+        let body: Vec<Value> = idx
+            .iter()
+            .map(|&i| Value::Object(items[i].fields.clone()))
+            .collect();
+        let req = ApiRequest::post("POST companies/bulk", self.url("api/v1/companies/bulk"))
+            .auth(self.auth.clone())
+            .json(Value::Array(body))
+            .idempotent(true);
+        let all = |r: ItemResult| -> Vec<(usize, ItemResult)> {
+            idx.iter().map(|&i| (i, dup(&r))).collect()
+        };
+        let resp = match self.client.send(req, &RecordVerdictClassifier).await {
+            Ok(r) => r,
+            Err(e) => return all(item_error(e)),
+        };
+        if !resp.status.is_success() {
+            return all(Ok(rejected(&resp)));
+        }
+        let Some(answer) = resp.json.as_ref().and_then(BulkAnswer::parse) else {
+            return all(Ok(PushOutcome::Retry {
+                reason: format!("bulk answer unreadable: {}", resp.text_snippet()),
+            }));
+        };
+        let mut out = Vec::with_capacity(idx.len());
+        let mut ok = Vec::new();
+        for (pos, &i) in idx.iter().enumerate() {
+            match answer.errors.get(&pos) {
+                Some(reason) => out.push((
+                    i,
+                    Ok(PushOutcome::Rejected {
+                        reason: reason.clone(),
+                    }),
+                )),
+                None => ok.push(i),
+            }
+        }
+        if answer.created as usize == ok.len() && answer.created_ids.len() == ok.len() {
+            // All successes were creations: Rally lists their ids in request order.
+            out.extend(ok.iter().zip(&answer.created_ids).map(|(&i, id)| {
+                (
+                    i,
+                    Ok(PushOutcome::Written {
+                        vendor_id: id.clone(),
+                        created: true,
+                    }),
+                )
+            }));
+            return out;
+        }
+        // Some matched an existing domain and were updated: the answer does not say which
+        // ids belong to whom. Upsert each again (same body, idempotent) to learn its id.
+        let created: HashSet<String> = answer.created_ids.iter().cloned().collect();
+        let resolved: Vec<(usize, ItemResult)> = futures::stream::iter(ok)
+            .map(|i| {
+                let created = &created;
+                async move { (i, self.upsert_one(&items[i].fields, Some(created)).await) }
+            })
+            .buffer_unordered(self.max_concurrent)
+            .collect()
+            .await;
+        out.extend(resolved);
+        out
+    }
+
+    /// `POST /companies` for an item without a domain. POST is not idempotent: after an
+    /// earlier attempt (which may have landed unseen) a recent record of the same name is
+    /// linked instead of creating a duplicate.
+    async fn create_guarded(&self, item: &PushItem) -> ItemResult {
+        if item.prior_attempts > 0 {
+            match self.find_recent_twin(&item.fields).await {
+                Ok(Some(id)) => {
+                    tracing::info!(connector = %self.name, vendor_id = %id, "linking a record an earlier create attempt left behind");
+                    return Ok(PushOutcome::Written {
+                        vendor_id: id,
+                        created: true,
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => return item_error(e),
+            }
+        }
+        let req = ApiRequest::post("POST companies", self.url("api/v1/companies"))
+            .auth(self.auth.clone())
+            .json(Value::Object(item.fields.clone()));
+        let resp = match self.client.send(req, &RecordVerdictClassifier).await {
+            Ok(r) => r,
+            Err(e) => return item_error(e),
+        };
+        if !resp.status.is_success() {
+            return Ok(rejected(&resp));
+        }
+        match resp
+            .json
+            .as_ref()
+            .and_then(|j| j.get("id"))
+            .and_then(Value::as_str)
+        {
+            Some(id) => Ok(PushOutcome::Written {
+                vendor_id: id.to_string(),
+                created: true,
+            }),
+            None => Ok(PushOutcome::Retry {
+                reason: format!("create answer without an id: {}", resp.text_snippet()),
+            }),
+        }
+    }
+
+    /// A record updated within the lookup window whose name equals the item's; among
+    /// several, the one agreeing on most pushed fields, then the newest.
+    async fn find_recent_twin(
+        &self,
+        fields: &Map<String, Value>,
+    ) -> Result<Option<String>, HttpError> {
+        let Some(name) = fields.get("name").and_then(Value::as_str) else {
+            return Ok(None);
+        };
+        let since = wire_time(&(Utc::now() - self.opts.lookup_window));
+        let mut best: Option<(usize, String, String)> = None;
+        for page in 0..self.opts.lookup_max_pages {
+            let req = ApiRequest::get("GET companies", self.url("api/v1/companies"))
+                .auth(self.auth.clone())
+                .query("limit", self.page_size.to_string())
+                .query("offset", (page * self.page_size).to_string())
+                .query("updatedSince", since.clone());
+            let resp = self
+                .client
+                .send(req, &crate::http::DefaultClassifier)
+                .await?;
+            // An unreadable answer must not read as "no such record": that would create
+            // the duplicate this look-up exists to prevent.
+            let Some(rows) = resp.json.as_ref().and_then(Value::as_array) else {
+                return Err(HttpError::Decode {
+                    connector: self.name.clone(),
+                    endpoint: "GET companies",
+                    detail: format!("not a JSON array: {}", resp.text_snippet()),
+                });
+            };
+            for row in rows {
+                if row.get("name").and_then(Value::as_str) != Some(name) {
+                    continue;
+                }
+                let Some(id) = row.get("id").and_then(Value::as_str) else {
+                    continue;
+                };
+                let agree = fields
+                    .iter()
+                    .filter(|(k, v)| row.get(*k) == Some(v))
+                    .count();
+                let created = row
+                    .get("createdAt")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                let better = best
+                    .as_ref()
+                    .is_none_or(|(a, _, c)| (agree, &created) > (*a, c));
+                if better {
+                    best = Some((agree, created, id.to_string()));
+                }
+            }
+            if rows.len() < self.page_size {
+                break;
+            }
+        }
+        Ok(best.map(|(_, _, id)| id))
+    }
+}
+
+/// A copy of a bulk-wide result for each of its items (`ConnectorError` is not `Clone`).
+fn dup(r: &ItemResult) -> ItemResult {
+    match r {
+        Ok(o) => Ok(o.clone()),
+        Err(ConnectorError::Transient {
+            connector,
+            detail,
+            retry_after,
+        }) => Err(ConnectorError::Transient {
+            connector: connector.clone(),
+            detail: detail.clone(),
+            retry_after: *retry_after,
+        }),
+        Err(ConnectorError::Auth { connector, detail }) => Err(ConnectorError::Auth {
+            connector: connector.clone(),
+            detail: detail.clone(),
+        }),
+        Err(ConnectorError::Suspended {
+            connector,
+            detail,
+            until,
+        }) => Err(ConnectorError::Suspended {
+            connector: connector.clone(),
+            detail: detail.clone(),
+            until: *until,
+        }),
+        Err(ConnectorError::Fatal { connector, detail }) => Err(ConnectorError::Fatal {
+            connector: connector.clone(),
+            detail: detail.clone(),
+        }),
+    }
+}
+
+/// The answer of `POST /companies/bulk`.
+#[derive(Debug, PartialEq)]
+struct BulkAnswer {
+    created: u64,
+    created_ids: Vec<String>,
+    /// Reason per request index.
+    errors: BTreeMap<usize, String>,
+}
+
+impl BulkAnswer {
+    fn parse(v: &Value) -> Option<BulkAnswer> {
+        let created = v.get("created")?.as_u64()?;
+        let created_ids = match v.get("createdIds") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(ids) => ids
+                .as_array()?
+                .iter()
+                .map(|i| i.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()?,
+        };
+        let mut errors = BTreeMap::new();
+        if let Some(list) = v.get("errors").filter(|e| !e.is_null()) {
+            for e in list.as_array()? {
+                let index = usize::try_from(e.get("index")?.as_u64()?).ok()?;
+                let reason = match e.get("error") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(other) => other.to_string(),
+                    None => "rejected by Rally (no reason given)".into(),
+                };
+                errors.insert(index, reason);
+            }
+        }
+        Some(BulkAnswer {
+            created,
+            created_ids,
+            errors,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn bulk_answer_maps_errors_by_index() {
+        let a = BulkAnswer::parse(&json!({
+            "created": 1, "updated": 0, "failed": 1,
+            "createdIds": ["x"], "errors": [{"index": 1, "error": "Company name is required"}]
+        }))
+        .unwrap();
+        assert_eq!(a.created_ids, vec!["x".to_string()]);
+        assert_eq!(
+            a.errors.get(&1).map(String::as_str),
+            Some("Company name is required")
+        );
+    }
+
+    #[test]
+    fn bulk_answer_without_counts_is_unreadable() {
+        assert_eq!(BulkAnswer::parse(&json!({"createdIds": []})), None);
+    }
+}
