@@ -19,11 +19,14 @@
 //!   records changed while a cycle runs are read by the next one.
 //! - `PollMode::Full { since }` runs the same scheme from `since` (or everything).
 //! - Paging overlaps by one row: after a full page ending at position `p`, the next call
-//!   asks `offset = p`. The cursor keeps the keys (`id@updatedAt`) of the page's last 3 rows
-//!   (the *tail*). A page continues the read right after the first tail row it contains.
-//!   If it contains none, rows shifted: the next call backs up one page
-//!   (`offset − (limit − 1)`); if that page has no tail row either, the cycle re-reads from
-//!   offset 0 (same bounds). Repeats are fine: the engine de-duplicates by content hash.
+//!   asks `offset = p − slack` (`slack` = 0 at first). The cursor keeps the keys
+//!   (`id@updatedAt`) of the page's last 3 rows (the *tail*). A page continues the read
+//!   right after the last tail row it contains. If it contains none, rows shifted: the next
+//!   call backs up one page (the page ending at `p`) and `slack` doubles (2, 4, … at most
+//!   half a page) for the rest of the cycle, so a steady stream of deletes ahead of our
+//!   place cannot make every page miss the tail. If the back-up page has no tail row
+//!   either, the cycle re-reads from offset 0 (same bounds). Repeats are fine: the engine
+//!   de-duplicates by content hash.
 //!
 //! **Why this never skips.** Call *S* the rows that pass the cycle's filter and are neither
 //! changed nor deleted while it runs (changed and new rows get `updatedAt ≥ cycle_start`
@@ -38,7 +41,8 @@
 //! out and the new last row is in the page — handed out now. A page with no tail row is
 //! not trusted at all (its rows may lie past a gap); backing up or restarting only
 //! re-reads. Inserts before our place (rows entering the filter) move the tail right —
-//! found in the same page; up to `limit − 1` deletes move it left — found one page back.
+//! found in the same page (up to `limit − 1 − slack`); up to `slack` deletes move it left —
+//! found in the same page, up to `limit − 1` one page back.
 //! Liveness: a restart needs the last 3 rows all deleted or updated, or `limit` deletes
 //! ahead of our place, between two consecutive calls; `restarts` in the cursor counts them.
 //!
