@@ -119,6 +119,7 @@ async fn a_company_created_anywhere_reaches_the_others_and_comes_back_unchanged(
     let rally = cluster.rally.create(json!({
         "name": "Ærøskøbing Bryggeri ApS — 北京",
         "domain": "roundtrip-rally.example.org",
+        "website": "https://roundtrip-rally.example.org",
         "annualRevenue": 12345678901234.56,
         "employeeCount": 42,
         "phone": "+45 12 34 56 78",
@@ -130,6 +131,7 @@ async fn a_company_created_anywhere_reaches_the_others_and_comes_back_unchanged(
         "name": "Δέλτα Α.Ε.",
         "custom_fields_values": [
             {"field_id": ids["Domain"], "values": [{"value": "roundtrip-amo.example.org"}]},
+            {"field_code": "WEB", "values": [{"value": "https://roundtrip-amo.example.org"}]},
             {"field_id": ids["Annual revenue"], "values": [{"value": "0.10"}]},
             {"field_id": ids["City"], "values": [{"value": "Αθήνα"}]},
         ],

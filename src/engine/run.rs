@@ -300,6 +300,14 @@ impl Engine {
             .map(|k| (k.clone(), Arc::new(Notify::new())))
             .collect();
         let wake = Arc::new(wake);
+        // A target is written to only after it has been read once in this process: until
+        // its records are linked, a create could duplicate a company it already holds.
+        let first_read: Arc<BTreeMap<String, tokio::sync::watch::Sender<bool>>> = Arc::new(
+            self.endpoints
+                .keys()
+                .map(|k| (k.clone(), tokio::sync::watch::channel(false).0))
+                .collect(),
+        );
         for ep in self.endpoints.values() {
             let name = ep.name.clone();
             let interval = ep.poll_interval;
@@ -307,6 +315,7 @@ impl Engine {
             {
                 let (me, sd, wake, name) =
                     (self.clone(), shutdown.clone(), wake.clone(), name.clone());
+                let first_read = first_read.clone();
                 tracker.spawn(async move {
                     let key = cursor_key(&name);
                     while !sd.is_cancelled() {
@@ -315,6 +324,9 @@ impl Engine {
                             .await;
                         let wait = match res {
                             Ok(stats) => {
+                                if let Some(tx) = first_read.get(&name) {
+                                    tx.send_replace(true);
+                                }
                                 if stats.queued > 0 {
                                     for t in me.targets_of(&name) {
                                         if let Some(n) = wake.get(t) {
@@ -342,8 +354,15 @@ impl Engine {
             // Drain loop.
             {
                 let (me, sd, wake) = (self.clone(), shutdown.clone(), wake.clone());
+                let mut read_once = first_read.get(&name).map(|tx| tx.subscribe());
                 tracker.spawn(async move {
                     let notify = wake.get(&name).cloned().unwrap_or_default();
+                    if let Some(rx) = read_once.as_mut() {
+                        tokio::select! {
+                            _ = rx.wait_for(|done| *done) => {}
+                            _ = sd.cancelled() => return,
+                        }
+                    }
                     while !sd.is_cancelled() {
                         let wait = match me.drain_all(&name, &sd).await {
                             Ok(s) => {

@@ -8,6 +8,9 @@ use super::amocrm::{AmoSim, AmoSimConfig};
 use super::marketo::{MarketoSim, MarketoSimConfig};
 use super::rally::{RallySim, RallySimConfig};
 
+/// The daily call quota of the cluster's Marketo (the real default is 50,000).
+pub const SIM_MARKETO_DAILY_QUOTA: u64 = 20_000_000;
+
 /// How to start a cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -80,6 +83,9 @@ impl SimCluster {
                 seed: cfg.seed,
                 seed_indices: m,
                 variant: 1,
+                // A simulated instance with a large daily quota, so that the connector's
+                // quota pacing lets change detection cycle every few seconds.
+                daily_quota: SIM_MARKETO_DAILY_QUOTA,
                 ..Default::default()
             },
         )
@@ -145,6 +151,7 @@ base_url = "{marketo}"
 client_id = {{ file = "{mk_id}" }}
 client_secret = {{ file = "{mk_secret}" }}
 poll_interval = "{poll}"
+limits = {{ daily_quota = {mk_quota}, daily_share = 0.5 }}
 
 [connectors.amocrm]
 kind = "amocrm"
@@ -163,6 +170,7 @@ between = ["rally", "marketo", "amocrm"]
             marketo = self.marketo.base_url(),
             amocrm = self.amocrm.base_url(),
             poll = poll_interval,
+            mk_quota = SIM_MARKETO_DAILY_QUOTA,
         ))
     }
 

@@ -169,6 +169,7 @@ impl TestMutator {
                     c.amocrm
                         .create(json!({"name": name, "custom_fields_values": [
                             {"field_id": ids["Domain"], "values": [{"value": domain}]},
+                            {"field_code": "WEB", "values": [{"value": format!("https://{domain}")}]},
                             {"field_id": ids["City"], "values": [{"value": "Start"}]}]}))["id"]
                         .to_string()
                 }
@@ -177,7 +178,7 @@ impl TestMutator {
                     .create(json!({"company": name, "website": format!("https://{domain}"), "billingCity": "Start"}))
                     ["id"]
                     .to_string(),
-                _ => c.rally.create(json!({"name": name, "domain": domain, "city": "Start"}))["id"]
+                _ => c.rally.create(json!({"name": name, "domain": domain, "website": format!("https://{domain}"), "city": "Start"}))["id"]
                     .as_str()
                     .unwrap()
                     .to_string(),
