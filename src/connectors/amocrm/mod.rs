@@ -292,6 +292,10 @@ impl AmocrmConnector {
 
 #[async_trait]
 impl Connector for AmocrmConnector {
+    fn http_metrics(&self) -> Option<crate::http::HttpMetrics> {
+        Some(self.http().metrics())
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

@@ -293,6 +293,10 @@ impl MarketoConnector {
 
 #[async_trait]
 impl Connector for MarketoConnector {
+    fn http_metrics(&self) -> Option<crate::http::HttpMetrics> {
+        Some(MarketoConnector::http_metrics(self))
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

@@ -234,6 +234,10 @@ impl RallyConnector {
 
 #[async_trait]
 impl Connector for RallyConnector {
+    fn http_metrics(&self) -> Option<crate::http::HttpMetrics> {
+        Some(RallyConnector::http_metrics(self))
+    }
+
     fn name(&self) -> &str {
         &self.name
     }
