@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
+use chrono::Utc;
+
 use crate::config::CommonConnectorConfig;
+use crate::connector::Cursor;
 use crate::http::{HttpClient, HttpConfig, HttpError, QuotaLedger, QuotaReset, RateLimit};
 use crate::store::Store;
 
@@ -35,6 +38,10 @@ impl QuotaLedger for StoreQuotaLedger {
         // A failed count must not stop the call; the vendor's own quota still protects.
         let res = self.store.begin_write().and_then(|tx| {
             let total = tx.add_quota(&self.connector, day, n)?;
+            tx.put_cursor(
+                &last_call_key(&self.connector),
+                &Cursor(serde_json::json!(Utc::now().timestamp_millis())),
+            )?;
             tx.commit()?;
             Ok(total)
         });
@@ -46,6 +53,11 @@ impl QuotaLedger for StoreQuotaLedger {
             }
         }
     }
+}
+
+/// Where the time of a connector's last vendor call is kept (in the cursors table).
+fn last_call_key(connector: &str) -> String {
+    format!("last-call:{connector}")
 }
 
 /// The HTTP client of connector `name` from its common config.
@@ -73,5 +85,20 @@ pub fn http_client(
         quota_reset,
         ..HttpConfig::new(name)
     };
-    HttpClient::new(cfg, Arc::new(StoreQuotaLedger::new(store.clone(), name)))
+    let client = HttpClient::new(cfg, Arc::new(StoreQuotaLedger::new(store.clone(), name)))?;
+    // A restarted daemon must not add its calls to the previous process's in one window.
+    let last = store
+        .begin_read()
+        .and_then(|tx| tx.cursor(&last_call_key(name)))
+        .ok()
+        .flatten()
+        .and_then(|c| c.0.as_i64())
+        .and_then(chrono::DateTime::from_timestamp_millis);
+    if let (Some(last), Some(window)) = (last, client.rate_window()) {
+        let since = (Utc::now() - last).to_std().unwrap_or_default();
+        if since < window {
+            client.hold_until(tokio::time::Instant::now() + (window - since));
+        }
+    }
+    Ok(client)
 }

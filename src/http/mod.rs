@@ -639,6 +639,29 @@ impl HttpClient {
         }
     }
 
+    /// Holds every call back until `until` (like a vendor `Retry-After`). Used at start-up
+    /// when the previous process called the vendor less than one rate window ago, so that
+    /// the two processes' calls never share a window.
+    pub fn hold_until(&self, until: tokio::time::Instant) {
+        let mut t = self
+            .inner
+            .throttle_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if t.is_none_or(|cur| until > cur) {
+            *t = Some(until);
+        }
+    }
+
+    /// The length of the window the vendor counts calls in (1 s for per-second limits).
+    pub fn rate_window(&self) -> Option<Duration> {
+        match self.inner.cfg.rate {
+            RateLimit::Unlimited => None,
+            RateLimit::PerSecond(_) => Some(Duration::from_secs(1)),
+            RateLimit::PerWindow { window, .. } => Some(window),
+        }
+    }
+
     /// When the open circuit (ban, vendor quota) closes; `None` when calls may go out.
     pub fn suspended_until(&self) -> Option<DateTime<Utc>> {
         self.open_circuit().map(|c| c.until)
