@@ -377,3 +377,17 @@ fn flow_from_a_connector_to_itself_is_rejected() {
         "flow sends rally to itself; use `between` for two-way sync"
     );
 }
+
+#[test]
+fn propagate_deletes_true_is_refused_with_its_line() {
+    let text = "propagate_deletes = true\n\n[[flows]]\nall = true\n";
+    let err = crmbridge::config::Config::parse(text, std::path::Path::new("deletes.toml"))
+        .expect_err("must be refused");
+    let e = err
+        .errors
+        .iter()
+        .find(|e| e.key == "propagate_deletes")
+        .unwrap_or_else(|| panic!("no propagate_deletes error in {err}"));
+    assert_eq!(e.line, 1, "{err}");
+    assert!(e.message.contains("not supported"), "{err}");
+}

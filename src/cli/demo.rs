@@ -130,7 +130,7 @@ fn print_view(title: &str, v: &View) {
 
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> ExitCode {
-    crate::daemon::logging::init(crate::config::LogFormat::Human);
+    crate::daemon::logging::init_with_default(crate::config::LogFormat::Human, "warn");
     match demo(args).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -228,8 +228,17 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
         cluster.marketo.stats().total_requests(),
         cluster.amocrm.stats().total_requests()
     );
-    let dead = engine.store().begin_read()?.dead_letter_count()?;
-    println!("dead letters: {dead}");
+    let dead = engine.store().begin_read()?.dead_letters(usize::MAX, 0)?;
+    println!("dead letters: {}", dead.len());
+    for d in &dead {
+        println!("  {} ({}): {}", d.connector, d.direction, d.reason);
+    }
+    println!(
+        "\nNotes: the simulators' mutators also delete companies; deletes are not propagated \
+         (propagate_deletes = false), so a company deleted in one CRM during the live phase \
+         stays in the others. A record a CRM rejects (e.g. an industry that is not an option of \
+         amoCRM's select field) is a dead letter with the vendor's reason; the rest goes on."
+    );
     cluster.shutdown().await;
     Ok(rejections == 0)
 }

@@ -64,6 +64,15 @@ pub(crate) fn parse(
     let conflict = parse_conflict(&mut ctx, &top, &names);
     let match_keys = parse_match_keys(&mut ctx, &top);
     let propagate_deletes = top.bool(&mut ctx, "propagate_deletes").unwrap_or(false);
+    if propagate_deletes && let Some(node) = top.get("propagate_deletes") {
+        // Refuse rather than silently ignore: deleting in targets is not implemented.
+        ctx.error(
+            &node.span(),
+            "propagate_deletes",
+            "propagating deletes is not supported: deletes are never inferred or propagated; \
+             remove the key or set it to false",
+        );
+    }
     top.finish(&mut ctx);
 
     // Secrets are fetched even when other errors were found, so one `check` lists them all.

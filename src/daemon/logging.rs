@@ -10,7 +10,13 @@ use crate::config::LogFormat;
 /// Installs the global subscriber. `RUST_LOG` overrides the default level (`info`).
 /// Calling it twice is harmless (the second call does nothing).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(format, "info");
+}
+
+/// Like [`init`] with another default level (the demo keeps its report readable).
+pub fn init_with_default(format: LogFormat, default_level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let format = match format {
         LogFormat::Auto if under_journal => LogFormat::Journald,
