@@ -43,6 +43,9 @@ pub async fn cluster_with_config(
 /// for a domain is a duplicate). Read with the product's own connectors and mappings,
 /// into a scratch store, so it never touches the store under test.
 pub async fn crm_views(config_path: &Path) -> BTreeMap<String, BTreeMap<String, Vec<Fields>>> {
+    // amoCRM stamps whole seconds and its connector reads a second only once it is over:
+    // let the second of the last write end before looking.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let mut cfg = Config::load(config_path).unwrap_or_else(|e| panic!("{e}"));
     let scratch = tempfile::tempdir().unwrap();
     cfg.store.path = scratch.path().join("view.redb");

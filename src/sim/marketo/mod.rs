@@ -656,7 +656,15 @@ fn form_pairs(raw: &[u8]) -> HashMap<String, String> {
 
 /// Front door of every request: size limits, statistics, faults, auth and call limits.
 async fn gate(State(inner): State<Arc<Inner>>, req: Request, next: Next) -> Response {
-    let endpoint = endpoint_key(req.method(), req.uri().path());
+    let mut endpoint = endpoint_key(req.method(), req.uri().path());
+    // A query sent as POST is a read: keep it apart from sync calls in the statistics.
+    if form_pairs(req.uri().query().unwrap_or("").as_bytes())
+        .get("_method")
+        .map(String::as_str)
+        == Some("GET")
+    {
+        endpoint.push_str("?_method=GET");
+    }
     inner.stats.request(&endpoint);
     if req.uri().to_string().len() > MAX_URI {
         return plain_status(StatusCode::URI_TOO_LONG);

@@ -1,0 +1,190 @@
+//! The one-shot commands as a user runs them: `check`, `backfill` (dry run, real,
+//! repeated), `dead-letters list | retry | drop`, and `backfill` refusing while the daemon
+//! holds the store.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+fn crmbridge(args: &[&str], config: &std::path::Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_crmbridge"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run crmbridge")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Write requests a simulator received (every non-GET request except Marketo's
+/// `_method=GET` queries and identity calls).
+fn writes(s: &crmbridge::sim::common::StatsSnapshot) -> u64 {
+    s.requests
+        .iter()
+        .filter(|(k, _)| {
+            !k.starts_with("GET ") && !k.contains("_method") && !k.contains("/identity/")
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_accepts_a_valid_config_and_rejects_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path) = cluster_with_config(3, dir.path(), "1s", None).await;
+    let ok = crmbridge(&["check"], &path);
+    assert!(ok.status.success(), "{}", text(&ok));
+    let broken = dir.path().join("broken.toml");
+    let src = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("poll_interval = \"1s\"", "poll_intervall = \"1s\"");
+    std::fs::write(&broken, src).unwrap();
+    let bad = crmbridge(&["check"], &broken);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+    let out = text(&bad);
+    assert!(out.contains("broken.toml:"), "{out}");
+    assert!(out.contains("unknown key `poll_intervall`"), "{out}");
+    assert_eq!(
+        out.matches("poll_intervall").count() >= 3,
+        true,
+        "all three errors listed: {out}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_dry_run_writes_nothing_then_backfill_syncs_and_a_rerun_finds_nothing_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path) = cluster_with_config(12, dir.path(), "1s", None).await;
+
+    let dry = crmbridge(&["backfill", "--dry-run"], &path);
+    let out = text(&dry);
+    assert!(dry.status.success(), "{out}");
+    assert!(out.contains("would create"), "{out}");
+    let total_writes = writes(&cluster.rally.stats())
+        + writes(&cluster.marketo.stats())
+        + writes(&cluster.amocrm.stats());
+    assert_eq!(total_writes, 0, "dry run wrote to a CRM: {out}");
+
+    let real = crmbridge(&["backfill"], &path);
+    let out = text(&real);
+    assert!(real.status.success(), "{out}");
+    assert!(out.contains("written"), "{out}");
+    assert_converged(&crm_views(&path).await);
+
+    let before = (
+        writes(&cluster.rally.stats()),
+        writes(&cluster.marketo.stats()),
+        writes(&cluster.amocrm.stats()),
+    );
+    let again = crmbridge(&["backfill"], &path);
+    assert!(again.status.success(), "{}", text(&again));
+    let after = (
+        writes(&cluster.rally.stats()),
+        writes(&cluster.marketo.stats()),
+        writes(&cluster.amocrm.stats()),
+    );
+    assert_eq!(
+        before,
+        after,
+        "a second backfill wrote again: {}",
+        text(&again)
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_record_can_be_listed_retried_and_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path) = cluster_with_config(3, dir.path(), "1s", None).await;
+    // amoCRM's "Industry" is a select field without this option: amoCRM rejects it.
+    cluster.rally.create(json!({
+        "name": "Odd Industry Ltd", "domain": "odd-industry.example.org",
+        "website": "https://odd-industry.example.org", "industry": "Underwater Basket Weaving"
+    }));
+    let run = crmbridge(&["backfill"], &path);
+    assert_eq!(
+        run.status.code(),
+        Some(1),
+        "a rejection must fail the exit status: {}",
+        text(&run)
+    );
+
+    let list = crmbridge(&["dead-letters", "list"], &path);
+    let out = text(&list);
+    assert!(list.status.success(), "{out}");
+    assert!(out.contains("amocrm"), "{out}");
+    assert!(
+        out.contains("Underwater Basket Weaving"),
+        "vendor reason missing: {out}"
+    );
+    let id = out
+        .lines()
+        .find(|l| l.contains("amocrm"))
+        .and_then(|l| l.trim_start_matches('#').split_whitespace().next())
+        .expect("an id")
+        .to_string();
+
+    let retry = crmbridge(&["dead-letters", "retry", &id], &path);
+    assert!(
+        text(&retry).contains("queued for amocrm"),
+        "{}",
+        text(&retry)
+    );
+    // The retry fails the same way and lands in the dead letters again.
+    crmbridge(&["backfill"], &path);
+    let drop = crmbridge(&["dead-letters", "drop", "--all"], &path);
+    assert!(drop.status.success(), "{}", text(&drop));
+    let list = crmbridge(&["dead-letters", "list"], &path);
+    assert!(text(&list).contains("no dead letters"), "{}", text(&list));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_refuses_while_the_daemon_holds_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (cluster, path) = cluster_with_config(3, dir.path(), "1s", Some(listen)).await;
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_crmbridge"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Ready once the endpoint answers (the store is open by then).
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .get(format!("http://{listen}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = crmbridge(&["backfill"], &path);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("stop it first"), "no advice in: {t}");
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    cluster.shutdown().await;
+}
