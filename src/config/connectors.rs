@@ -68,26 +68,9 @@ const LIMIT_KEYS: &[&str] = &[
     "daily_share",
 ];
 
-/// Rally's company fields (`rally-companies.txt`): writable ones, then read-only ones.
-pub(crate) const RALLY_FIELDS: &[&str] = &[
-    "name",
-    "domain",
-    "industry",
-    "description",
-    "employeeCount",
-    "annualRevenue",
-    "phone",
-    "website",
-    "linkedInUrl",
-    "address",
-    "city",
-    "state",
-    "country",
-    "postalCode",
-    "tags",
-    "notes",
-    "ownerId",
-];
+/// Rally's company fields (`rally-companies.txt`) that a mapping may write; the
+/// connector owns the list.
+pub(crate) const RALLY_FIELDS: &[&str] = &crate::connectors::rally::WRITABLE_FIELDS;
 /// Rally fields the API returns but never accepts.
 pub(crate) const RALLY_READ_ONLY: &[&str] = &["id", "tenantId", "createdAt", "updatedAt"];
 
