@@ -124,7 +124,12 @@ async fn check(path: PathBuf, online: bool) -> ExitCode {
                     }
                     for p in problems {
                         failed = true;
-                        println!("{connector}: {p}");
+                        // Connector errors already name their connector.
+                        if p.starts_with(&format!("{connector}:")) {
+                            println!("{p}");
+                        } else {
+                            println!("{connector}: {p}");
+                        }
                     }
                 }
                 if failed {
