@@ -485,12 +485,22 @@ async fn marketo_page_truncated_is_an_error_and_keeps_the_cursor() {
 
 #[tokio::test]
 async fn marketo_page_object_for_array_is_an_error_and_keeps_the_cursor() {
-    check("marketo", "object_for_array.json", PageError("result")).await;
+    check(
+        "marketo",
+        "object_for_array.json",
+        PageError("`result` is an object"),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn marketo_page_null_page_is_an_error_and_keeps_the_cursor() {
-    check("marketo", "null_page.json", PageError("JSON")).await;
+    check(
+        "marketo",
+        "null_page.json",
+        PageError("`result` is missing"),
+    )
+    .await;
 }
 
 #[tokio::test]
