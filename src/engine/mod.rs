@@ -111,7 +111,17 @@ pub struct Engine {
 /// would read back after writing them. Comparing this with the ledger tells an echo of our
 /// own write (or an unchanged re-read) from a real change, and a no-op push from a real one.
 pub fn visible_hash(mapping: &Mapping, fields: &Fields) -> String {
-    match mapping.write(fields).and_then(|w| mapping.read(&w)) {
+    // `write` may suffix amoCRM keys with an enum code (`cf.code.PHONE@WORK`) that `read`
+    // does not know: strip it, or such fields would drop out of the round trip and a change
+    // to them alone would look like no change at all.
+    let round_trip = mapping.write(fields).and_then(|w| {
+        let w: serde_json::Map<String, serde_json::Value> = w
+            .into_iter()
+            .map(|(k, v)| (crate::mapping::split_enum_suffix(&k).0.to_string(), v))
+            .collect();
+        mapping.read(&w)
+    });
+    match round_trip {
         Ok(round) => {
             // Read-only fields (e.g. a domain derived from a website) come back from the
             // write as well; keep only what the write carries.
@@ -514,5 +524,30 @@ impl Engine {
     /// Reads the stored cursor under `key`.
     pub fn cursor(&self, key: &str) -> Result<Cursor, EngineError> {
         Ok(self.store.begin_read()?.cursor(key)?.unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod visible_hash_tests {
+    use super::*;
+    use crate::mapping::MappingRules;
+    use crate::model::{CrmKind, Value};
+
+    #[test]
+    fn an_amocrm_phone_only_change_changes_the_visible_hash() {
+        let m = Mapping::compile(CrmKind::Amocrm, &MappingRules::default()).unwrap();
+        let with = |phone: &str| -> Fields {
+            [
+                ("name".to_string(), Value::Text("Acme".into())),
+                ("phone".to_string(), Value::Text(phone.into())),
+            ]
+            .into_iter()
+            .collect()
+        };
+        assert_ne!(
+            visible_hash(&m, &with("+1-555-0100")),
+            visible_hash(&m, &with("+1-555-0100 x1")),
+            "a field written with an enum code must take part in the hash"
+        );
     }
 }

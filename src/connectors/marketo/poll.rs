@@ -255,11 +255,23 @@ impl MarketoConnector {
             let resp = self.http.send(req, &self.classifier).await?;
             calls += 1;
             let body = resp.json_value()?;
-            let result = body
-                .get("result")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
+            // Marketo omits `result` when nothing matched; anything else that is not an
+            // array is garbage, and taking it for "no companies here" would move the scan
+            // past this window without reading it.
+            let result = match body.get("result") {
+                Some(Value::Array(rows)) => rows.clone(),
+                None if body.is_object() => Vec::new(),
+                other => {
+                    return Err(ConnectorError::Transient {
+                        connector: self.name.clone(),
+                        detail: format!(
+                            "POST companies.json?_method=GET: `result` is {} instead of an array",
+                            other.map_or("missing from a non-object answer", json_kind)
+                        ),
+                        retry_after: None,
+                    });
+                }
+            };
             let got = result.len();
             rows.extend(result);
             let next = body
@@ -274,5 +286,17 @@ impl MarketoConnector {
             }
         }
         Ok((rows, calls))
+    }
+}
+
+/// A JSON value's kind, for error messages.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
