@@ -831,6 +831,8 @@ impl HttpClient {
             .with_max_times(cfg.max_retries as usize)
             .build();
         let mut attempt: u32 = 0;
+        // Set after a refresh until an attempt gets a non-auth answer: two auth rejections
+        // in a row mean the credentials themselves are bad.
         let mut reauthed = false;
         loop {
             attempt += 1;
@@ -913,6 +915,9 @@ impl HttpClient {
             match classify.classify(&resp) {
                 Outcome::Success => return Ok(resp),
                 Outcome::Throttled { after, class } => {
+                    // The refreshed credentials were accepted; a later expiry in this
+                    // retry sequence deserves its own refresh.
+                    reauthed = false;
                     Counters::bump(&self.inner.counters.rejections, class);
                     tracing::warn!(class, ?after, status = %resp.status, "vendor throttled the call");
                     if let Some(after) = after {
@@ -922,6 +927,7 @@ impl HttpClient {
                         .await?;
                 }
                 Outcome::Retry { after, class } => {
+                    reauthed = false;
                     Counters::bump(&self.inner.counters.rejections, class);
                     if !req.idempotent {
                         return Err(HttpError::Transient {
