@@ -56,9 +56,8 @@ async fn check_accepts_a_valid_config_and_rejects_a_broken_one() {
     let out = text(&bad);
     assert!(out.contains("broken.toml:"), "{out}");
     assert!(out.contains("unknown key `poll_intervall`"), "{out}");
-    assert_eq!(
+    assert!(
         out.matches("poll_intervall").count() >= 3,
-        true,
         "all three errors listed: {out}"
     );
     cluster.shutdown().await;
