@@ -149,6 +149,15 @@ fn visible_hash_by_round_trip(mapping: &Mapping, fields: &Fields) -> String {
     }
 }
 
+/// The values of `company` that match keys are made of (see [`merge::match_keys`]),
+/// without cloning the rest.
+fn match_values(company: &Company) -> Fields {
+    ["domain", "website", "externalCompanyId"]
+        .into_iter()
+        .filter_map(|n| Some((n.to_string(), company.get(n)?.clone())))
+        .collect()
+}
+
 /// The cursor key of an incremental poll.
 pub fn cursor_key(connector: &str) -> String {
     connector.to_string()
@@ -320,16 +329,17 @@ impl Engine {
                 stats.unchanged += 1;
                 continue;
             }
-            let keys = merge::match_keys(&fields, &self.settings.match_keys);
-            let (cid, existing) = match link {
-                Some(cid) => {
-                    let c = tx.get_company(&cid)?;
-                    (cid, c)
-                }
+            // Match keys looked up for a first-seen record, with what they pointed at:
+            // the keys the merged company has are mostly these, and need no second look.
+            let mut looked_up: Vec<(String, bool)> = Vec::new();
+            let (cid, existing) = match &link {
+                Some(cid) => (cid.clone(), tx.get_company(cid)?),
                 None => {
                     let mut found: Option<CanonicalId> = None;
-                    for k in &keys {
-                        if let Some(cid) = tx.match_key(k)? {
+                    for k in merge::match_keys(&fields, &self.settings.match_keys) {
+                        let hit = tx.match_key(&k)?;
+                        looked_up.push((k, hit.is_some()));
+                        if let Some(cid) = hit {
                             // A company already linked to another record of this same CRM
                             // is a different company that happens to share the key.
                             if tx.vendor_id_of(&cid, source)?.is_none() {
@@ -362,9 +372,17 @@ impl Engine {
             if !outcome.is_unchanged() || is_new {
                 tx.put_company(&company)?;
             }
-            tx.put_link(source, &rec.vendor_id, &cid)?;
-            for k in merge::match_keys(&company.values(), &self.settings.match_keys) {
-                if tx.match_key(&k)?.is_none() {
+            if link.is_none() {
+                // Neither side is linked yet: the record had no link, and the company is
+                // new or was chosen because it has no record of this connector.
+                tx.put_new_link(source, &rec.vendor_id, &cid)?;
+            }
+            for k in merge::match_keys(&match_values(&company), &self.settings.match_keys) {
+                let taken = match looked_up.iter().find(|(l, _)| *l == k) {
+                    Some((_, taken)) => *taken,
+                    None => tx.match_key(&k)?.is_some(),
+                };
+                if !taken {
                     tx.put_match_key(&k, &cid)?;
                 }
             }

@@ -605,6 +605,26 @@ impl WriteTx {
         Ok(())
     }
 
+    /// Links `connector`'s record `vendor_id` to `canonical_id` when the caller knows that
+    /// neither is linked yet (the record has no company, the company no record of that
+    /// connector): [`put_link`](Self::put_link) without its checks for links to undo.
+    pub fn put_new_link(
+        &self,
+        connector: &str,
+        vendor_id: &str,
+        canonical_id: &str,
+    ) -> Result<(), StoreError> {
+        debug_assert_eq!(self.link_of(connector, vendor_id)?, None);
+        debug_assert_eq!(self.vendor_id_of(canonical_id, connector)?, None);
+        self.table(LINKS)?
+            .insert((connector, vendor_id), canonical_id)
+            .at(LINKS.name, "insert")?;
+        self.table(REVERSE_LINKS)?
+            .insert((canonical_id, connector), vendor_id)
+            .at(REVERSE_LINKS.name, "insert")?;
+        Ok(())
+    }
+
     /// Removes the link of `connector`'s record `vendor_id` (both directions); returns the
     /// company it was linked to.
     pub fn remove_link(
