@@ -15,7 +15,9 @@ use tracing::{debug, info_span, warn};
 use crate::connector::{Connector, ConnectorError, Cursor, Page, PushItem, PushOutcome};
 use crate::daemon::metrics::Metrics;
 use crate::mapping::Mapping;
-use crate::model::{CanonicalId, Company, Fields, content_hash};
+#[cfg(test)]
+use crate::model::content_hash;
+use crate::model::{CanonicalId, Company, Fields, content_hash_of};
 use crate::store::{DeadLetterNew, Direction, LedgerEntry, Store, StoreError};
 
 pub use merge::{ConflictPolicy, MatchKeyKind};
@@ -111,9 +113,26 @@ pub struct Engine {
 /// would read back after writing them. Comparing this with the ledger tells an echo of our
 /// own write (or an unchanged re-read) from a real change, and a no-op push from a real one.
 pub fn visible_hash(mapping: &Mapping, fields: &Fields) -> String {
+    // Read-only fields (e.g. a domain derived from a website) come back from the write as
+    // well; only what the write carries counts. Null and absent are the same content for a
+    // target (a CRM returns null for what we never wrote), so neither takes part.
+    match mapping.visible(fields) {
+        Some(round) => content_hash_of(round.iter().map(|(k, v)| (*k, v.as_ref()))),
+        None => content_hash_of(
+            fields
+                .iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.as_str(), v)),
+        ),
+    }
+}
+
+/// [`visible_hash`] the long way: an actual write and read through the mapping. Kept as
+/// the reference the fast path is tested against.
+#[cfg(test)]
+fn visible_hash_by_round_trip(mapping: &Mapping, fields: &Fields) -> String {
     // `write` may suffix amoCRM keys with an enum code (`cf.code.PHONE@WORK`) that `read`
-    // does not know: strip it, or such fields would drop out of the round trip and a change
-    // to them alone would look like no change at all.
+    // does not know: strip it, as the connector does before sending.
     let round_trip = mapping.write(fields).and_then(|w| {
         let w: serde_json::Map<String, serde_json::Value> = w
             .into_iter()
@@ -123,10 +142,6 @@ pub fn visible_hash(mapping: &Mapping, fields: &Fields) -> String {
     });
     match round_trip {
         Ok(round) => {
-            // Read-only fields (e.g. a domain derived from a website) come back from the
-            // write as well; keep only what the write carries.
-            // Null and absent are the same content for a target (a CRM returns null for
-            // what we never wrote), so neither takes part in the hash.
             let writable: Fields = round
                 .into_iter()
                 .filter(|(k, v)| fields.contains_key(k) && !v.is_null())
@@ -141,6 +156,15 @@ pub fn visible_hash(mapping: &Mapping, fields: &Fields) -> String {
                 .collect(),
         ),
     }
+}
+
+/// The values of `company` that match keys are made of (see [`merge::match_keys`]),
+/// without cloning the rest.
+fn match_values(company: &Company) -> Fields {
+    ["domain", "website", "externalCompanyId"]
+        .into_iter()
+        .filter_map(|n| Some((n.to_string(), company.get(n)?.clone())))
+        .collect()
 }
 
 /// The cursor key of an incremental poll.
@@ -314,16 +338,17 @@ impl Engine {
                 stats.unchanged += 1;
                 continue;
             }
-            let keys = merge::match_keys(&fields, &self.settings.match_keys);
-            let (cid, existing) = match link {
-                Some(cid) => {
-                    let c = tx.get_company(&cid)?;
-                    (cid, c)
-                }
+            // Match keys looked up for a first-seen record, with what they pointed at:
+            // the keys the merged company has are mostly these, and need no second look.
+            let mut looked_up: Vec<(String, bool)> = Vec::new();
+            let (cid, existing) = match &link {
+                Some(cid) => (cid.clone(), tx.get_company(cid)?),
                 None => {
                     let mut found: Option<CanonicalId> = None;
-                    for k in &keys {
-                        if let Some(cid) = tx.match_key(k)? {
+                    for k in merge::match_keys(&fields, &self.settings.match_keys) {
+                        let hit = tx.match_key(&k)?;
+                        looked_up.push((k, hit.is_some()));
+                        if let Some(cid) = hit {
                             // A company already linked to another record of this same CRM
                             // is a different company that happens to share the key.
                             if tx.vendor_id_of(&cid, source)?.is_none() {
@@ -356,9 +381,17 @@ impl Engine {
             if !outcome.is_unchanged() || is_new {
                 tx.put_company(&company)?;
             }
-            tx.put_link(source, &rec.vendor_id, &cid)?;
-            for k in merge::match_keys(&company.values(), &self.settings.match_keys) {
-                if tx.match_key(&k)?.is_none() {
+            if link.is_none() {
+                // Neither side is linked yet: the record had no link, and the company is
+                // new or was chosen because it has no record of this connector.
+                tx.put_new_link(source, &rec.vendor_id, &cid)?;
+            }
+            for k in merge::match_keys(&match_values(&company), &self.settings.match_keys) {
+                let taken = match looked_up.iter().find(|(l, _)| *l == k) {
+                    Some((_, taken)) => *taken,
+                    None => tx.match_key(&k)?.is_some(),
+                };
+                if !taken {
                     tx.put_match_key(&k, &cid)?;
                 }
             }
@@ -524,6 +557,175 @@ impl Engine {
     /// Reads the stored cursor under `key`.
     pub fn cursor(&self, key: &str) -> Result<Cursor, EngineError> {
         Ok(self.store.begin_read()?.cursor(key)?.unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::mapping::MappingRules;
+    use crate::model::{CrmKind, Value, parse_decimal};
+
+    /// Rules that exercise every kind of round trip: transforms, value maps, defaults,
+    /// read-only and write-only rules, a key read by two fields, custom JSON fields.
+    const TRICKY_RULES: &str = r#"
+        [[fields]]
+        canonical = "industry"
+        vendor = "industry"
+        values = { "Tech" = "Technology", "IT" = "Technology" }
+        [[fields]]
+        canonical = "city"
+        vendor = "city"
+        transforms = ["trim", "uppercase"]
+        [[fields]]
+        canonical = "country"
+        vendor = "country"
+        default = "US"
+        [[fields]]
+        canonical = "domain"
+        vendor = "website"
+        direction = "read-only"
+        transforms = ["domain_from_url"]
+        [[fields]]
+        canonical = "notes"
+        vendor = "notes"
+        direction = "write-only"
+        [[fields]]
+        canonical = "custom.segment"
+        vendor = "segment"
+        [[fields]]
+        canonical = "employeeCount"
+        vendor = "employees"
+        default = 7
+        [[fields]]
+        canonical = "description"
+        vendor = "employees"
+        direction = "read-only"
+    "#;
+
+    fn mappings() -> Vec<Mapping> {
+        let tricky: MappingRules = toml::from_str(TRICKY_RULES).expect("tricky rules parse");
+        let mut out: Vec<Mapping> = [CrmKind::Rally, CrmKind::Marketo, CrmKind::Amocrm]
+            .into_iter()
+            .map(|k| Mapping::compile(k, &MappingRules::default()).expect("defaults compile"))
+            .collect();
+        out.push(Mapping::compile(CrmKind::Rally, &tricky).expect("tricky rules compile"));
+        out
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        let text = prop_oneof![
+            Just(String::new()),
+            Just(" Tech ".to_string()),
+            Just("IT".to_string()),
+            Just("Technology".to_string()),
+            Just("https://www.Acme.com/x".to_string()),
+            Just("12".to_string()),
+            "[a-z ]{0,6}",
+        ];
+        prop_oneof![
+            Just(Value::Null),
+            text.clone().prop_map(Value::Text),
+            (-5i64..5).prop_map(Value::Int),
+            prop_oneof![Just("45.50"), Just("0"), Just("-1.000"), Just("1e3")]
+                .prop_map(|d| Value::Decimal(parse_decimal(d).unwrap())),
+            prop::collection::btree_set(text.clone(), 0..3)
+                .prop_map(|t| Value::Tags(t.into_iter().collect::<BTreeSet<_>>())),
+            prop_oneof![
+                Just(serde_json::Value::Null),
+                Just(serde_json::json!("Tech")),
+                Just(serde_json::json!(1.50)),
+                Just(serde_json::json!({"a": [1, null]})),
+            ]
+            .prop_map(Value::Json),
+        ]
+    }
+
+    fn fields() -> impl Strategy<Value = Fields> {
+        let names = prop_oneof![
+            Just("name"),
+            Just("domain"),
+            Just("website"),
+            Just("industry"),
+            Just("city"),
+            Just("country"),
+            Just("notes"),
+            Just("phone"),
+            Just("tags"),
+            Just("employeeCount"),
+            Just("annualRevenue"),
+            Just("description"),
+            Just("externalCompanyId"),
+            Just("custom.segment"),
+        ];
+        prop::collection::btree_map(names.prop_map(String::from), value(), 0..8)
+    }
+
+    /// Fields of the types their names declare, as a mapping reads them.
+    fn typed_fields() -> impl Strategy<Value = Fields> {
+        (
+            "[a-z]{0,5}",
+            prop_oneof![Just("acme.com"), Just("https://www.b.org/")],
+            -3i64..3,
+            prop_oneof![Just("45.50"), Just("0")],
+            prop::collection::btree_set("[a-c]", 0..3),
+            any::<bool>(),
+        )
+            .prop_map(|(name, site, n, rev, tags, nulls)| {
+                let mut f = Fields::new();
+                f.insert("name".into(), Value::Text(name.clone()));
+                f.insert("website".into(), Value::Text(site.into()));
+                f.insert("domain".into(), Value::Text("acme.com".into()));
+                f.insert("industry".into(), Value::Text(" Tech ".into()));
+                f.insert("city".into(), Value::Text(name));
+                f.insert("employeeCount".into(), Value::Int(n));
+                f.insert(
+                    "annualRevenue".into(),
+                    Value::Decimal(parse_decimal(rev).unwrap()),
+                );
+                f.insert("tags".into(), Value::Tags(tags));
+                f.insert(
+                    "country".into(),
+                    if nulls {
+                        Value::Null
+                    } else {
+                        Value::Text("DE".into())
+                    },
+                );
+                f.insert(
+                    "custom.segment".into(),
+                    Value::Json(serde_json::json!("smb")),
+                );
+                f
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn visible_hash_equals_the_hash_of_an_actual_round_trip(f in fields()) {
+            for m in mappings() {
+                prop_assert_eq!(
+                    visible_hash(&m, &f),
+                    visible_hash_by_round_trip(&m, &f),
+                    "mapping {:?}, fields {:?}", m.kind(), f
+                );
+            }
+        }
+
+        #[test]
+        fn visible_hash_equals_the_round_trip_for_well_typed_fields(f in typed_fields()) {
+            for m in mappings() {
+                prop_assert_eq!(
+                    visible_hash(&m, &f),
+                    visible_hash_by_round_trip(&m, &f),
+                    "mapping {:?}, fields {:?}", m.kind(), f
+                );
+            }
+        }
     }
 }
 

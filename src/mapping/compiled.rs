@@ -3,6 +3,7 @@
 //! numbers never pass through a float — and never invent values: a vendor key absent from
 //! a record leaves the canonical field absent, and JSON null is [`Value::Null`].
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -60,6 +61,104 @@ impl Rule {
 pub struct Mapping {
     kind: CrmKind,
     rules: Arc<[Rule]>,
+    /// How each field reads back after a write, for [`Mapping::visible`].
+    plan: Arc<RoundTripPlan>,
+}
+
+/// Which rules meet in a write-then-read round trip, worked out once per mapping so that
+/// [`Mapping::visible`] can follow single fields instead of building vendor JSON.
+#[derive(Debug)]
+struct RoundTripPlan {
+    /// Canonical field → index of the rule that reads it.
+    reader_of: BTreeMap<String, usize>,
+    /// Per rule: the index of the rule whose written key it reads (if it reads, and some
+    /// rule writes that key).
+    source: Vec<Option<usize>>,
+    /// Per rule: reading back what it wrote itself returns the same value (no transforms,
+    /// value maps or enum suffix in the way), for values of the rule's own type.
+    identity: Vec<bool>,
+    /// Per rule: reading what its source writes can fail for some values. Such a reader
+    /// makes the whole round trip fail, so `visible` defers to the real one.
+    may_fail: Vec<bool>,
+}
+
+impl RoundTripPlan {
+    fn new(rules: &[Rule]) -> Self {
+        let mut reader_of = BTreeMap::new();
+        let mut source = Vec::with_capacity(rules.len());
+        let mut identity = Vec::with_capacity(rules.len());
+        let mut may_fail = Vec::with_capacity(rules.len());
+        for (i, r) in rules.iter().enumerate() {
+            let src = r
+                .reads()
+                .then(|| {
+                    rules
+                        .iter()
+                        // The connector strips an `@ENUM` suffix before sending, so the
+                        // suffixed key is read back under the bare one.
+                        .position(|w| {
+                            w.writes() && super::split_enum_suffix(&w.write_key()).0 == r.key
+                        })
+                })
+                .flatten();
+            if r.reads() {
+                reader_of.insert(r.canonical.clone(), i);
+            }
+            identity.push(
+                src == Some(i)
+                    && r.transforms.is_empty()
+                    && r.to_canonical.is_empty()
+                    && r.enum_code.is_none(),
+            );
+            may_fail.push(match src {
+                None => false,
+                Some(w) => !matches!(
+                    (r.ty, rules[w].ty),
+                    (FieldType::Json, _)
+                        | (
+                            FieldType::Text,
+                            FieldType::Text | FieldType::Int | FieldType::Decimal
+                        )
+                ),
+            });
+            source.push(src);
+        }
+        RoundTripPlan {
+            reader_of,
+            source,
+            identity,
+            may_fail,
+        }
+    }
+}
+
+/// Whether `write_value` accepts `value` for a rule of type `ty`.
+fn writable(ty: FieldType, value: &Value) -> bool {
+    matches!(
+        (ty, value),
+        (_, Value::Null)
+            | (FieldType::Text, Value::Text(_))
+            | (FieldType::Int, Value::Int(_))
+            | (FieldType::Decimal, Value::Decimal(_) | Value::Int(_))
+            | (FieldType::Tags, Value::Tags(_))
+            | (FieldType::Json, _)
+    )
+}
+
+/// Whether a value of a rule of type `ty` reads back unchanged (decimals up to
+/// normalisation) from what the same rule wrote; null-like values read back as null.
+fn same_type(ty: FieldType, value: &Value) -> bool {
+    matches!(
+        (ty, value),
+        (FieldType::Text, Value::Text(_))
+            | (FieldType::Int, Value::Int(_))
+            | (FieldType::Decimal, Value::Decimal(_))
+            | (FieldType::Tags, Value::Tags(_))
+    ) || matches!((ty, value), (FieldType::Json, Value::Json(j)) if !j.is_null())
+}
+
+fn null_like(value: &Value) -> bool {
+    matches!(value, Value::Null | Value::Json(Json::Null))
 }
 
 impl Mapping {
@@ -101,6 +200,7 @@ impl Mapping {
         if errors.is_empty() {
             Ok(Mapping {
                 kind,
+                plan: Arc::new(RoundTripPlan::new(&compiled)),
                 rules: compiled.into(),
             })
         } else {
@@ -146,6 +246,67 @@ impl Mapping {
         Ok(out)
     }
 
+    /// The non-null values of `read(write(canonical))` restricted to the fields of
+    /// `canonical`, in name order — what the target can hold of them — computed field by
+    /// field without building vendor JSON. `None` when the round trip as a whole would
+    /// fail (a value of the wrong type, a reader that rejects what was written); the
+    /// caller then knows it must not trust a round trip.
+    pub fn visible<'a>(&'a self, canonical: &'a Fields) -> Option<Vec<(&'a str, Cow<'a, Value>)>> {
+        let plan = &*self.plan;
+        let rules = &*self.rules;
+        // `write` fails as a whole if any written value has the wrong type.
+        for r in rules.iter().filter(|r| r.writes()) {
+            if let Some(v) = canonical.get(&r.canonical)
+                && !writable(r.ty, v)
+            {
+                return None;
+            }
+        }
+        let mut out = Vec::with_capacity(canonical.len());
+        for name in canonical.keys() {
+            let Some(&ri) = plan.reader_of.get(name) else {
+                continue;
+            };
+            let reader = &rules[ri];
+            let written =
+                plan.source[ri].and_then(|wi| canonical.get(&rules[wi].canonical).map(|v| (wi, v)));
+            let read: Cow<'a, Value> = match written {
+                None => match &reader.default {
+                    Some(d) => Cow::Borrowed(d),
+                    None => continue,
+                },
+                Some((_, v)) if plan.identity[ri] && same_type(reader.ty, v) => Cow::Borrowed(v),
+                Some((_, v)) if plan.identity[ri] && null_like(v) => match &reader.default {
+                    Some(d) => Cow::Borrowed(d),
+                    None => continue,
+                },
+                Some((wi, v)) => {
+                    let json = write_value(&rules[wi], v).ok()?;
+                    match (read_value(reader, &json).ok()?, &reader.default) {
+                        (Value::Null, Some(d)) => Cow::Borrowed(d),
+                        (v, _) => Cow::Owned(v),
+                    }
+                }
+            };
+            if !read.is_null() {
+                out.push((name.as_str(), read));
+            }
+        }
+        // `read` fails as a whole if any reader rejects what was written, even for a
+        // field the caller does not keep.
+        for (ri, reader) in rules.iter().enumerate() {
+            if !plan.may_fail[ri] || canonical.contains_key(&reader.canonical) {
+                continue;
+            }
+            let Some(wi) = plan.source[ri] else { continue };
+            if let Some(v) = canonical.get(&rules[wi].canonical) {
+                let json = write_value(&rules[wi], v).ok()?;
+                read_value(reader, &json).ok()?;
+            }
+        }
+        Some(out)
+    }
+
     /// Canonical fields this mapping reads, sorted.
     pub fn read_fields(&self) -> Vec<String> {
         self.canonical_fields(Rule::reads)
@@ -188,6 +349,7 @@ impl Mapping {
         (
             Mapping {
                 kind: self.kind,
+                plan: Arc::new(RoundTripPlan::new(&rules)),
                 rules: rules.into(),
             },
             dropped.into_iter().collect(),

@@ -219,16 +219,61 @@ impl Company {
 /// A stable content hash of canonical values (normalised), used by the echo ledger to
 /// recognise our own writes coming back and to skip no-op pushes.
 pub fn content_hash(fields: &Fields) -> String {
-    let mut h = Sha256::new();
+    content_hash_of(fields.iter().map(|(k, v)| (k.as_str(), v)))
+}
+
+/// [`content_hash`] of `(name, value)` pairs given in name order, so callers can hash a
+/// selection of values without collecting it into a [`Fields`] first.
+///
+/// The bytes hashed are a hand-written, length-prefixed encoding of each normalised value
+/// (not serde output), so the hash is stable across library versions and never collides
+/// two different field sets by concatenation.
+pub fn content_hash_of<'a>(fields: impl IntoIterator<Item = (&'a str, &'a Value)>) -> String {
+    let mut buf = Vec::with_capacity(512);
     for (k, v) in fields {
-        h.update(k.as_bytes());
-        h.update([0]);
-        let v = v.normalized();
-        // serde_json of an externally tagged enum over BTree collections is deterministic.
-        h.update(serde_json::to_vec(&v).unwrap_or_default());
-        h.update([0xff]);
+        put_bytes(&mut buf, k.as_bytes());
+        hash_value(&mut buf, v);
     }
-    hex::encode(h.finalize())
+    hex::encode(Sha256::digest(&buf))
+}
+
+fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8]) {
+    buf.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    buf.extend_from_slice(bytes);
+}
+
+/// Appends the hashed form of `v`: a type tag, then a length-prefixed or fixed-width body.
+fn hash_value(buf: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Null => buf.push(0),
+        Value::Text(s) => {
+            buf.push(1);
+            put_bytes(buf, s.as_bytes());
+        }
+        Value::Int(i) => {
+            buf.push(2);
+            buf.extend_from_slice(&i.to_le_bytes());
+        }
+        Value::Decimal(d) => {
+            // `normalize` makes the representation unique (no trailing zeros, no -0), so
+            // its 16-byte form is too.
+            buf.push(3);
+            buf.extend_from_slice(&d.normalize().serialize());
+        }
+        Value::Tags(tags) => {
+            buf.push(4);
+            buf.extend_from_slice(&(tags.len() as u64).to_le_bytes());
+            for t in tags {
+                put_bytes(buf, t.as_bytes());
+            }
+        }
+        Value::Json(j) => {
+            // serde_json with `preserve_order` keeps object keys in insertion order, which
+            // is the vendor's order: stable for one vendor record.
+            buf.push(5);
+            put_bytes(buf, &serde_json::to_vec(j).unwrap_or_default());
+        }
+    }
 }
 
 /// Normalises a domain for matching: lowercase, no scheme, no `www.`, no port, path,

@@ -104,6 +104,18 @@ pub enum StoreError {
         /// serde_json's reason.
         source: serde_json::Error,
     },
+
+    /// A stored binary value could not be read back (written by an incompatible build, or
+    /// corrupt).
+    #[error("cannot decode the value of {key} in table {table}: {reason}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// The key, as text.
+        key: String,
+        /// What was wrong with the bytes.
+        reason: &'static str,
+    },
 }
 
 /// Attaches the table and operation to a redb storage error.

@@ -7,9 +7,12 @@
 //! is dropped without one. That is what lets the engine store a page of records, the
 //! cursor after it and the outbox entries it causes as one step.
 //!
-//! Values are JSON (serde_json) except counters and ids, which use redb's fixed-width
-//! integers; composite keys are redb tuples such as `(connector, vendor_id)`.
+//! Companies, ledger and outbox entries, written for every record ingested, use the
+//! compact binary encoding of [`codec`]; the rarely written rest (cursors, dead letters,
+//! tokens) is JSON (serde_json). Counters and ids use redb's fixed-width integers;
+//! composite keys are redb tuples such as `(connector, vendor_id)`.
 
+mod codec;
 mod error;
 mod types;
 
@@ -17,6 +20,7 @@ mod types;
 mod tests;
 
 use std::cell::{RefCell, RefMut};
+use std::fmt::Display;
 use std::mem::ManuallyDrop;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -42,7 +46,11 @@ pub use types::{
 
 /// The schema version this build writes and understands. Bump it (and add a migration in
 /// [`Store::open`]) whenever a table's key or value encoding changes.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// - 1: every value JSON.
+/// - 2: companies, ledger and outbox entries in the binary encoding of [`codec`]; ledger
+///   hashes are those of the hand-written [`crate::model::content_hash`].
+pub const SCHEMA_VERSION: u32 = 2;
 
 // The meta table's types must never change: it is read before the version is known.
 const META: Tbl<&str, u32> = Tbl::new("meta", |t| &t.meta);
@@ -100,6 +108,19 @@ impl<K: redb::Key + 'static, V: redb::Value + 'static> Tbl<K, V> {
 
 fn encode<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|source| StoreError::Encode { table, source })
+}
+
+/// Maps a [`codec`] failure to [`StoreError::Corrupt`] naming the table and key.
+fn corrupt<T>(
+    table: &'static str,
+    key: impl Display,
+    result: Result<T, codec::DecodeError>,
+) -> Result<T, StoreError> {
+    result.map_err(|reason| StoreError::Corrupt {
+        table,
+        key: key.to_string(),
+        reason,
+    })
 }
 
 fn decode<T: DeserializeOwned>(
@@ -188,6 +209,13 @@ impl Store {
                         supported: SCHEMA_VERSION,
                     });
                 }
+                Some(found) if found < SCHEMA_VERSION => {
+                    drop(meta);
+                    migrate_from_v1(&tx)?;
+                    tx.table(META)?
+                        .insert(SCHEMA_KEY, SCHEMA_VERSION)
+                        .at(META.name, "insert")?;
+                }
                 Some(_) => {}
                 None => {
                     meta.insert(SCHEMA_KEY, SCHEMA_VERSION)
@@ -231,6 +259,7 @@ impl Store {
             source,
         })?;
         Ok(WriteTx {
+            pending: RefCell::default(),
             tables: OpenTables::default(),
             txn: TxnBox::new(txn),
         })
@@ -244,6 +273,55 @@ impl Store {
         })?;
         Ok(ReadTx { txn })
     }
+}
+
+/// Re-encodes the JSON values of a version-1 store in the binary encoding of version 2.
+/// Ledger hashes were computed differently then; a stale one only costs one redundant
+/// merge or push of that record, which then records the new hash.
+fn migrate_from_v1(tx: &WriteTx) -> Result<(), StoreError> {
+    {
+        let mut t = tx.table(COMPANIES)?;
+        let mut all = Vec::new();
+        for item in t.iter().at(COMPANIES.name, "iter")? {
+            let (k, v) = item.at(COMPANIES.name, "iter")?;
+            let c: Company = decode(COMPANIES.name, k.value(), v.value())?;
+            all.push(c);
+        }
+        for c in all {
+            t.insert(c.id.as_str(), codec::encode_company(&c).as_slice())
+                .at(COMPANIES.name, "insert")?;
+        }
+    }
+    {
+        let mut t = tx.table(LEDGER)?;
+        let mut all = Vec::new();
+        for item in t.iter().at(LEDGER.name, "iter")? {
+            let (k, v) = item.at(LEDGER.name, "iter")?;
+            let (connector, vendor_id) = k.value();
+            let e: LedgerEntry = decode(LEDGER.name, vendor_id, v.value())?;
+            all.push((connector.to_owned(), vendor_id.to_owned(), e));
+        }
+        for (connector, vendor_id, e) in all {
+            t.insert(
+                (connector.as_str(), vendor_id.as_str()),
+                codec::encode_ledger(&e).as_slice(),
+            )
+            .at(LEDGER.name, "insert")?;
+        }
+    }
+    let mut t = tx.table(OUTBOX)?;
+    let mut all = Vec::new();
+    for item in t.iter().at(OUTBOX.name, "iter")? {
+        let (k, v) = item.at(OUTBOX.name, "iter")?;
+        let (target, seq) = k.value();
+        let e: OutboxEntry = decode(OUTBOX.name, seq, v.value())?;
+        all.push((target.to_owned(), seq, e));
+    }
+    for (target, seq, e) in all {
+        t.insert((target.as_str(), seq), codec::encode_outbox(&e).as_slice())
+            .at(OUTBOX.name, "insert")?;
+    }
+    Ok(())
 }
 
 /// A read-only snapshot. Sees exactly what was committed when it began.
@@ -272,9 +350,22 @@ impl ReadTx {
 /// redb serialises write transactions, so keep it short and never hold it across an
 /// `.await` that waits on the network).
 pub struct WriteTx {
+    pending: RefCell<Pending>,
     // Field order is load-bearing: `tables` borrows from `*txn` and must drop first.
     tables: OpenTables,
     txn: TxnBox,
+}
+
+/// Counter updates a write transaction keeps in memory and writes once, before commit
+/// (or before a read of them): an ingest page bumps the outbox sequence and lengths once
+/// per entry, and a table read + write per bump was a third of an enqueue.
+#[derive(Default)]
+struct Pending {
+    /// Sequences used in this transaction with their latest value, and whether that
+    /// value is not yet written.
+    seqs: Vec<(&'static str, u64, bool)>,
+    /// Outbox length changes per target, not yet written.
+    counts: Vec<(String, i64)>,
 }
 
 /// The outbox table's handle type inside a write transaction.
@@ -377,7 +468,12 @@ impl WriteTx {
 
     /// Makes every change of this transaction visible and durable (fsync), or none.
     pub fn commit(self) -> Result<(), StoreError> {
-        let WriteTx { tables, txn } = self;
+        self.flush_pending()?;
+        let WriteTx {
+            tables,
+            txn,
+            pending: _,
+        } = self;
         // Closing the tables stages their new roots in the transaction.
         drop(tables);
         txn.into_inner()
@@ -387,26 +483,72 @@ impl WriteTx {
 
     /// Discards every change (what dropping the transaction does, but explicit).
     pub fn abort(self) -> Result<(), StoreError> {
-        let WriteTx { tables, txn } = self;
+        let WriteTx {
+            tables,
+            txn,
+            pending: _,
+        } = self;
         drop(tables);
         txn.into_inner().abort().at("(all)", "abort")
     }
 
     fn next_seq(&self, name: &'static str) -> Result<u64, StoreError> {
-        let mut t = self.table(SEQUENCES)?;
-        let next = t
+        let mut pending = self.pending.borrow_mut();
+        if let Some((_, value, dirty)) = pending.seqs.iter_mut().find(|(n, _, _)| *n == name) {
+            *value += 1;
+            *dirty = true;
+            return Ok(*value);
+        }
+        let next = self
+            .table(SEQUENCES)?
             .get(name)
             .at(SEQUENCES.name, "get")?
             .map(|v| v.value())
             .unwrap_or(0)
             + 1;
-        t.insert(name, next).at(SEQUENCES.name, "insert")?;
+        pending.seqs.push((name, next, true));
         Ok(next)
+    }
+
+    /// Writes the counters kept in memory ([`Pending`]) to their tables.
+    fn flush_pending(&self) -> Result<(), StoreError> {
+        let mut pending = self.pending.borrow_mut();
+        if pending.seqs.iter().any(|(_, _, dirty)| *dirty) {
+            let mut t = self.table(SEQUENCES)?;
+            for (name, value, dirty) in &mut pending.seqs {
+                if *dirty {
+                    t.insert(*name, *value).at(SEQUENCES.name, "insert")?;
+                    *dirty = false;
+                }
+            }
+        }
+        if pending.counts.is_empty() {
+            return Ok(());
+        }
+        let mut counts = self.table(OUTBOX_COUNTS)?;
+        for (target, delta) in pending.counts.drain(..) {
+            let current = counts
+                .get(target.as_str())
+                .at(OUTBOX_COUNTS.name, "get")?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            let next = current.saturating_add_signed(delta);
+            if next == 0 {
+                counts
+                    .remove(target.as_str())
+                    .at(OUTBOX_COUNTS.name, "remove")?;
+            } else {
+                counts
+                    .insert(target.as_str(), next)
+                    .at(OUTBOX_COUNTS.name, "insert")?;
+            }
+        }
+        Ok(())
     }
 
     /// Stores (replaces) a canonical company.
     pub fn put_company(&self, company: &Company) -> Result<(), StoreError> {
-        let bytes = encode(COMPANIES.name, company)?;
+        let bytes = codec::encode_company(company);
         self.table(COMPANIES)?
             .insert(company.id.as_str(), bytes.as_slice())
             .at(COMPANIES.name, "insert")?;
@@ -458,6 +600,26 @@ impl WriteTx {
             .insert((connector, vendor_id), canonical_id)
             .at(LINKS.name, "insert")?;
         reverse
+            .insert((canonical_id, connector), vendor_id)
+            .at(REVERSE_LINKS.name, "insert")?;
+        Ok(())
+    }
+
+    /// Links `connector`'s record `vendor_id` to `canonical_id` when the caller knows that
+    /// neither is linked yet (the record has no company, the company no record of that
+    /// connector): [`put_link`](Self::put_link) without its checks for links to undo.
+    pub fn put_new_link(
+        &self,
+        connector: &str,
+        vendor_id: &str,
+        canonical_id: &str,
+    ) -> Result<(), StoreError> {
+        debug_assert_eq!(self.link_of(connector, vendor_id)?, None);
+        debug_assert_eq!(self.vendor_id_of(canonical_id, connector)?, None);
+        self.table(LINKS)?
+            .insert((connector, vendor_id), canonical_id)
+            .at(LINKS.name, "insert")?;
+        self.table(REVERSE_LINKS)?
             .insert((canonical_id, connector), vendor_id)
             .at(REVERSE_LINKS.name, "insert")?;
         Ok(())
@@ -525,7 +687,13 @@ impl WriteTx {
         outbox
             .get((target, seq))
             .at(OUTBOX.name, "get")?
-            .map(|v| decode(OUTBOX.name, format_args!("({target}, {seq})"), v.value()))
+            .map(|v| {
+                corrupt(
+                    OUTBOX.name,
+                    format_args!("({target}, {seq})"),
+                    codec::decode_outbox(v.value()),
+                )
+            })
             .transpose()
     }
 
@@ -536,7 +704,7 @@ impl WriteTx {
         seq: u64,
         entry: &OutboxEntry,
     ) -> Result<(), StoreError> {
-        let bytes = encode(OUTBOX.name, entry)?;
+        let bytes = codec::encode_outbox(entry);
         outbox
             .insert((target, seq), bytes.as_slice())
             .at(OUTBOX.name, "insert")?;
@@ -588,19 +756,10 @@ impl WriteTx {
     }
 
     fn bump_outbox_count(&self, target: &str, delta: i64) -> Result<(), StoreError> {
-        let mut counts = self.table(OUTBOX_COUNTS)?;
-        let current = counts
-            .get(target)
-            .at(OUTBOX_COUNTS.name, "get")?
-            .map(|v| v.value())
-            .unwrap_or(0);
-        let next = current.saturating_add_signed(delta);
-        if next == 0 {
-            counts.remove(target).at(OUTBOX_COUNTS.name, "remove")?;
-        } else {
-            counts
-                .insert(target, next)
-                .at(OUTBOX_COUNTS.name, "insert")?;
+        let mut pending = self.pending.borrow_mut();
+        match pending.counts.iter_mut().find(|(t, _)| t == target) {
+            Some((_, d)) => *d += delta,
+            None => pending.counts.push((target.to_owned(), delta)),
         }
         Ok(())
     }
@@ -702,7 +861,7 @@ impl WriteTx {
         vendor_id: &str,
         entry: &LedgerEntry,
     ) -> Result<(), StoreError> {
-        let bytes = encode(LEDGER.name, entry)?;
+        let bytes = codec::encode_ledger(entry);
         self.table(LEDGER)?
             .insert((connector, vendor_id), bytes.as_slice())
             .at(LEDGER.name, "insert")?;
@@ -743,7 +902,7 @@ macro_rules! getters {
                 self.table(COMPANIES)?
                     .get(id)
                     .at(COMPANIES.name, "get")?
-                    .map(|v| decode(COMPANIES.name, id, v.value()))
+                    .map(|v| corrupt(COMPANIES.name, id, codec::decode_company(id, v.value())))
                     .transpose()
             }
 
@@ -770,7 +929,12 @@ macro_rules! getters {
                 let mut out = Vec::with_capacity(limit.min(1024));
                 for item in range.take(limit) {
                     let (k, v) = item.at(COMPANIES.name, "range")?;
-                    out.push(decode(COMPANIES.name, k.value(), v.value())?);
+                    let id = k.value();
+                    out.push(corrupt(
+                        COMPANIES.name,
+                        id,
+                        codec::decode_company(id, v.value()),
+                    )?);
                 }
                 Ok(out)
             }
@@ -855,7 +1019,11 @@ macro_rules! getters {
                 for item in range.take(limit) {
                     let (k, v) = item.at(OUTBOX.name, "range")?;
                     let (_, seq) = k.value();
-                    let entry = decode(OUTBOX.name, format_args!("({target}, {seq})"), v.value())?;
+                    let entry = corrupt(
+                        OUTBOX.name,
+                        format_args!("({target}, {seq})"),
+                        codec::decode_outbox(v.value()),
+                    )?;
                     out.push((seq, entry));
                 }
                 Ok(out)
@@ -863,6 +1031,7 @@ macro_rules! getters {
 
             /// How many entries wait for `target`.
             pub fn outbox_len(&self, target: &str) -> Result<u64, StoreError> {
+                self.flush_pending()?;
                 Ok(self
                     .table(OUTBOX_COUNTS)?
                     .get(target)
@@ -873,6 +1042,7 @@ macro_rules! getters {
 
             /// Every target with a non-empty outbox, with its length, by name.
             pub fn outbox_targets(&self) -> Result<Vec<(String, u64)>, StoreError> {
+                self.flush_pending()?;
                 let t = self.table(OUTBOX_COUNTS)?;
                 let mut out = Vec::new();
                 for item in t.iter().at(OUTBOX_COUNTS.name, "iter")? {
@@ -926,10 +1096,10 @@ macro_rules! getters {
                     .get((connector, vendor_id))
                     .at(LEDGER.name, "get")?
                     .map(|v| {
-                        decode(
+                        corrupt(
                             LEDGER.name,
                             format_args!("({connector}, {vendor_id})"),
-                            v.value(),
+                            codec::decode_ledger(v.value()),
                         )
                     })
                     .transpose()
@@ -955,6 +1125,14 @@ macro_rules! getters {
             }
         }
     };
+}
+
+impl ReadTx {
+    /// Nothing to write: a read transaction keeps no counters in memory. (The getters
+    /// that read counters call this on both transaction kinds.)
+    fn flush_pending(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 getters!(ReadTx);

@@ -648,3 +648,52 @@ fn engine_like_throughput() {
         pages * per_page
     );
 }
+
+#[test]
+fn version_1_store_is_migrated_to_the_binary_encoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.redb");
+    let acme = company("c1", "Acme");
+    let ledger = LedgerEntry {
+        hash: "abc".into(),
+        at: ts(7),
+    };
+    let entry = OutboxEntry {
+        canonical_id: "c1".into(),
+        enqueued_at: ts(8),
+        attempts: 2,
+        last_error: Some("timeout".into()),
+        sending: false,
+        changed_while_sending: false,
+    };
+    {
+        let store = Store::open(&path).unwrap();
+        let tx = store.begin_write().unwrap();
+        tx.table(META).unwrap().insert(SCHEMA_KEY, 1).unwrap();
+        tx.table(COMPANIES)
+            .unwrap()
+            .insert("c1", serde_json::to_vec(&acme).unwrap().as_slice())
+            .unwrap();
+        tx.table(LEDGER)
+            .unwrap()
+            .insert(
+                ("rally", "r1"),
+                serde_json::to_vec(&ledger).unwrap().as_slice(),
+            )
+            .unwrap();
+        tx.table(OUTBOX)
+            .unwrap()
+            .insert(
+                ("marketo", 1),
+                serde_json::to_vec(&entry).unwrap().as_slice(),
+            )
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+    let r = store.begin_read().unwrap();
+    assert_eq!(r.get_company("c1").unwrap(), Some(acme));
+    assert_eq!(r.ledger("rally", "r1").unwrap(), Some(ledger));
+    assert_eq!(r.outbox_batch("marketo", 10).unwrap(), vec![(1, entry)]);
+}

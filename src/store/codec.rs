@@ -1,0 +1,482 @@
+//! Compact binary encodings of the store's hot values (companies, ledger and outbox
+//! entries): varints, length-prefixed strings and timestamps as seconds + nanoseconds.
+//! JSON spent most of an ingest's time and most of the file on field names, RFC 3339
+//! timestamps and repeated connector names. Every value starts with a format byte so the
+//! encoding can change without a guess.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+
+use crate::model::{CanonicalId, Company, FieldState, Provenance, STANDARD_FIELDS, Value};
+
+use super::types::{LedgerEntry, OutboxEntry};
+
+/// Format byte of every value this module writes.
+const FORMAT: u8 = 1;
+/// Field-name byte meaning "a name follows as a string" (a custom field).
+const CUSTOM_NAME: u8 = 0xff;
+
+/// Why bytes could not be decoded.
+pub(crate) type DecodeError = &'static str;
+
+/// Appends values to a byte buffer.
+pub(crate) struct Writer(pub(crate) Vec<u8>);
+
+impl Writer {
+    fn with_capacity(n: usize) -> Self {
+        Writer(Vec::with_capacity(n))
+    }
+
+    fn u8(&mut self, b: u8) {
+        self.0.push(b);
+    }
+
+    fn varint(&mut self, mut v: u128) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+
+    fn int(&mut self, v: i64) {
+        // Zigzag: small magnitudes of either sign stay short.
+        self.varint(((v << 1) ^ (v >> 63)) as u64 as u128);
+    }
+
+    fn str(&mut self, s: &str) {
+        self.varint(s.len() as u128);
+        self.0.extend_from_slice(s.as_bytes());
+    }
+
+    fn time(&mut self, t: &DateTime<Utc>) {
+        self.int(t.timestamp());
+        self.varint(t.timestamp_subsec_nanos() as u128);
+    }
+
+    fn value(&mut self, v: &Value) {
+        match v {
+            Value::Null => self.u8(0),
+            Value::Text(s) => {
+                self.u8(1);
+                self.str(s);
+            }
+            Value::Int(i) => {
+                self.u8(2);
+                self.int(*i);
+            }
+            Value::Decimal(d) => {
+                // Sign and scale in one byte (scale ≤ 28), then the 96-bit magnitude.
+                self.u8(3);
+                self.u8(d.scale() as u8 | if d.is_sign_negative() { 0x80 } else { 0 });
+                self.varint(d.mantissa().unsigned_abs());
+            }
+            Value::Tags(tags) => {
+                self.u8(4);
+                self.varint(tags.len() as u128);
+                for t in tags {
+                    self.str(t);
+                }
+            }
+            Value::Json(j) => {
+                self.u8(5);
+                // serde_json writes any `Value` (its map keys are strings).
+                self.str(&serde_json::to_string(j).unwrap_or_else(|_| "null".into()));
+            }
+        }
+    }
+}
+
+/// Reads values back from a byte slice.
+pub(crate) struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        let (&b, rest) = self.0.split_first().ok_or("value ends early")?;
+        self.0 = rest;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> Result<u128, DecodeError> {
+        let mut v: u128 = 0;
+        for shift in (0..128).step_by(7) {
+            let b = self.u8()?;
+            v |= u128::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint too long")
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        u64::try_from(self.varint()?).map_err(|_| "number out of range")
+    }
+
+    fn len(&mut self) -> Result<usize, DecodeError> {
+        let n = usize::try_from(self.varint()?).map_err(|_| "length out of range")?;
+        // A length beyond the remaining bytes is corruption, not a reason to allocate.
+        if n > self.0.len() {
+            return Err("length beyond the value");
+        }
+        Ok(n)
+    }
+
+    fn int(&mut self) -> Result<i64, DecodeError> {
+        let z = self.u64()?;
+        Ok(((z >> 1) as i64) ^ -((z & 1) as i64))
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if n > self.0.len() {
+            return Err("value ends early");
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn str(&mut self) -> Result<&'a str, DecodeError> {
+        let n = self.len()?;
+        std::str::from_utf8(self.bytes(n)?).map_err(|_| "text is not UTF-8")
+    }
+
+    fn time(&mut self) -> Result<DateTime<Utc>, DecodeError> {
+        let secs = self.int()?;
+        let nanos = u32::try_from(self.varint()?).map_err(|_| "bad nanoseconds")?;
+        DateTime::from_timestamp(secs, nanos).ok_or("timestamp out of range")
+    }
+
+    fn value(&mut self) -> Result<Value, DecodeError> {
+        Ok(match self.u8()? {
+            0 => Value::Null,
+            1 => Value::Text(self.str()?.to_owned()),
+            2 => Value::Int(self.int()?),
+            3 => {
+                let flags = self.u8()?;
+                let magnitude = i128::try_from(self.varint()?).map_err(|_| "bad decimal")?;
+                let m = if flags & 0x80 != 0 {
+                    -magnitude
+                } else {
+                    magnitude
+                };
+                let mut d = Decimal::try_from_i128_with_scale(m, u32::from(flags & 0x7f))
+                    .map_err(|_| "bad decimal")?;
+                // A negative zero has no negative mantissa to carry its sign.
+                d.set_sign_negative(flags & 0x80 != 0);
+                Value::Decimal(d)
+            }
+            4 => {
+                let n = self.len()?;
+                let mut tags = BTreeSet::new();
+                for _ in 0..n {
+                    tags.insert(self.str()?.to_owned());
+                }
+                Value::Tags(tags)
+            }
+            5 => Value::Json(serde_json::from_str(self.str()?).map_err(|_| "bad JSON value")?),
+            _ => return Err("unknown value type"),
+        })
+    }
+
+    fn format(&mut self) -> Result<(), DecodeError> {
+        match self.u8()? {
+            FORMAT => Ok(()),
+            _ => Err("unknown format"),
+        }
+    }
+
+    fn end(&self) -> Result<(), DecodeError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err("trailing bytes")
+        }
+    }
+}
+
+/// A company without its id (the id is the table key). Connector names are written once
+/// per company and referred to by index; standard field names by their index in
+/// [`STANDARD_FIELDS`].
+pub(crate) fn encode_company(c: &Company) -> Vec<u8> {
+    let mut w = Writer::with_capacity(64 + c.fields.len() * 32);
+    w.u8(FORMAT);
+    let mut connectors: Vec<&str> = Vec::with_capacity(2);
+    for s in c.fields.values() {
+        if !connectors.contains(&s.source.connector.as_str()) {
+            connectors.push(&s.source.connector);
+        }
+    }
+    w.varint(connectors.len() as u128);
+    for name in &connectors {
+        w.str(name);
+    }
+    w.varint(c.fields.len() as u128);
+    for (name, state) in &c.fields {
+        match STANDARD_FIELDS.iter().position(|(n, _)| *n == name) {
+            Some(i) => w.u8(i as u8),
+            None => {
+                w.u8(CUSTOM_NAME);
+                w.str(name);
+            }
+        }
+        let conn = connectors
+            .iter()
+            .position(|n| *n == state.source.connector)
+            .expect("every connector was collected above");
+        w.varint(conn as u128);
+        w.time(&state.source.vendor_ts);
+        w.value(&state.value);
+    }
+    w.0
+}
+
+/// The company stored under `id`.
+pub(crate) fn decode_company(id: &str, bytes: &[u8]) -> Result<Company, DecodeError> {
+    let mut r = Reader(bytes);
+    r.format()?;
+    let n = r.len()?;
+    let mut connectors = Vec::with_capacity(n);
+    for _ in 0..n {
+        connectors.push(r.str()?);
+    }
+    let n = r.len()?;
+    let mut fields = BTreeMap::new();
+    for _ in 0..n {
+        let name = match r.u8()? {
+            CUSTOM_NAME => r.str()?.to_owned(),
+            i => STANDARD_FIELDS
+                .get(usize::from(i))
+                .ok_or("unknown field index")?
+                .0
+                .to_owned(),
+        };
+        let conn = usize::try_from(r.varint()?).map_err(|_| "bad connector index")?;
+        let connector = (*connectors.get(conn).ok_or("bad connector index")?).to_owned();
+        let vendor_ts = r.time()?;
+        let value = r.value()?;
+        fields.insert(
+            name,
+            FieldState {
+                value,
+                source: Provenance {
+                    connector,
+                    vendor_ts,
+                },
+            },
+        );
+    }
+    r.end()?;
+    Ok(Company {
+        id: CanonicalId::from(id),
+        fields,
+    })
+}
+
+/// Ledger hash kinds: 32 raw bytes of a lowercase hex SHA-256, or the text as given.
+const HASH_RAW: u8 = 0;
+const HASH_TEXT: u8 = 1;
+
+pub(crate) fn encode_ledger(e: &LedgerEntry) -> Vec<u8> {
+    let mut w = Writer::with_capacity(48);
+    w.u8(FORMAT);
+    let raw = (e.hash.len() == 64)
+        .then(|| hex::decode(&e.hash).ok())
+        .flatten()
+        // Only a form that encodes back to the same text may be stored as bytes.
+        .filter(|b| hex::encode(b) == e.hash);
+    match raw {
+        Some(bytes) => {
+            w.u8(HASH_RAW);
+            w.0.extend_from_slice(&bytes);
+        }
+        None => {
+            w.u8(HASH_TEXT);
+            w.str(&e.hash);
+        }
+    }
+    w.time(&e.at);
+    w.0
+}
+
+pub(crate) fn decode_ledger(bytes: &[u8]) -> Result<LedgerEntry, DecodeError> {
+    let mut r = Reader(bytes);
+    r.format()?;
+    let hash = match r.u8()? {
+        HASH_RAW => hex::encode(r.bytes(32)?),
+        HASH_TEXT => r.str()?.to_owned(),
+        _ => return Err("unknown hash kind"),
+    };
+    let at = r.time()?;
+    r.end()?;
+    Ok(LedgerEntry { hash, at })
+}
+
+const SENDING: u8 = 1;
+const CHANGED_WHILE_SENDING: u8 = 2;
+const HAS_ERROR: u8 = 4;
+
+pub(crate) fn encode_outbox(e: &OutboxEntry) -> Vec<u8> {
+    let mut w = Writer::with_capacity(64);
+    w.u8(FORMAT);
+    let mut flags = 0;
+    if e.sending {
+        flags |= SENDING;
+    }
+    if e.changed_while_sending {
+        flags |= CHANGED_WHILE_SENDING;
+    }
+    if e.last_error.is_some() {
+        flags |= HAS_ERROR;
+    }
+    w.u8(flags);
+    w.varint(u128::from(e.attempts));
+    w.time(&e.enqueued_at);
+    w.str(&e.canonical_id);
+    if let Some(err) = &e.last_error {
+        w.str(err);
+    }
+    w.0
+}
+
+pub(crate) fn decode_outbox(bytes: &[u8]) -> Result<OutboxEntry, DecodeError> {
+    let mut r = Reader(bytes);
+    r.format()?;
+    let flags = r.u8()?;
+    let attempts = u32::try_from(r.varint()?).map_err(|_| "attempts out of range")?;
+    let enqueued_at = r.time()?;
+    let canonical_id = r.str()?.to_owned();
+    let last_error = if flags & HAS_ERROR != 0 {
+        Some(r.str()?.to_owned())
+    } else {
+        None
+    };
+    r.end()?;
+    Ok(OutboxEntry {
+        canonical_id,
+        enqueued_at,
+        attempts,
+        last_error,
+        sending: flags & SENDING != 0,
+        changed_while_sending: flags & CHANGED_WHILE_SENDING != 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::model::parse_decimal;
+
+    fn ts(secs: i64, nanos: u32) -> DateTime<Utc> {
+        Utc.timestamp_opt(secs, nanos).unwrap()
+    }
+
+    fn state(value: Value, connector: &str, t: DateTime<Utc>) -> FieldState {
+        FieldState {
+            value,
+            source: Provenance {
+                connector: connector.into(),
+                vendor_ts: t,
+            },
+        }
+    }
+
+    #[test]
+    fn companies_round_trip_every_value_type_exactly() {
+        let mut c = Company::new("0190-abc".into());
+        let f = &mut c.fields;
+        f.insert(
+            "name".into(),
+            state(Value::Text("Ünïcode AG".into()), "rally", ts(1, 5)),
+        );
+        f.insert("notes".into(), state(Value::Null, "marketo", ts(-10, 0)));
+        f.insert(
+            "employeeCount".into(),
+            state(Value::Int(i64::MIN), "rally", ts(0, 0)),
+        );
+        for (i, d) in [
+            "45000000.50",
+            "-0.0001",
+            "79228162514264337593543950335",
+            "0",
+        ]
+        .iter()
+        .enumerate()
+        {
+            f.insert(
+                format!("custom.d{i}"),
+                state(
+                    Value::Decimal(parse_decimal(d).unwrap()),
+                    "amocrm",
+                    ts(2, 999_999_999),
+                ),
+            );
+        }
+        f.insert(
+            "tags".into(),
+            state(
+                Value::Tags(["a".into(), String::new()].into()),
+                "rally",
+                ts(3, 0),
+            ),
+        );
+        f.insert(
+            "custom.raw".into(),
+            state(
+                Value::Json(serde_json::json!({"z": 1.50, "a": [null, "x"]})),
+                "amocrm",
+                ts(4, 0),
+            ),
+        );
+        let back = decode_company(&c.id, &encode_company(&c)).expect("decodes");
+        assert_eq!(back, c);
+        // Trailing zeros of decimals are kept, not normalised away.
+        assert_eq!(back.get("custom.d0").unwrap().to_string(), "45000000.50");
+    }
+
+    #[test]
+    fn ledger_and_outbox_entries_round_trip() {
+        for hash in [
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08",
+            "short",
+        ] {
+            let e = LedgerEntry {
+                hash: hash.into(),
+                at: ts(1_700_000_000, 123),
+            };
+            assert_eq!(decode_ledger(&encode_ledger(&e)), Ok(e));
+        }
+        for (sending, changed, err) in [(false, false, None), (true, true, Some("boom"))] {
+            let e = OutboxEntry {
+                canonical_id: "c1".into(),
+                enqueued_at: ts(5, 6),
+                attempts: 3,
+                last_error: err.map(String::from),
+                sending,
+                changed_while_sending: changed,
+            };
+            assert_eq!(decode_outbox(&encode_outbox(&e)), Ok(e));
+        }
+    }
+
+    #[test]
+    fn truncated_values_are_errors_not_panics() {
+        let mut c = Company::new("c".into());
+        c.fields.insert(
+            "name".into(),
+            state(Value::Text("Acme".into()), "rally", ts(1, 0)),
+        );
+        let bytes = encode_company(&c);
+        for n in 0..bytes.len() {
+            assert!(
+                decode_company("c", &bytes[..n]).is_err(),
+                "prefix of {n} bytes decoded"
+            );
+        }
+    }
+}
