@@ -299,19 +299,20 @@ async fn part_backfill() {
     let cpu0 = cpu_seconds();
     // Per page: source, time, and requests so far per simulator (rally, marketo, amocrm).
     let pages: Arc<Mutex<Vec<(String, Duration, [u64; 3])>>> = Arc::default();
-    let samples: Arc<Mutex<Vec<(Duration, [f64; 2])>>> = Arc::default();
+    let samples: Arc<Mutex<Vec<(Duration, [f64; 2], u64)>>> = Arc::default();
     let stop = CancellationToken::new();
     let sampler = {
         let (m, samples, stop) = (metrics.clone(), samples.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.is_cancelled() {
                 let v = [pushed(&m, "amocrm"), pushed(&m, "marketo")];
-                samples.lock().unwrap().push((t0.elapsed(), v));
+                let rss = status_kib("VmRSS:");
+                samples.lock().unwrap().push((t0.elapsed(), v, rss));
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
     };
-    let cpu_read_end = Arc::new(Mutex::new(0.0));
+    let cpu_read_end = Arc::new(Mutex::new((0.0, 0)));
     let report = {
         let pages = pages.clone();
         let cpu_read_end = cpu_read_end.clone();
@@ -326,7 +327,7 @@ async fn part_backfill() {
                 .lock()
                 .unwrap()
                 .push((src.to_string(), t0.elapsed(), calls));
-            *cpu_read_end.lock().unwrap() = cpu_seconds();
+            *cpu_read_end.lock().unwrap() = (cpu_seconds(), status_kib("VmRSS:"));
         };
         engine
             .backfill(
@@ -357,14 +358,14 @@ async fn part_backfill() {
     let done_at = |i: usize, goal: f64| {
         samples
             .iter()
-            .find(|(_, v)| v[i] >= goal)
-            .map(|(t, _)| *t)
-            .unwrap_or(total)
+            .find(|(_, v, _)| v[i] >= goal)
+            .map(|(t, _, rss)| (*t, *rss))
+            .unwrap_or((total, 0))
     };
     let (amo_n, mk_n) = (pushed(&metrics, "amocrm"), pushed(&metrics, "marketo"));
     // Backfill drains targets in name order: amocrm, then marketo, then rally (empty).
-    let amo_end = done_at(0, amo_n);
-    let mk_end = done_at(1, mk_n);
+    let (amo_end, rss_amo_end) = done_at(0, amo_n);
+    let (mk_end, _) = done_at(1, mk_n);
     let stats = sims.stats();
     // Calls of the phase: Rally's are all reads; a target's push calls are those after the
     // last page was read (its own read of an empty CRM comes before).
@@ -444,12 +445,16 @@ async fn part_backfill() {
     );
     println!("limit rejections: {}", rejections(&stats));
     println!(
-        "VmRSS: after simulators seeded {:.1} MiB, after connectors started {:.1} MiB, at end {:.1} MiB",
+        "VmRSS: after simulators seeded {:.1} MiB, after connectors started {:.1} MiB, after the read {:.1} MiB, after the amoCRM push {:.1} MiB, at end {:.1} MiB; store file {:.1} MiB",
         mib(rss_sims),
         mib(rss_engine),
-        mib(status_kib("VmRSS:"))
+        mib(cpu_read_end.lock().unwrap().1),
+        mib(rss_amo_end),
+        mib(status_kib("VmRSS:")),
+        std::fs::metadata(dir.path().join("crmbridge.redb")).map_or(0, |m| m.len()) as f64
+            / 1048576.0
     );
-    let cpu_read = *cpu_read_end.lock().unwrap() - cpu0;
+    let cpu_read = cpu_read_end.lock().unwrap().0 - cpu0;
     println!(
         "CPU (process incl. simulators): {cpu_total:.1} s total = {:.2} s per 10k companies; read phase {:.2} s per 10k; push phases {:.2} s per 10k (2 targets)",
         cpu_total / (n as f64 / 10_000.0),
