@@ -298,8 +298,11 @@ async fn part_backfill() {
     let t0 = Instant::now();
     let cpu0 = cpu_seconds();
     // Per page: source, time, and requests so far per simulator (rally, marketo, amocrm).
-    let pages: Arc<Mutex<Vec<(String, Duration, [u64; 3])>>> = Arc::default();
-    let samples: Arc<Mutex<Vec<(Duration, [f64; 2], u64)>>> = Arc::default();
+    type PageLog = Vec<(String, Duration, [u64; 3])>;
+    let pages: Arc<Mutex<PageLog>> = Arc::default();
+    // Every 5 ms: time, pushed counters (amocrm, marketo), VmRSS KiB.
+    type Samples = Vec<(Duration, [f64; 2], u64)>;
+    let samples: Arc<Mutex<Samples>> = Arc::default();
     let stop = CancellationToken::new();
     let sampler = {
         let (m, samples, stop) = (metrics.clone(), samples.clone(), stop.clone());
@@ -897,14 +900,14 @@ async fn part_latency() {
             v.last().copied().unwrap_or(f64::NAN)
         );
     };
-    for s in 0..3 {
+    for (s, src) in CRM_LABEL.iter().enumerate() {
         for t in (0..3).filter(|t| *t != s) {
             let v = arrivals
                 .iter()
                 .filter(|(ss, tt, _)| *ss == s && *tt == t)
                 .map(|a| a.2)
                 .collect();
-            row(format!("{} → {}", CRM_LABEL[s], CRM_LABEL[t]), v);
+            row(format!("{src} → {}", CRM_LABEL[t]), v);
         }
     }
     row("all".to_string(), arrivals.iter().map(|a| a.2).collect());
