@@ -73,7 +73,15 @@ pub fn http_client(
         (None, Some(r)) => RateLimit::PerSecond(r),
         (None, None) => RateLimit::Unlimited,
     };
+    // Network and scheduling jitter eats into the spacing: a 1 s window has little room,
+    // so per-second limits keep a wider margin (≈ 91 % of the limit) than Marketo's 20 s
+    // window (≈ 95 %).
+    let rate_safety_margin = match rate {
+        RateLimit::PerSecond(_) => 0.10,
+        _ => 0.05,
+    };
     let cfg = HttpConfig {
+        rate_safety_margin,
         connect_timeout: common.timeouts.connect,
         read_timeout: common.timeouts.read,
         write_timeout: common.timeouts.write,

@@ -443,11 +443,15 @@ impl Engine {
             }
             return Ok(report);
         }
-        for t in &targets {
-            if shutdown.is_cancelled() {
-                break;
-            }
-            match self.drain_all(t, shutdown).await {
+        // Targets are independent APIs with their own limits: drain them at once.
+        let drains = futures::future::join_all(
+            targets
+                .iter()
+                .map(|t| async move { (t, self.drain_all(t, shutdown).await) }),
+        )
+        .await;
+        for (t, result) in drains {
+            match result {
                 Ok(s) => {
                     report.pushed.insert(t.clone(), s);
                 }

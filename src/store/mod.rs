@@ -52,6 +52,9 @@ pub use types::{
 ///   hashes are those of the hand-written [`crate::model::content_hash`].
 pub const SCHEMA_VERSION: u32 = 2;
 
+/// Bytes of redb page cache (the default would be 1 GiB).
+const STORE_CACHE_BYTES: usize = 32 << 20;
+
 // The meta table's types must never change: it is read before the version is known.
 const META: Tbl<&str, u32> = Tbl::new("meta", |t| &t.meta);
 const SCHEMA_KEY: &str = "schema_version";
@@ -164,7 +167,12 @@ impl Store {
                 source,
             })?;
         }
-        let db = match Database::create(path) {
+        // redb's default page cache is 1 GiB; the working set of a sync is small, and the
+        // daemon's memory must not grow with the store.
+        let db = match redb::Builder::new()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(path)
+        {
             Ok(db) => db,
             Err(DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StoreError::Locked {
