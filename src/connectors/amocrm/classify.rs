@@ -48,7 +48,9 @@ fn body_retry_after(resp: &ApiResponse) -> Option<Duration> {
         Value::String(s) => s.trim().parse::<f64>().ok()?,
         _ => return None,
     };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    // `try_`: a negative, NaN or astronomically large value (`1e30`, found by fuzzing)
+    // is no usable wait, not a reason to panic; the HTTP layer caps sane ones.
+    Duration::try_from_secs_f64(secs).ok()
 }
 
 impl Classifier for AmoClassifier {
@@ -100,5 +102,51 @@ impl Classifier for AmoClassifier {
                 detail: resp.text_snippet(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::StatusCode;
+    use reqwest::header::HeaderMap;
+
+    fn answer_429(body: &str) -> ApiResponse {
+        ApiResponse {
+            connector: "amo".into(),
+            endpoint: "GET companies",
+            status: StatusCode::TOO_MANY_REQUESTS,
+            headers: HeaderMap::new(),
+            body: body.as_bytes().to_vec(),
+            json: serde_json::from_str(body).ok(),
+        }
+    }
+
+    fn classify_429(body: &str) -> Outcome {
+        AmoClassifier {
+            kind: CallKind::Read,
+            ban_cooldown: Duration::from_secs(60),
+        }
+        .classify(&answer_429(body))
+    }
+
+    #[test]
+    fn a_429_with_an_unrepresentable_retry_after_waits_the_minimum_instead_of_panicking() {
+        for body in [r#"{"retry_after": 1e30}"#, r#"{"retry_after": "1e30"}"#] {
+            let outcome = classify_429(body);
+            assert!(
+                matches!(outcome, Outcome::Throttled { after: Some(a), .. } if a == MIN_THROTTLE_WAIT),
+                "body {body} classified as {outcome:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_429_retry_after_in_the_body_is_the_wait() {
+        let outcome = classify_429(r#"{"retry_after": 2.5}"#);
+        assert!(
+            matches!(outcome, Outcome::Throttled { after: Some(a), .. } if a == Duration::from_millis(2500)),
+            "classified as {outcome:?}"
+        );
     }
 }
