@@ -51,8 +51,11 @@ pub async fn run(args: BackfillArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
+            if !e.is_store_locked() {
+                return ExitCode::FAILURE;
+            }
             eprintln!(
-                "hint: if the daemon is running it holds the store; stop it first \
+                "hint: the daemon is probably running and holds the store; stop it first \
                  (systemctl stop crmbridge) — its own loops keep syncing meanwhile — \
                  then run backfill and start it again"
             );

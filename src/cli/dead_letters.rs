@@ -68,7 +68,9 @@ pub fn run(args: DeadLetterArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            eprintln!("hint: stop the daemon first; it holds the store");
+            if e.is_store_locked() {
+                eprintln!("hint: stop the daemon first; it holds the store");
+            }
             return ExitCode::FAILURE;
         }
     };

@@ -69,6 +69,13 @@ pub fn open_store(config: &Config) -> Result<Arc<Store>, DaemonError> {
         })
 }
 
+impl DaemonError {
+    /// True when the store is held by another process (most likely the running daemon).
+    pub fn is_store_locked(&self) -> bool {
+        matches!(self, DaemonError::Store { source, .. } if matches!(**source, StoreError::Locked { .. }))
+    }
+}
+
 /// Sync rules from the config.
 pub fn engine_settings(config: &Config) -> EngineSettings {
     let enabled: Vec<&String> = config
