@@ -172,17 +172,35 @@ impl Engine {
         };
         let mut total = IngestStats::default();
         let busy = format!("poll:{source}");
+        let mut prefetched: Option<crate::connector::Page> = None;
         loop {
             self.set_busy(&busy, true);
-            let page = ep.connector.poll(&cursor, mode).await;
-            let page = page.inspect_err(|_| self.set_busy(&busy, false))?;
+            let page = match prefetched.take() {
+                Some(p) => p,
+                None => ep
+                    .connector
+                    .poll(&cursor, mode)
+                    .await
+                    .inspect_err(|_| self.set_busy(&busy, false))?,
+            };
             let more = page.more;
             cursor = page.next.clone();
-            let stats = {
-                let (source, key) = (source.to_string(), key.to_string());
-                self.blocking(move |e| e.ingest_page(&source, &page, &key))
-                    .await?
+            let ingest = {
+                let (me, source, key) = (self.clone(), source.to_string(), key.to_string());
+                tokio::task::spawn_blocking(move || me.ingest_page(&source, &page, &key))
             };
+            // While this page commits, fetch the next one: its cursor is already known, and
+            // it is stored only after this page's commit succeeded (invariant 1 holds).
+            let (stats, fetched) = if more && !shutdown.is_cancelled() {
+                let (stats, fetched) = tokio::join!(ingest, ep.connector.poll(&cursor, mode));
+                (stats, Some(fetched))
+            } else {
+                (ingest.await, None)
+            };
+            let stats = stats
+                .map_err(|e| EngineError::Join(e.to_string()))
+                .and_then(|r| r)
+                .inspect_err(|_| self.set_busy(&busy, false))?;
             let l = [("connector", source)];
             self.metrics
                 .inc("crmbridge_records_read_total", &l, stats.read as f64);
@@ -190,6 +208,9 @@ impl Engine {
                 .inc("crmbridge_records_merged_total", &l, stats.merged as f64);
             on_page(&stats);
             add_ingest(&mut total, &stats);
+            if let Some(fetched) = fetched {
+                prefetched = Some(fetched.inspect_err(|_| self.set_busy(&busy, false))?);
+            }
             if !more {
                 self.set_busy(&busy, false);
                 self.metrics.set(
