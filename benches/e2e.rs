@@ -7,18 +7,17 @@
 //! its peak RSS (VmHWM) and CPU time are its own. The simulators run inside that process
 //! too: CPU and RSS figures include them.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{Offline, synthetic_record};
 
-use async_trait::async_trait;
-use chrono::{TimeZone, Utc};
 use crmbridge::config::Config;
-use crmbridge::connector::{
-    Connector, ConnectorError, Cursor, Page, PollMode, PushItem, PushOutcome, VendorRecord,
-};
+use crmbridge::connector::{Cursor, Page, VendorRecord};
 use crmbridge::daemon::metrics::Metrics;
 use crmbridge::daemon::service::{build_engine, open_store};
 use crmbridge::engine::{BackfillOptions, Endpoint, Engine, EngineSettings, MatchKeyKind};
@@ -26,11 +25,11 @@ use crmbridge::mapping::{Mapping, MappingRules};
 use crmbridge::model::{CrmKind, normalize_domain};
 use crmbridge::sim::amocrm::{AmoSim, AmoSimConfig};
 use crmbridge::sim::cluster::{SIM_MARKETO_DAILY_QUOTA, overlapping_indices};
-use crmbridge::sim::common::{StatsSnapshot, seed_company};
+use crmbridge::sim::common::StatsSnapshot;
 use crmbridge::sim::marketo::{MarketoSim, MarketoSimConfig};
 use crmbridge::sim::rally::{RallySim, RallySimConfig};
 use crmbridge::store::Store;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 /// Connector names, in the order the engine walks them.
@@ -476,46 +475,9 @@ async fn part_backfill() {
 // Part 2: scale
 // ---------------------------------------------------------------------------------------
 
-/// Never called: the fill feeds pages straight into the engine.
-struct Offline(String);
-
-#[async_trait]
-impl Connector for Offline {
-    fn name(&self) -> &str {
-        &self.0
-    }
-    async fn start(&self) -> Result<(), ConnectorError> {
-        Ok(())
-    }
-    async fn poll(&self, _: &Cursor, _: &PollMode) -> Result<Page, ConnectorError> {
-        unreachable!("offline fill")
-    }
-    fn max_batch(&self) -> usize {
-        100
-    }
-    async fn push(&self, _: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
-        unreachable!("offline fill")
-    }
-}
-
 /// A synthetic Rally record from a seed universe that the simulators (seed 1) do not use.
 fn synthetic(i: usize) -> VendorRecord {
-    let c = seed_company(7, i);
-    let fields: Map<String, Value> = json!({
-        "name": c.name, "domain": format!("fill-{i}.{}", c.domain), "industry": c.industry,
-        "employeeCount": c.employee_count,
-        "annualRevenue": serde_json::from_str::<Value>(&c.annual_revenue.to_string()).unwrap(),
-        "phone": c.phone, "city": c.city, "country": c.country, "tags": c.tags,
-    })
-    .as_object()
-    .unwrap()
-    .clone();
-    VendorRecord {
-        vendor_id: format!("fill-{i}"),
-        updated_at: Utc.timestamp_opt(1_600_000_000 + i as i64, 0).unwrap(),
-        fields,
-        deleted: false,
-    }
+    synthetic_record(i, "fill", Some("fill"), 1_600_000_000)
 }
 
 /// Child process: fills the store at `E2E_FILL_PATH` with `E2E_FILL_N` companies linked

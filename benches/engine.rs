@@ -3,61 +3,22 @@
 //! plus store bytes per company. Run: `cargo bench --bench engine` (results in
 //! BENCHMARKS.md). `ENGINE_BENCH_RECORDS` sets the record count (default 100000).
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Instant;
+use support::{Offline, synthetic_record};
 
-use async_trait::async_trait;
-use chrono::{TimeZone, Utc};
-use crmbridge::connector::{
-    Connector, ConnectorError, Cursor, Page, PollMode, PushItem, PushOutcome, VendorRecord,
-};
+use crmbridge::connector::{Cursor, Page, VendorRecord};
 use crmbridge::daemon::metrics::Metrics;
 use crmbridge::engine::{Endpoint, Engine, EngineSettings, MatchKeyKind};
 use crmbridge::mapping::{Mapping, MappingRules};
 use crmbridge::model::CrmKind;
-use crmbridge::sim::common::seed_company;
 use crmbridge::store::Store;
-use serde_json::{Map, Value, json};
-
-/// Never called: the benchmark feeds pages straight into the engine.
-struct Offline(String);
-
-#[async_trait]
-impl Connector for Offline {
-    fn name(&self) -> &str {
-        &self.0
-    }
-    async fn start(&self) -> Result<(), ConnectorError> {
-        Ok(())
-    }
-    async fn poll(&self, _: &Cursor, _: &PollMode) -> Result<Page, ConnectorError> {
-        unreachable!("offline benchmark")
-    }
-    fn max_batch(&self) -> usize {
-        100
-    }
-    async fn push(&self, _: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
-        unreachable!("offline benchmark")
-    }
-}
+use serde_json::json;
 
 fn record(i: usize) -> VendorRecord {
-    let c = seed_company(7, i);
-    let fields: Map<String, Value> = json!({
-        "name": c.name, "domain": c.domain, "industry": c.industry,
-        "employeeCount": c.employee_count,
-        "annualRevenue": serde_json::from_str::<Value>(&c.annual_revenue.to_string()).unwrap(),
-        "phone": c.phone, "city": c.city, "country": c.country, "tags": c.tags,
-    })
-    .as_object()
-    .unwrap()
-    .clone();
-    VendorRecord {
-        vendor_id: format!("r-{i}"),
-        updated_at: Utc.timestamp_opt(1_700_000_000 + i as i64, 0).unwrap(),
-        fields,
-        deleted: false,
-    }
+    synthetic_record(i, "r", None, 1_700_000_000)
 }
 
 fn main() {
