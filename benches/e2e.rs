@@ -9,9 +9,11 @@
 
 mod support;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{Offline, synthetic_record};
@@ -79,6 +81,80 @@ fn status_kib(field: &str) -> u64 {
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
+}
+
+/// The system allocator, counting the bytes allocated and not yet freed, so the report can
+/// tell memory in use (live heap) from memory the allocator merely keeps (RSS − heap).
+struct CountingAlloc;
+
+static HEAP_LIVE: AtomicUsize = AtomicUsize::new(0);
+static HEAP_PEAK: AtomicUsize = AtomicUsize::new(0);
+
+impl CountingAlloc {
+    fn added(n: usize) {
+        let now = HEAP_LIVE.fetch_add(n, Ordering::Relaxed) + n;
+        HEAP_PEAK.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to `System`; only counters are updated.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            Self::added(layout.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            Self::added(layout.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        HEAP_LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            HEAP_LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            Self::added(new_size);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// Live heap bytes in KiB (see [`CountingAlloc`]).
+fn heap_kib() -> u64 {
+    (HEAP_LIVE.load(Ordering::Relaxed) / 1024) as u64
+}
+
+/// VmRSS and live heap now, in KiB.
+#[derive(Clone, Copy, Default)]
+struct Mem {
+    rss: u64,
+    heap: u64,
+}
+
+impl Mem {
+    fn now() -> Mem {
+        Mem {
+            rss: status_kib("VmRSS:"),
+            heap: heap_kib(),
+        }
+    }
+}
+
+impl std::fmt::Display for Mem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.0} ({:.0}) MiB", mib(self.rss), mib(self.heap))
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -280,12 +356,12 @@ async fn part_backfill() {
     let dir = tempfile::tempdir().unwrap();
     let sims = Sims::start(l, [(0..n).collect(), vec![], vec![]]).await;
     let cfg = sims.config(l, dir.path(), &dir.path().join("crmbridge.redb"), "1m");
-    let rss_sims = status_kib("VmRSS:");
+    let mem_sims = Mem::now();
     let metrics = Arc::new(Metrics::new());
     let engine = build_engine(&cfg, open_store(&cfg).unwrap(), metrics.clone())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let rss_engine = status_kib("VmRSS:");
+    let mem_engine = Mem::now();
     let setup_calls: BTreeMap<&str, u64> = sims
         .stats()
         .iter()
@@ -299,8 +375,8 @@ async fn part_backfill() {
     // Per page: source, time, and requests so far per simulator (rally, marketo, amocrm).
     type PageLog = Vec<(String, Duration, [u64; 3])>;
     let pages: Arc<Mutex<PageLog>> = Arc::default();
-    // Every 5 ms: time, pushed counters (amocrm, marketo), VmRSS KiB.
-    type Samples = Vec<(Duration, [f64; 2], u64)>;
+    // Every 5 ms: time, pushed counters (amocrm, marketo), VmRSS and heap.
+    type Samples = Vec<(Duration, [f64; 2], Mem)>;
     let samples: Arc<Mutex<Samples>> = Arc::default();
     let stop = CancellationToken::new();
     let sampler = {
@@ -308,13 +384,12 @@ async fn part_backfill() {
         tokio::spawn(async move {
             while !stop.is_cancelled() {
                 let v = [pushed(&m, "amocrm"), pushed(&m, "marketo")];
-                let rss = status_kib("VmRSS:");
-                samples.lock().unwrap().push((t0.elapsed(), v, rss));
+                samples.lock().unwrap().push((t0.elapsed(), v, Mem::now()));
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
     };
-    let cpu_read_end = Arc::new(Mutex::new((0.0, 0)));
+    let cpu_read_end = Arc::new(Mutex::new((0.0, Mem::default())));
     let report = {
         let pages = pages.clone();
         let cpu_read_end = cpu_read_end.clone();
@@ -329,7 +404,7 @@ async fn part_backfill() {
                 .lock()
                 .unwrap()
                 .push((src.to_string(), t0.elapsed(), calls));
-            *cpu_read_end.lock().unwrap() = (cpu_seconds(), status_kib("VmRSS:"));
+            *cpu_read_end.lock().unwrap() = (cpu_seconds(), Mem::now());
         };
         engine
             .backfill(
@@ -344,10 +419,12 @@ async fn part_backfill() {
     let cpu_total = cpu_seconds() - cpu0;
     stop.cancel();
     sampler.await.unwrap();
+    // Before anything below renders records (which would itself cost memory).
+    let mem_end = Mem::now();
     assert!(report.ok(), "backfill failed: {report:?}");
 
-    let pages = pages.lock().unwrap().clone();
-    let samples = samples.lock().unwrap().clone();
+    let pages = std::mem::take(&mut *pages.lock().unwrap());
+    let samples = std::mem::take(&mut *samples.lock().unwrap());
     // Rally read: from the last page of the source read before it to its own last page.
     let rally_first = pages.iter().position(|(s, _, _)| s == "rally").unwrap();
     let read_start = if rally_first == 0 {
@@ -361,13 +438,13 @@ async fn part_backfill() {
         samples
             .iter()
             .find(|(_, v, _)| v[i] >= goal)
-            .map(|(t, _, rss)| (*t, *rss))
-            .unwrap_or((total, 0))
+            .map(|(t, _, mem)| (*t, *mem))
+            .unwrap_or((total, mem_end))
     };
     let (amo_n, mk_n) = (pushed(&metrics, "amocrm"), pushed(&metrics, "marketo"));
     // Backfill drains targets in name order: amocrm, then marketo, then rally (empty).
-    let (amo_end, rss_amo_end) = done_at(0, amo_n);
-    let (mk_end, _) = done_at(1, mk_n);
+    let (amo_end, mem_amo_end) = done_at(0, amo_n);
+    let (mk_end, mem_mk_end) = done_at(1, mk_n);
     let stats = sims.stats();
     // Calls of the phase: Rally's are all reads; a target's push calls are those after the
     // last page was read (its own read of an empty CRM comes before).
@@ -379,8 +456,8 @@ async fn part_backfill() {
         };
         stats[k].total_requests() - at_read_end
     };
-    let amo_in_sim = sims.amocrm.dump().len();
-    let mk_in_sim = sims.marketo.dump().len();
+    let amo_in_sim = sims.amocrm.company_count();
+    let mk_in_sim = sims.marketo.company_count();
 
     println!(
         "\n## Part 1: backfill of {n} companies seeded only in Rally (limits x{})",
@@ -447,12 +524,8 @@ async fn part_backfill() {
     );
     println!("limit rejections: {}", rejections(&stats));
     println!(
-        "VmRSS: after simulators seeded {:.1} MiB, after connectors started {:.1} MiB, after the read {:.1} MiB, after the amoCRM push {:.1} MiB, at end {:.1} MiB; store file {:.1} MiB",
-        mib(rss_sims),
-        mib(rss_engine),
-        mib(cpu_read_end.lock().unwrap().1),
-        mib(rss_amo_end),
-        mib(status_kib("VmRSS:")),
+        "VmRSS (live heap): after simulators seeded {mem_sims}, after connectors started {mem_engine}, after the read {}, amoCRM push done {mem_amo_end}, Marketo push done {mem_mk_end}, at end {mem_end}; store file {:.1} MiB",
+        cpu_read_end.lock().unwrap().1,
         std::fs::metadata(dir.path().join("crmbridge.redb")).map_or(0, |m| m.len()) as f64
             / 1048576.0
     );
@@ -464,10 +537,22 @@ async fn part_backfill() {
         (cpu_total - cpu_read) / (n as f64 / 10_000.0),
     );
     println!(
-        "peak RSS (VmHWM, process incl. simulators holding {n}+{n}+{n} records): {:.1} MiB",
-        mib(status_kib("VmHWM:"))
+        "peak RSS (VmHWM, process incl. simulators holding {n}+{n}+{n} records): {:.1} MiB; peak live heap {:.1} MiB",
+        mib(status_kib("VmHWM:")),
+        HEAP_PEAK.load(Ordering::Relaxed) as f64 / 1048576.0
     );
-    drop(engine);
+    // What the simulators hold is what stays allocated once crmbridge (engine, connectors,
+    // store) is gone; the rest of the heap at the end was crmbridge's.
+    // (The bench's own page log and 5 ms samples, a few MiB, are dropped first.)
+    drop((engine, metrics, pages, samples));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let heap_sims = heap_kib();
+    println!(
+        "live heap at end: {:.1} MiB = simulators {:.1} MiB (heap left after dropping the engine) + crmbridge {:.1} MiB",
+        mib(mem_end.heap),
+        mib(heap_sims),
+        mib(mem_end.heap.saturating_sub(heap_sims))
+    );
     sims.shutdown().await;
 }
 

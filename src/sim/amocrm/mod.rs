@@ -297,6 +297,11 @@ impl AmoSim {
         self.shared.auth.lock().unwrap().expire_access_tokens();
     }
 
+    /// Number of live companies; cheap, unlike `dump().len()`, which renders every record.
+    pub fn company_count(&self) -> usize {
+        self.shared.account.lock().unwrap().len()
+    }
+
     /// Every live company as `GET /api/v4/companies/{id}` returns it, sorted by id.
     pub fn dump(&self) -> Vec<Value> {
         let acc = self.shared.account.lock().unwrap();

@@ -1201,3 +1201,12 @@ async fn filters_combine_with_every_order_as_a_plain_scan_would() {
         assert_eq!(got, want, "order[{key}]={dir}");
     }
 }
+
+#[tokio::test]
+async fn company_count_follows_creates_and_deletes() {
+    let sim = start(cfg(3)).await;
+    sim.create(json!({"name": "New"}));
+    assert!(sim.delete(5_000_002));
+    assert_eq!(sim.company_count(), 3);
+    assert_eq!(sim.company_count(), sim.dump().len());
+}

@@ -466,6 +466,11 @@ impl MarketoSim {
         }
     }
 
+    /// Number of companies; cheap, unlike `dump().len()`, which renders every record.
+    pub fn company_count(&self) -> usize {
+        self.inner.store.read().unwrap().len()
+    }
+
     /// Every company with every non-null field, as the API would return it, sorted by id.
     pub fn dump(&self) -> Vec<Value> {
         let store = self.inner.store.read().unwrap();

@@ -447,6 +447,11 @@ impl Store {
         }
     }
 
+    /// Number of companies.
+    pub(crate) fn len(&self) -> usize {
+        self.companies.len()
+    }
+
     pub(crate) fn get(&self, id: i64) -> Option<&Company> {
         self.companies.get(&id)
     }

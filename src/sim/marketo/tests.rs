@@ -1040,3 +1040,12 @@ fn config_debug_hides_the_secret() {
     let text = format!("{:?}", MarketoSimConfig::default());
     assert!(!text.contains("marketo-secret"), "{text}");
 }
+
+#[tokio::test]
+async fn company_count_follows_creates_and_deletes() {
+    let sim = start(cfg(3)).await;
+    sim.create(json!({"externalCompanyId": "NEW-1", "company": "New"}));
+    assert!(sim.delete(1001));
+    assert_eq!(sim.company_count(), 3);
+    assert_eq!(sim.company_count(), sim.dump().len());
+}

@@ -150,6 +150,11 @@ impl RallySim {
         *self.shared.limiter.lock().unwrap() = server::limiter(rps);
     }
 
+    /// Number of live companies; cheap, unlike `dump().len()`, which renders every record.
+    pub fn company_count(&self) -> usize {
+        self.shared.store.lock().unwrap().len()
+    }
+
     /// Every live company as wire JSON, sorted by id.
     pub fn dump(&self) -> Vec<Value> {
         let store = self.shared.store.lock().unwrap();

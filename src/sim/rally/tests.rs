@@ -962,3 +962,13 @@ async fn shutdown_stops_listening() {
         .await;
     assert!(after.is_err(), "still answering after shutdown: {after:?}");
 }
+
+#[tokio::test]
+async fn company_count_follows_creates_and_deletes() {
+    let sim = sim_with(3).await;
+    let first = ids(&list(&sim, "").await)[0].clone();
+    sim.create(json!({"name": "New", "domain": "new.example.com"}));
+    assert!(sim.delete(&first));
+    assert_eq!(sim.company_count(), 3);
+    assert_eq!(sim.company_count(), sim.dump().len());
+}
