@@ -5,7 +5,9 @@
 //!
 //! Each part runs in its own child process (this binary again, with `E2E_ROLE` set), so
 //! its peak RSS (VmHWM) and CPU time are its own. The simulators run inside that process
-//! too: CPU and RSS figures include them.
+//! too: CPU and RSS figures include them. Part 1 also reports the live heap (a counting
+//! global allocator) and splits it into the simulators' share (what stays allocated once
+//! the engine is dropped) and crmbridge's.
 
 mod support;
 
