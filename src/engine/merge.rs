@@ -117,7 +117,16 @@ pub enum MatchKeyKind {
 /// The match keys of a record's canonical values, as stored in the match-key table
 /// (`domain:acme.com`, `ext:EXT-1`), in the configured order.
 pub fn match_keys(fields: &Fields, kinds: &[MatchKeyKind]) -> Vec<String> {
-    let text = |name: &str| match fields.get(name) {
+    match_keys_of(|name| fields.get(name), kinds)
+}
+
+/// [`match_keys`] of the values `get` returns by field name (e.g. a company's current
+/// values, without collecting them into [`Fields`]).
+pub fn match_keys_of<'a>(
+    get: impl Fn(&str) -> Option<&'a Value>,
+    kinds: &[MatchKeyKind],
+) -> Vec<String> {
+    let text = |name: &str| match get(name) {
         Some(Value::Text(s)) if !s.trim().is_empty() => Some(s.as_str()),
         _ => None,
     };

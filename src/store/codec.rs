@@ -279,15 +279,26 @@ pub(crate) fn decode_company(id: &str, bytes: &[u8]) -> Result<Company, DecodeEr
 const HASH_RAW: u8 = 0;
 const HASH_TEXT: u8 = 1;
 
+/// The 32 bytes `hash` spells when it is 64 lowercase hex digits — the only form that
+/// encodes back to the same text, hence the only one stored as bytes.
+fn lower_hex_32(hash: &str) -> Option<[u8; 32]> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let text: &[u8; 64] = hash.as_bytes().try_into().ok()?;
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        *o = (digit(pair[0])? << 4) | digit(pair[1])?;
+    }
+    Some(out)
+}
+
 pub(crate) fn encode_ledger(e: &LedgerEntry) -> Vec<u8> {
     let mut w = Writer::with_capacity(48);
     w.u8(FORMAT);
-    let raw = (e.hash.len() == 64)
-        .then(|| hex::decode(&e.hash).ok())
-        .flatten()
-        // Only a form that encodes back to the same text may be stored as bytes.
-        .filter(|b| hex::encode(b) == e.hash);
-    match raw {
+    match lower_hex_32(&e.hash) {
         Some(bytes) => {
             w.u8(HASH_RAW);
             w.0.extend_from_slice(&bytes);

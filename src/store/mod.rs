@@ -730,23 +730,55 @@ impl WriteTx {
         canonical_id: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let mut index = self.table(OUTBOX_INDEX)?;
-        let mut outbox = self.table(OUTBOX)?;
-        let pending = index
+        let pending = self
+            .table(OUTBOX_INDEX)?
             .get((target, canonical_id))
             .at(OUTBOX_INDEX.name, "get")?
             .map(|v| v.value());
-        if let Some(seq) = pending
-            && let Some(mut entry) = self.outbox_entry(&outbox, target, seq)?
-        {
-            if entry.sending && !entry.changed_while_sending {
-                entry.changed_while_sending = true;
-                self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
-                return Ok(true);
+        if let Some(seq) = pending {
+            let mut outbox = self.table(OUTBOX)?;
+            if let Some(mut entry) = self.outbox_entry(&outbox, target, seq)? {
+                if entry.sending && !entry.changed_while_sending {
+                    entry.changed_while_sending = true;
+                    self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
+                    return Ok(true);
+                }
+                return Ok(false);
             }
-            return Ok(false);
         }
         let seq = self.next_seq(OUTBOX_SEQ)?;
+        self.insert_new_entry(target, canonical_id, seq, now)?;
+        Ok(true)
+    }
+
+    /// [`enqueue`](Self::enqueue) for a company created in this transaction, which can have
+    /// no entry yet: skips the look-up for one. Always queues, so returns true.
+    pub fn enqueue_new(
+        &self,
+        target: &str,
+        canonical_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        debug_assert!(
+            self.table(OUTBOX_INDEX)?
+                .get((target, canonical_id))
+                .at(OUTBOX_INDEX.name, "get")?
+                .is_none(),
+            "enqueue_new of {canonical_id} for {target}, which has an entry"
+        );
+        let seq = self.next_seq(OUTBOX_SEQ)?;
+        self.insert_new_entry(target, canonical_id, seq, now)?;
+        Ok(true)
+    }
+
+    /// Writes a fresh entry `seq` for `canonical_id` and indexes it.
+    fn insert_new_entry(
+        &self,
+        target: &str,
+        canonical_id: &str,
+        seq: u64,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let entry = OutboxEntry {
             canonical_id: canonical_id.to_owned(),
             enqueued_at: now,
@@ -755,12 +787,11 @@ impl WriteTx {
             sending: false,
             changed_while_sending: false,
         };
-        self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
-        index
+        self.put_outbox_entry(&mut *self.table(OUTBOX)?, target, seq, &entry)?;
+        self.table(OUTBOX_INDEX)?
             .insert((target, canonical_id), seq)
             .at(OUTBOX_INDEX.name, "insert")?;
-        self.bump_outbox_count(target, 1)?;
-        Ok(true)
+        self.bump_outbox_count(target, 1)
     }
 
     fn bump_outbox_count(&self, target: &str, delta: i64) -> Result<(), StoreError> {
