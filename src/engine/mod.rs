@@ -368,7 +368,8 @@ impl Engine {
             done += 1;
             let _span =
                 info_span!("ingest", connector = source, vendor_id = %rec.vendor_id).entered();
-            let link = tx.link_of(source, &rec.vendor_id)?;
+            // The link and the ledger entry share a row: one look-up for both.
+            let (link, ledger) = tx.link_and_ledger(source, &rec.vendor_id)?;
             let (fields, hash, keys) = match prep {
                 Prepared::Deleted => {
                     // Deletes are not propagated (see README): the link stays so that a
@@ -396,11 +397,7 @@ impl Engine {
                 }
                 Prepared::Mapped { fields, hash, keys } => (fields, hash, keys),
             };
-            if link.is_some()
-                && tx
-                    .ledger(source, &rec.vendor_id)?
-                    .is_some_and(|l| l.hash == hash)
-            {
+            if link.is_some() && ledger.is_some_and(|l| l.hash == hash) {
                 stats.unchanged += 1;
                 continue;
             }
@@ -447,11 +444,6 @@ impl Engine {
             if !outcome.is_unchanged() || is_new {
                 tx.put_company(&company)?;
             }
-            if link.is_none() {
-                // Neither side is linked yet: the record had no link, and the company is
-                // new or was chosen because it has no record of this connector.
-                tx.put_new_link(source, &rec.vendor_id, &cid)?;
-            }
             for k in merge::match_keys_of(|n| company.get(n), &self.settings.match_keys) {
                 let taken = match looked_up.iter().find(|(l, _)| *l == k) {
                     Some((_, taken)) => *taken,
@@ -461,22 +453,28 @@ impl Engine {
                     tx.put_match_key(&k, &cid)?;
                 }
             }
-            tx.put_ledger(source, &rec.vendor_id, &LedgerEntry { hash, at: now })?;
+            let entry = LedgerEntry { hash, at: now };
+            match &link {
+                Some(linked) => tx.put_ledger_linked(source, &rec.vendor_id, linked, &entry)?,
+                // Neither side is linked yet: the record had no link, and the company is
+                // new or was chosen because it has no record of this connector.
+                None => tx.put_new_record(source, &rec.vendor_id, &cid, &entry)?,
+            }
             if outcome.is_unchanged() {
                 stats.unchanged += 1;
                 continue;
             }
             stats.merged += 1;
             debug!(canonical_id = %cid, changed = ?outcome.changed, "merged");
-            for t in targets {
+            let targets = targets.iter().map(String::as_str).filter(|t| *t != source);
+            if is_new {
                 // A company created in this transaction has no entry anywhere yet.
-                let queued = if is_new {
-                    t != source && tx.enqueue_new(t, &cid, now)?
-                } else {
-                    t != source && tx.enqueue(t, &cid, now)?
-                };
-                if queued {
-                    stats.queued += 1;
+                stats.queued += tx.enqueue_new(targets, &cid, now)?;
+            } else {
+                for t in targets {
+                    if tx.enqueue(t, &cid, now)? {
+                        stats.queued += 1;
+                    }
                 }
             }
         }
