@@ -431,9 +431,9 @@ impl Engine {
             };
             let is_new = existing.is_none();
             let mut company = existing.unwrap_or_else(|| Company::new(cid.clone()));
-            let outcome = merge::merge_into(
+            let outcome = merge::merge_owned(
                 &mut company,
-                &fields,
+                fields,
                 source,
                 rec.updated_at,
                 &self.settings.policy,
