@@ -163,7 +163,7 @@ fn visible_hash_by_round_trip(mapping: &Mapping, fields: &Fields) -> String {
 /// Pages smaller than this are prepared inline: a thread is not worth it for them.
 const PARALLEL_PREPARE_MIN: usize = 32;
 /// Records the prepare thread hands over at a time (one channel message).
-const PREPARE_CHUNK: usize = 16;
+const PREPARE_CHUNK: usize = 32;
 
 /// The part of ingesting one record that needs no store: pure, so it can run ahead of
 /// (and beside) the write transaction.
@@ -315,7 +315,11 @@ impl Engine {
             return self.store_page(source, page, cursor_key, prepared);
         }
         std::thread::scope(|s| {
-            let (send, recv) = std::sync::mpsc::sync_channel::<Vec<Prepared>>(4);
+            // Room for the whole page: the prepare thread never waits for the store
+            // thread, and the store thread (the slower one) only waits at the start, so
+            // the two rarely wake each other (each wake-up is a context switch).
+            let chunks = page.records.len().div_ceil(PREPARE_CHUNK);
+            let (send, recv) = std::sync::mpsc::sync_channel::<Vec<Prepared>>(chunks);
             s.spawn(move || {
                 for chunk in page.records.chunks(PREPARE_CHUNK) {
                     let prepared = chunk.iter().map(|r| prepare(mapping, kinds, r)).collect();
