@@ -91,7 +91,7 @@ pub fn merge_into(
                 out.changed.push(field.clone());
             }
             Some(state) => {
-                if state.value.normalized() == value.normalized() {
+                if same_meaning(&state.value, value) {
                     continue;
                 }
                 if policy.incoming_wins(field, &state.source, &source) {
@@ -103,6 +103,65 @@ pub fn merge_into(
         }
     }
     out
+}
+
+/// [`merge_into`] taking the incoming values by value, so they move into the company
+/// instead of being cloned; a new (empty) company is built in one go.
+pub fn merge_owned(
+    company: &mut Company,
+    incoming: Fields,
+    connector: &str,
+    vendor_ts: DateTime<Utc>,
+    policy: &ConflictPolicy,
+) -> MergeOutcome {
+    let source = Provenance {
+        connector: connector.to_string(),
+        vendor_ts,
+    };
+    let mut out = MergeOutcome::default();
+    if company.fields.is_empty() {
+        // Every non-null value is news (as in `merge_into`); the input is sorted, which
+        // lets the map be built in bulk rather than by one insert per field.
+        company.fields = incoming
+            .into_iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(field, value)| {
+                out.changed.push(field.clone());
+                let source = source.clone();
+                (field, FieldState { value, source })
+            })
+            .collect();
+        return out;
+    }
+    for (field, value) in incoming {
+        match company.fields.get_mut(&field) {
+            None if value.is_null() => {}
+            None => {
+                out.changed.push(field.clone());
+                let source = source.clone();
+                company.fields.insert(field, FieldState { value, source });
+            }
+            Some(state) => {
+                if same_meaning(&state.value, &value) {
+                    continue;
+                }
+                if policy.incoming_wins(&field, &state.source, &source) {
+                    state.value = value;
+                    state.source = source.clone();
+                    out.changed.push(field);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Equal by meaning (decimals compared normalised), without cloning either value.
+fn same_meaning(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Decimal(x), Value::Decimal(y)) => x.normalize() == y.normalize(),
+        _ => a == b,
+    }
 }
 
 /// Which identifiers a first-seen record is matched on, in order.
@@ -117,7 +176,16 @@ pub enum MatchKeyKind {
 /// The match keys of a record's canonical values, as stored in the match-key table
 /// (`domain:acme.com`, `ext:EXT-1`), in the configured order.
 pub fn match_keys(fields: &Fields, kinds: &[MatchKeyKind]) -> Vec<String> {
-    let text = |name: &str| match fields.get(name) {
+    match_keys_of(|name| fields.get(name), kinds)
+}
+
+/// [`match_keys`] of the values `get` returns by field name (e.g. a company's current
+/// values, without collecting them into [`Fields`]).
+pub fn match_keys_of<'a>(
+    get: impl Fn(&str) -> Option<&'a Value>,
+    kinds: &[MatchKeyKind],
+) -> Vec<String> {
+    let text = |name: &str| match get(name) {
         Some(Value::Text(s)) if !s.trim().is_empty() => Some(s.as_str()),
         _ => None,
     };
@@ -255,6 +323,32 @@ mod tests {
             &p,
         );
         assert!(out.is_unchanged());
+    }
+
+    #[test]
+    fn merge_owned_does_what_merge_into_does() {
+        let p = ConflictPolicy::default();
+        let d = |s: &str| Value::Decimal(s.parse().unwrap());
+        let first = fields(&[
+            ("name", Value::Text("Acme".into())),
+            ("notes", Value::Null),
+            ("annualRevenue", d("10.50")),
+        ]);
+        let second = fields(&[
+            ("name", Value::Text("Acme Ltd".into())),
+            ("annualRevenue", d("10.5")),
+            ("city", Value::Text("Berlin".into())),
+            ("phone", Value::Null),
+        ]);
+        let (mut a, mut b) = (Company::new("c1".into()), Company::new("c1".into()));
+        for (f, conn, t) in [(&first, "rally", 1), (&second, "amocrm", 2)] {
+            let by_ref = merge_into(&mut a, f, conn, ts(t), &p);
+            let by_value = merge_owned(&mut b, f.clone(), conn, ts(t), &p);
+            assert_eq!(by_ref, by_value, "outcome after {conn}");
+            assert_eq!(a, b, "company after {conn}");
+        }
+        assert_eq!(b.fields["annualRevenue"].source.connector, "rally");
+        assert_eq!(b.text("name"), Some("Acme Ltd"));
     }
 
     #[test]

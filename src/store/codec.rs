@@ -1,5 +1,5 @@
-//! Compact binary encodings of the store's hot values (companies, ledger and outbox
-//! entries): varints, length-prefixed strings and timestamps as seconds + nanoseconds.
+//! Compact binary encodings of the store's hot values (companies, record rows with link
+//! and ledger entry, outbox entries and each company's pending entries): varints, length-prefixed strings and timestamps as seconds + nanoseconds.
 //! JSON spent most of an ingest's time and most of the file on field names, RFC 3339
 //! timestamps and repeated connector names. Every value starts with a format byte so the
 //! encoding can change without a guess.
@@ -279,39 +279,152 @@ pub(crate) fn decode_company(id: &str, bytes: &[u8]) -> Result<Company, DecodeEr
 const HASH_RAW: u8 = 0;
 const HASH_TEXT: u8 = 1;
 
+/// The 32 bytes `hash` spells when it is 64 lowercase hex digits — the only form that
+/// encodes back to the same text, hence the only one stored as bytes.
+fn lower_hex_32(hash: &str) -> Option<[u8; 32]> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let text: &[u8; 64] = hash.as_bytes().try_into().ok()?;
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        *o = (digit(pair[0])? << 4) | digit(pair[1])?;
+    }
+    Some(out)
+}
+
 pub(crate) fn encode_ledger(e: &LedgerEntry) -> Vec<u8> {
     let mut w = Writer::with_capacity(48);
     w.u8(FORMAT);
-    let raw = (e.hash.len() == 64)
-        .then(|| hex::decode(&e.hash).ok())
-        .flatten()
-        // Only a form that encodes back to the same text may be stored as bytes.
-        .filter(|b| hex::encode(b) == e.hash);
-    match raw {
-        Some(bytes) => {
-            w.u8(HASH_RAW);
-            w.0.extend_from_slice(&bytes);
-        }
-        None => {
-            w.u8(HASH_TEXT);
-            w.str(&e.hash);
-        }
-    }
-    w.time(&e.at);
+    w.ledger(e);
     w.0
 }
 
 pub(crate) fn decode_ledger(bytes: &[u8]) -> Result<LedgerEntry, DecodeError> {
     let mut r = Reader(bytes);
     r.format()?;
-    let hash = match r.u8()? {
-        HASH_RAW => hex::encode(r.bytes(32)?),
-        HASH_TEXT => r.str()?.to_owned(),
-        _ => return Err("unknown hash kind"),
-    };
-    let at = r.time()?;
+    let e = r.ledger()?;
     r.end()?;
-    Ok(LedgerEntry { hash, at })
+    Ok(e)
+}
+
+impl Writer {
+    fn ledger(&mut self, e: &LedgerEntry) {
+        match lower_hex_32(&e.hash) {
+            Some(bytes) => {
+                self.u8(HASH_RAW);
+                self.0.extend_from_slice(&bytes);
+            }
+            None => {
+                self.u8(HASH_TEXT);
+                self.str(&e.hash);
+            }
+        }
+        self.time(&e.at);
+    }
+}
+
+impl Reader<'_> {
+    fn ledger(&mut self) -> Result<LedgerEntry, DecodeError> {
+        let hash = match self.u8()? {
+            HASH_RAW => hex::encode(self.bytes(32)?),
+            HASH_TEXT => self.str()?.to_owned(),
+            _ => return Err("unknown hash kind"),
+        };
+        let at = self.time()?;
+        Ok(LedgerEntry { hash, at })
+    }
+}
+
+/// What the store keeps of one vendor record (schema 3): the company it is linked to
+/// and the echo-ledger entry, in one row because both are looked up by the same key at
+/// the same moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct RecordRow {
+    /// The linked company; `None` after its link was removed (the ledger entry stays).
+    pub canonical_id: Option<CanonicalId>,
+    /// The content hash last pushed to / read from the record.
+    pub ledger: Option<LedgerEntry>,
+}
+
+const LINKED: u8 = 1;
+const HAS_LEDGER: u8 = 2;
+
+pub(crate) fn encode_record(canonical_id: Option<&str>, ledger: Option<&LedgerEntry>) -> Vec<u8> {
+    let mut w = Writer::with_capacity(96);
+    w.u8(FORMAT);
+    let flags = if canonical_id.is_some() { LINKED } else { 0 }
+        | if ledger.is_some() { HAS_LEDGER } else { 0 };
+    w.u8(flags);
+    if let Some(id) = canonical_id {
+        w.str(id);
+    }
+    if let Some(e) = ledger {
+        w.ledger(e);
+    }
+    w.0
+}
+
+pub(crate) fn decode_record(bytes: &[u8]) -> Result<RecordRow, DecodeError> {
+    let mut r = Reader(bytes);
+    r.format()?;
+    let flags = r.u8()?;
+    if flags & !(LINKED | HAS_LEDGER) != 0 {
+        return Err("unknown record flags");
+    }
+    let canonical_id = if flags & LINKED != 0 {
+        Some(r.str()?.to_owned())
+    } else {
+        None
+    };
+    let ledger = if flags & HAS_LEDGER != 0 {
+        Some(r.ledger()?)
+    } else {
+        None
+    };
+    r.end()?;
+    Ok(RecordRow {
+        canonical_id,
+        ledger,
+    })
+}
+
+/// The canonical id a record row links to, without decoding its ledger entry.
+pub(crate) fn record_link(bytes: &[u8]) -> Result<Option<&str>, DecodeError> {
+    let mut r = Reader(bytes);
+    r.format()?;
+    if r.u8()? & LINKED == 0 {
+        return Ok(None);
+    }
+    r.str().map(Some)
+}
+
+/// A company's pending outbox entries (schema 3): `(target, seq)` pairs, at most one per
+/// target, in one row per company instead of one per target.
+pub(crate) fn encode_pending(pending: &[(&str, u64)]) -> Vec<u8> {
+    let mut w = Writer::with_capacity(4 + pending.len() * 16);
+    w.u8(FORMAT);
+    w.varint(pending.len() as u128);
+    for (target, seq) in pending {
+        w.str(target);
+        w.varint(u128::from(*seq));
+    }
+    w.0
+}
+
+pub(crate) fn decode_pending(bytes: &[u8]) -> Result<Vec<(&str, u64)>, DecodeError> {
+    let mut r = Reader(bytes);
+    r.format()?;
+    let n = r.len()?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let target = r.str()?;
+        out.push((target, r.u64()?));
+    }
+    r.end()?;
+    Ok(out)
 }
 
 const SENDING: u8 = 1;
@@ -462,6 +575,36 @@ mod tests {
             };
             assert_eq!(decode_outbox(&encode_outbox(&e)), Ok(e));
         }
+    }
+
+    #[test]
+    fn record_rows_round_trip_with_and_without_link_and_ledger() {
+        let e = LedgerEntry {
+            hash: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+            at: ts(1_700_000_000, 9),
+        };
+        for (id, ledger) in [
+            (Some("0190-abc"), Some(&e)),
+            (Some("0190-abc"), None),
+            (None, Some(&e)),
+            (None, None),
+        ] {
+            let bytes = encode_record(id, ledger);
+            let row = decode_record(&bytes).expect("decodes");
+            assert_eq!(row.canonical_id.as_deref(), id, "row {row:?}");
+            assert_eq!(row.ledger.as_ref(), ledger, "row {row:?}");
+            assert_eq!(record_link(&bytes), Ok(id));
+        }
+    }
+
+    #[test]
+    fn pending_rows_round_trip() {
+        let pending = [("marketo", 7u64), ("amocrm", u64::MAX)];
+        assert_eq!(
+            decode_pending(&encode_pending(&pending)),
+            Ok(pending.to_vec())
+        );
+        assert_eq!(decode_pending(&encode_pending(&[])), Ok(vec![]));
     }
 
     #[test]

@@ -50,7 +50,11 @@ pub use types::{
 /// - 1: every value JSON.
 /// - 2: companies, ledger and outbox entries in the binary encoding of [`codec`]; ledger
 ///   hashes are those of the hand-written [`crate::model::content_hash`].
-pub const SCHEMA_VERSION: u32 = 2;
+/// - 3: a record's link and ledger entry share one row (`records`, replacing `links` and
+///   `ledger`), and a company's pending outbox entries for all targets share one row
+///   (`outbox_pending`, replacing `outbox_index`): two fewer rows written per ingested
+///   record, one fewer look-up per re-read.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Bytes of redb page cache (the default would be 1 GiB).
 const STORE_CACHE_BYTES: usize = 32 << 20;
@@ -64,21 +68,27 @@ const OUTBOX_SEQ: &str = "outbox";
 const DEAD_LETTER_SEQ: &str = "dead_letter";
 
 const COMPANIES: Tbl<&str, &[u8]> = Tbl::new("companies", |t| &t.companies);
-/// (connector, vendor_id) → canonical id.
-const LINKS: Tbl<(&str, &str), &str> = Tbl::new("links", |t| &t.links);
+/// (connector, vendor_id) → the record's link and ledger entry ([`codec::RecordRow`]).
+const RECORDS: Tbl<(&str, &str), &[u8]> = Tbl::new("records", |t| &t.records);
 /// (canonical id, connector) → vendor_id.
 const REVERSE_LINKS: Tbl<(&str, &str), &str> = Tbl::new("reverse_links", |t| &t.reverse_links);
 const MATCH_KEYS: Tbl<&str, &str> = Tbl::new("match_keys", |t| &t.match_keys);
 const CURSORS: Tbl<&str, &[u8]> = Tbl::new("cursors", |t| &t.cursors);
 /// (target, seq) → OutboxEntry.
 const OUTBOX: Tbl<(&str, u64), &[u8]> = Tbl::new("outbox", |t| &t.outbox);
-/// (target, canonical id) → seq of its one pending entry.
-const OUTBOX_INDEX: Tbl<(&str, &str), u64> = Tbl::new("outbox_index", |t| &t.outbox_index);
+/// canonical id → `(target, seq)` of its one pending entry per target
+/// ([`codec::encode_pending`]).
+const OUTBOX_PENDING: Tbl<&str, &[u8]> = Tbl::new("outbox_pending", |t| &t.outbox_pending);
 /// target → number of entries, so lengths are O(1) and not a scan.
 const OUTBOX_COUNTS: Tbl<&str, u64> = Tbl::new("outbox_counts", |t| &t.outbox_counts);
 const DEAD_LETTERS: Tbl<u64, &[u8]> = Tbl::new("dead_letters", |t| &t.dead_letters);
+// Tables of schema 2 and before, read only by the migrations (which then delete them).
+/// (connector, vendor_id) → canonical id.
+const V2_LINKS: Tbl<(&str, &str), &str> = Tbl::new("links", |t| &t.v2_links);
 /// (connector, vendor_id) → LedgerEntry.
-const LEDGER: Tbl<(&str, &str), &[u8]> = Tbl::new("ledger", |t| &t.ledger);
+const V2_LEDGER: Tbl<(&str, &str), &[u8]> = Tbl::new("ledger", |t| &t.v2_ledger);
+/// (target, canonical id) → seq of its one pending entry.
+const V2_OUTBOX_INDEX: Tbl<(&str, &str), u64> = Tbl::new("outbox_index", |t| &t.v2_outbox_index);
 const TOKENS: Tbl<&str, &[u8]> = Tbl::new("tokens", |t| &t.tokens);
 /// (connector, "YYYY-MM-DD") → calls made that day.
 const QUOTA: Tbl<(&str, &str), u64> = Tbl::new("quota", |t| &t.quota);
@@ -219,7 +229,10 @@ impl Store {
                 }
                 Some(found) if found < SCHEMA_VERSION => {
                     drop(meta);
-                    migrate_from_v1(&tx)?;
+                    if found < 2 {
+                        migrate_from_v1(&tx)?;
+                    }
+                    migrate_from_v2(&tx)?;
                     tx.table(META)?
                         .insert(SCHEMA_KEY, SCHEMA_VERSION)
                         .at(META.name, "insert")?;
@@ -235,15 +248,14 @@ impl Store {
         // never meet a missing table.
         tx.table(SEQUENCES)?;
         tx.table(COMPANIES)?;
-        tx.table(LINKS)?;
+        tx.table(RECORDS)?;
         tx.table(REVERSE_LINKS)?;
         tx.table(MATCH_KEYS)?;
         tx.table(CURSORS)?;
         tx.table(OUTBOX)?;
-        tx.table(OUTBOX_INDEX)?;
+        tx.table(OUTBOX_PENDING)?;
         tx.table(OUTBOX_COUNTS)?;
         tx.table(DEAD_LETTERS)?;
-        tx.table(LEDGER)?;
         tx.table(TOKENS)?;
         tx.table(QUOTA)?;
         tx.commit()
@@ -301,12 +313,12 @@ fn migrate_from_v1(tx: &WriteTx) -> Result<(), StoreError> {
         }
     }
     {
-        let mut t = tx.table(LEDGER)?;
+        let mut t = tx.table(V2_LEDGER)?;
         let mut all = Vec::new();
-        for item in t.iter().at(LEDGER.name, "iter")? {
-            let (k, v) = item.at(LEDGER.name, "iter")?;
+        for item in t.iter().at(V2_LEDGER.name, "iter")? {
+            let (k, v) = item.at(V2_LEDGER.name, "iter")?;
             let (connector, vendor_id) = k.value();
-            let e: LedgerEntry = decode(LEDGER.name, vendor_id, v.value())?;
+            let e: LedgerEntry = decode(V2_LEDGER.name, vendor_id, v.value())?;
             all.push((connector.to_owned(), vendor_id.to_owned(), e));
         }
         for (connector, vendor_id, e) in all {
@@ -314,7 +326,7 @@ fn migrate_from_v1(tx: &WriteTx) -> Result<(), StoreError> {
                 (connector.as_str(), vendor_id.as_str()),
                 codec::encode_ledger(&e).as_slice(),
             )
-            .at(LEDGER.name, "insert")?;
+            .at(V2_LEDGER.name, "insert")?;
         }
     }
     let mut t = tx.table(OUTBOX)?;
@@ -330,6 +342,69 @@ fn migrate_from_v1(tx: &WriteTx) -> Result<(), StoreError> {
             .at(OUTBOX.name, "insert")?;
     }
     Ok(())
+}
+
+/// Moves version-2 links and ledger entries into the `records` rows of version 3, and
+/// the per-target outbox index into one `outbox_pending` row per company; then deletes
+/// the old tables.
+fn migrate_from_v2(tx: &WriteTx) -> Result<(), StoreError> {
+    let mut rows: std::collections::BTreeMap<(String, String), codec::RecordRow> =
+        Default::default();
+    for item in tx.table(V2_LINKS)?.iter().at(V2_LINKS.name, "iter")? {
+        let (k, v) = item.at(V2_LINKS.name, "iter")?;
+        let (connector, vendor_id) = k.value();
+        rows.entry((connector.to_owned(), vendor_id.to_owned()))
+            .or_default()
+            .canonical_id = Some(v.value().to_owned());
+    }
+    for item in tx.table(V2_LEDGER)?.iter().at(V2_LEDGER.name, "iter")? {
+        let (k, v) = item.at(V2_LEDGER.name, "iter")?;
+        let (connector, vendor_id) = k.value();
+        let e = corrupt(
+            V2_LEDGER.name,
+            format_args!("({connector}, {vendor_id})"),
+            codec::decode_ledger(v.value()),
+        )?;
+        rows.entry((connector.to_owned(), vendor_id.to_owned()))
+            .or_default()
+            .ledger = Some(e);
+    }
+    {
+        let mut records = tx.table(RECORDS)?;
+        for ((connector, vendor_id), row) in &rows {
+            let bytes = codec::encode_record(row.canonical_id.as_deref(), row.ledger.as_ref());
+            records
+                .insert((connector.as_str(), vendor_id.as_str()), bytes.as_slice())
+                .at(RECORDS.name, "insert")?;
+        }
+    }
+    let mut pending: std::collections::BTreeMap<String, Vec<(String, u64)>> = Default::default();
+    for item in tx
+        .table(V2_OUTBOX_INDEX)?
+        .iter()
+        .at(V2_OUTBOX_INDEX.name, "iter")?
+    {
+        let (k, v) = item.at(V2_OUTBOX_INDEX.name, "iter")?;
+        let (target, canonical_id) = k.value();
+        pending
+            .entry(canonical_id.to_owned())
+            .or_default()
+            .push((target.to_owned(), v.value()));
+    }
+    {
+        let mut t = tx.table(OUTBOX_PENDING)?;
+        for (canonical_id, list) in &pending {
+            let list: Vec<(&str, u64)> = list.iter().map(|(t, s)| (t.as_str(), *s)).collect();
+            t.insert(
+                canonical_id.as_str(),
+                codec::encode_pending(&list).as_slice(),
+            )
+            .at(OUTBOX_PENDING.name, "insert")?;
+        }
+    }
+    tx.delete_table(V2_LINKS)?;
+    tx.delete_table(V2_LEDGER)?;
+    tx.delete_table(V2_OUTBOX_INDEX)
 }
 
 /// A read-only snapshot. Sees exactly what was committed when it began.
@@ -393,15 +468,17 @@ struct OpenTables {
     meta: Slot<&'static str, u32>,
     sequences: Slot<&'static str, u64>,
     companies: Slot<&'static str, &'static [u8]>,
-    links: Slot<(&'static str, &'static str), &'static str>,
+    records: Slot<(&'static str, &'static str), &'static [u8]>,
     reverse_links: Slot<(&'static str, &'static str), &'static str>,
     match_keys: Slot<&'static str, &'static str>,
     cursors: Slot<&'static str, &'static [u8]>,
     outbox: Slot<(&'static str, u64), &'static [u8]>,
-    outbox_index: Slot<(&'static str, &'static str), u64>,
+    outbox_pending: Slot<&'static str, &'static [u8]>,
     outbox_counts: Slot<&'static str, u64>,
     dead_letters: Slot<u64, &'static [u8]>,
-    ledger: Slot<(&'static str, &'static str), &'static [u8]>,
+    v2_links: Slot<(&'static str, &'static str), &'static str>,
+    v2_ledger: Slot<(&'static str, &'static str), &'static [u8]>,
+    v2_outbox_index: Slot<(&'static str, &'static str), u64>,
     tokens: Slot<&'static str, &'static [u8]>,
     quota: Slot<(&'static str, &'static str), u64>,
 }
@@ -472,6 +549,22 @@ impl WriteTx {
         Ok(RefMut::map(slot, |t| {
             t.as_mut().expect("slot was just filled")
         }))
+    }
+
+    /// Deletes table `def` (closing its cached handle first); a missing table is fine.
+    fn delete_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        def: Tbl<K, V>,
+    ) -> Result<(), StoreError> {
+        (def.slot)(&self.tables).borrow_mut().take();
+        self.txn
+            .get()
+            .delete_table(def.def())
+            .map(|_| ())
+            .map_err(|source| StoreError::Table {
+                table: def.name,
+                source,
+            })
     }
 
     /// Makes every change of this transaction visible and durable (fsync), or none.
@@ -563,50 +656,65 @@ impl WriteTx {
         Ok(())
     }
 
+    /// Writes the record row of `connector`'s `vendor_id`, or removes it when it would
+    /// hold nothing.
+    fn put_record_row(
+        &self,
+        connector: &str,
+        vendor_id: &str,
+        canonical_id: Option<&str>,
+        ledger: Option<&LedgerEntry>,
+    ) -> Result<(), StoreError> {
+        let mut records = self.table(RECORDS)?;
+        if canonical_id.is_none() && ledger.is_none() {
+            records
+                .remove((connector, vendor_id))
+                .at(RECORDS.name, "remove")?;
+        } else {
+            let bytes = codec::encode_record(canonical_id, ledger);
+            records
+                .insert((connector, vendor_id), bytes.as_slice())
+                .at(RECORDS.name, "insert")?;
+        }
+        Ok(())
+    }
+
     /// Links `connector`'s record `vendor_id` to `canonical_id`, both ways. A previous
     /// record of that connector linked to the same company loses its link, and so does a
-    /// previous company linked to that record: each pair stays one-to-one.
+    /// previous company linked to that record: each pair stays one-to-one. Ledger entries
+    /// stay where they are.
     pub fn put_link(
         &self,
         connector: &str,
         vendor_id: &str,
         canonical_id: &str,
     ) -> Result<(), StoreError> {
-        let mut links = self.table(LINKS)?;
-        let mut reverse = self.table(REVERSE_LINKS)?;
-        let old_vendor = reverse
-            .get((canonical_id, connector))
-            .at(REVERSE_LINKS.name, "get")?
-            .map(|v| v.value().to_owned());
-        if let Some(old_vendor) = old_vendor.filter(|v| v != vendor_id) {
-            let stale = links
-                .get((connector, old_vendor.as_str()))
-                .at(LINKS.name, "get")?
-                .is_some_and(|c| c.value() == canonical_id);
-            if stale {
-                links
-                    .remove((connector, old_vendor.as_str()))
-                    .at(LINKS.name, "remove")?;
-            }
+        let old_vendor = self.vendor_id_of(canonical_id, connector)?;
+        if let Some(old_vendor) = old_vendor.filter(|v| v != vendor_id)
+            && let Some(row) = self.record_row(connector, &old_vendor)?
+            && row.canonical_id.as_deref() == Some(canonical_id)
+        {
+            self.put_record_row(connector, &old_vendor, None, row.ledger.as_ref())?;
         }
-        let old_canonical = links
-            .get((connector, vendor_id))
-            .at(LINKS.name, "get")?
-            .map(|v| v.value().to_owned());
-        if let Some(old_canonical) = old_canonical.filter(|c| c != canonical_id) {
+        let row = self.record_row(connector, vendor_id)?.unwrap_or_default();
+        let mut reverse = self.table(REVERSE_LINKS)?;
+        if let Some(old_canonical) = row.canonical_id.as_deref().filter(|c| *c != canonical_id) {
             let stale = reverse
-                .get((old_canonical.as_str(), connector))
+                .get((old_canonical, connector))
                 .at(REVERSE_LINKS.name, "get")?
                 .is_some_and(|v| v.value() == vendor_id);
             if stale {
                 reverse
-                    .remove((old_canonical.as_str(), connector))
+                    .remove((old_canonical, connector))
                     .at(REVERSE_LINKS.name, "remove")?;
             }
         }
-        links
-            .insert((connector, vendor_id), canonical_id)
-            .at(LINKS.name, "insert")?;
+        self.put_record_row(
+            connector,
+            vendor_id,
+            Some(canonical_id),
+            row.ledger.as_ref(),
+        )?;
         reverse
             .insert((canonical_id, connector), vendor_id)
             .at(REVERSE_LINKS.name, "insert")?;
@@ -622,11 +730,33 @@ impl WriteTx {
         vendor_id: &str,
         canonical_id: &str,
     ) -> Result<(), StoreError> {
-        debug_assert_eq!(self.link_of(connector, vendor_id)?, None);
         debug_assert_eq!(self.vendor_id_of(canonical_id, connector)?, None);
-        self.table(LINKS)?
-            .insert((connector, vendor_id), canonical_id)
-            .at(LINKS.name, "insert")?;
+        let row = self.record_row(connector, vendor_id)?.unwrap_or_default();
+        debug_assert_eq!(row.canonical_id, None);
+        self.put_record_row(
+            connector,
+            vendor_id,
+            Some(canonical_id),
+            row.ledger.as_ref(),
+        )?;
+        self.table(REVERSE_LINKS)?
+            .insert((canonical_id, connector), vendor_id)
+            .at(REVERSE_LINKS.name, "insert")?;
+        Ok(())
+    }
+
+    /// [`put_new_link`](Self::put_new_link) and [`put_ledger`](Self::put_ledger) in one
+    /// row write: for a record seen for the first time, whose (absent) row needs no read.
+    pub fn put_new_record(
+        &self,
+        connector: &str,
+        vendor_id: &str,
+        canonical_id: &str,
+        ledger: &LedgerEntry,
+    ) -> Result<(), StoreError> {
+        debug_assert_eq!(self.vendor_id_of(canonical_id, connector)?, None);
+        debug_assert_eq!(self.link_of(connector, vendor_id)?, None);
+        self.put_record_row(connector, vendor_id, Some(canonical_id), Some(ledger))?;
         self.table(REVERSE_LINKS)?
             .insert((canonical_id, connector), vendor_id)
             .at(REVERSE_LINKS.name, "insert")?;
@@ -634,30 +764,30 @@ impl WriteTx {
     }
 
     /// Removes the link of `connector`'s record `vendor_id` (both directions); returns the
-    /// company it was linked to.
+    /// company it was linked to. Its ledger entry stays.
     pub fn remove_link(
         &self,
         connector: &str,
         vendor_id: &str,
     ) -> Result<Option<CanonicalId>, StoreError> {
-        let removed = self
-            .table(LINKS)?
-            .remove((connector, vendor_id))
-            .at(LINKS.name, "remove")?
-            .map(|v| v.value().to_owned());
-        if let Some(canonical) = &removed {
-            let mut reverse = self.table(REVERSE_LINKS)?;
-            let ours = reverse
-                .get((canonical.as_str(), connector))
-                .at(REVERSE_LINKS.name, "get")?
-                .is_some_and(|v| v.value() == vendor_id);
-            if ours {
-                reverse
-                    .remove((canonical.as_str(), connector))
-                    .at(REVERSE_LINKS.name, "remove")?;
-            }
+        let Some(row) = self.record_row(connector, vendor_id)? else {
+            return Ok(None);
+        };
+        let Some(canonical) = row.canonical_id else {
+            return Ok(None);
+        };
+        self.put_record_row(connector, vendor_id, None, row.ledger.as_ref())?;
+        let mut reverse = self.table(REVERSE_LINKS)?;
+        let ours = reverse
+            .get((canonical.as_str(), connector))
+            .at(REVERSE_LINKS.name, "get")?
+            .is_some_and(|v| v.value() == vendor_id);
+        if ours {
+            reverse
+                .remove((canonical.as_str(), connector))
+                .at(REVERSE_LINKS.name, "remove")?;
         }
-        Ok(removed)
+        Ok(Some(canonical))
     }
 
     /// Points a match key (`"domain:acme.com"`, `"ext:EXT-1"`) at a company.
@@ -730,23 +860,94 @@ impl WriteTx {
         canonical_id: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let mut index = self.table(OUTBOX_INDEX)?;
-        let mut outbox = self.table(OUTBOX)?;
-        let pending = index
-            .get((target, canonical_id))
-            .at(OUTBOX_INDEX.name, "get")?
-            .map(|v| v.value());
-        if let Some(seq) = pending
-            && let Some(mut entry) = self.outbox_entry(&outbox, target, seq)?
-        {
-            if entry.sending && !entry.changed_while_sending {
-                entry.changed_while_sending = true;
-                self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
-                return Ok(true);
+        let mut pending = self.pending_of(canonical_id)?;
+        if let Some(&(_, seq)) = pending.iter().find(|(t, _)| t == target) {
+            let mut outbox = self.table(OUTBOX)?;
+            if let Some(mut entry) = self.outbox_entry(&outbox, target, seq)? {
+                if entry.sending && !entry.changed_while_sending {
+                    entry.changed_while_sending = true;
+                    self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
+                    return Ok(true);
+                }
+                return Ok(false);
             }
-            return Ok(false);
+            // The entry is gone without its pending pair (never written so by this
+            // module): replace the pair below.
+            pending.retain(|(t, _)| t != target);
         }
         let seq = self.next_seq(OUTBOX_SEQ)?;
+        self.insert_new_entry(target, canonical_id, seq, now)?;
+        pending.push((target.to_owned(), seq));
+        self.put_pending(canonical_id, &pending)?;
+        Ok(true)
+    }
+
+    /// [`enqueue`](Self::enqueue) to each of `targets` for a company created in this
+    /// transaction, which has no entry yet: no look-up, and one pending row for all
+    /// targets. Returns how many entries were queued (one per target).
+    pub fn enqueue_new<'t>(
+        &self,
+        targets: impl IntoIterator<Item = &'t str>,
+        canonical_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        debug_assert!(
+            self.pending_of(canonical_id)?.is_empty(),
+            "enqueue_new of {canonical_id}, which has entries"
+        );
+        let mut pending: Vec<(&str, u64)> = Vec::with_capacity(2);
+        for target in targets {
+            if pending.iter().any(|(t, _)| *t == target) {
+                continue;
+            }
+            let seq = self.next_seq(OUTBOX_SEQ)?;
+            self.insert_new_entry(target, canonical_id, seq, now)?;
+            pending.push((target, seq));
+        }
+        if !pending.is_empty() {
+            self.table(OUTBOX_PENDING)?
+                .insert(canonical_id, codec::encode_pending(&pending).as_slice())
+                .at(OUTBOX_PENDING.name, "insert")?;
+        }
+        Ok(pending.len())
+    }
+
+    /// A company's pending `(target, seq)` pairs.
+    fn pending_of(&self, canonical_id: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let t = self.table(OUTBOX_PENDING)?;
+        let Some(v) = t.get(canonical_id).at(OUTBOX_PENDING.name, "get")? else {
+            return Ok(Vec::new());
+        };
+        let list = corrupt(
+            OUTBOX_PENDING.name,
+            canonical_id,
+            codec::decode_pending(v.value()),
+        )?;
+        Ok(list.into_iter().map(|(t, s)| (t.to_owned(), s)).collect())
+    }
+
+    /// Stores a company's pending pairs (removing the row when there are none).
+    fn put_pending(&self, canonical_id: &str, pending: &[(String, u64)]) -> Result<(), StoreError> {
+        let mut t = self.table(OUTBOX_PENDING)?;
+        if pending.is_empty() {
+            t.remove(canonical_id).at(OUTBOX_PENDING.name, "remove")?;
+        } else {
+            let list: Vec<(&str, u64)> = pending.iter().map(|(t, s)| (t.as_str(), *s)).collect();
+            t.insert(canonical_id, codec::encode_pending(&list).as_slice())
+                .at(OUTBOX_PENDING.name, "insert")?;
+        }
+        Ok(())
+    }
+
+    /// Writes a fresh entry `seq` for `canonical_id` and counts it (the caller records
+    /// the pending pair).
+    fn insert_new_entry(
+        &self,
+        target: &str,
+        canonical_id: &str,
+        seq: u64,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let entry = OutboxEntry {
             canonical_id: canonical_id.to_owned(),
             enqueued_at: now,
@@ -755,12 +956,8 @@ impl WriteTx {
             sending: false,
             changed_while_sending: false,
         };
-        self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
-        index
-            .insert((target, canonical_id), seq)
-            .at(OUTBOX_INDEX.name, "insert")?;
-        self.bump_outbox_count(target, 1)?;
-        Ok(true)
+        self.put_outbox_entry(&mut *self.table(OUTBOX)?, target, seq, &entry)?;
+        self.bump_outbox_count(target, 1)
     }
 
     fn bump_outbox_count(&self, target: &str, delta: i64) -> Result<(), StoreError> {
@@ -828,15 +1025,12 @@ impl WriteTx {
             return Ok(OutboxRemoval::Requeued);
         }
         outbox.remove((target, seq)).at(OUTBOX.name, "remove")?;
-        let mut index = self.table(OUTBOX_INDEX)?;
-        let indexed_here = index
-            .get((target, entry.canonical_id.as_str()))
-            .at(OUTBOX_INDEX.name, "get")?
-            .is_some_and(|v| v.value() == seq);
-        if indexed_here {
-            index
-                .remove((target, entry.canonical_id.as_str()))
-                .at(OUTBOX_INDEX.name, "remove")?;
+        drop(outbox);
+        let mut pending = self.pending_of(&entry.canonical_id)?;
+        let before = pending.len();
+        pending.retain(|(t, s)| !(t == target && *s == seq));
+        if pending.len() != before {
+            self.put_pending(&entry.canonical_id, &pending)?;
         }
         self.bump_outbox_count(target, -1)?;
         Ok(OutboxRemoval::Removed)
@@ -869,11 +1063,30 @@ impl WriteTx {
         vendor_id: &str,
         entry: &LedgerEntry,
     ) -> Result<(), StoreError> {
-        let bytes = codec::encode_ledger(entry);
-        self.table(LEDGER)?
-            .insert((connector, vendor_id), bytes.as_slice())
-            .at(LEDGER.name, "insert")?;
-        Ok(())
+        let row = self.record_row(connector, vendor_id)?.unwrap_or_default();
+        self.put_record_row(
+            connector,
+            vendor_id,
+            row.canonical_id.as_deref(),
+            Some(entry),
+        )
+    }
+
+    /// [`put_ledger`](Self::put_ledger) for a record the caller just found linked to
+    /// `canonical_id` (by [`link_and_ledger`](Self::link_and_ledger) in this
+    /// transaction): writes the row without reading it again.
+    pub fn put_ledger_linked(
+        &self,
+        connector: &str,
+        vendor_id: &str,
+        canonical_id: &str,
+        entry: &LedgerEntry,
+    ) -> Result<(), StoreError> {
+        debug_assert_eq!(
+            self.link_of(connector, vendor_id)?.as_deref(),
+            Some(canonical_id)
+        );
+        self.put_record_row(connector, vendor_id, Some(canonical_id), Some(entry))
     }
 
     /// Stores a connector's OAuth tokens.
@@ -953,11 +1166,46 @@ macro_rules! getters {
                 connector: &str,
                 vendor_id: &str,
             ) -> Result<Option<CanonicalId>, StoreError> {
-                Ok(self
-                    .table(LINKS)?
+                let t = self.table(RECORDS)?;
+                let Some(v) = t.get((connector, vendor_id)).at(RECORDS.name, "get")? else {
+                    return Ok(None);
+                };
+                let link = corrupt(
+                    RECORDS.name,
+                    format_args!("({connector}, {vendor_id})"),
+                    codec::record_link(v.value()),
+                )?;
+                Ok(link.map(str::to_owned))
+            }
+
+            /// [`link_of`](Self::link_of) and [`ledger`](Self::ledger) in one look-up
+            /// (they share a row).
+            pub fn link_and_ledger(
+                &self,
+                connector: &str,
+                vendor_id: &str,
+            ) -> Result<(Option<CanonicalId>, Option<LedgerEntry>), StoreError> {
+                let row = self.record_row(connector, vendor_id)?.unwrap_or_default();
+                Ok((row.canonical_id, row.ledger))
+            }
+
+            /// The whole record row of `connector`'s `vendor_id`.
+            fn record_row(
+                &self,
+                connector: &str,
+                vendor_id: &str,
+            ) -> Result<Option<codec::RecordRow>, StoreError> {
+                self.table(RECORDS)?
                     .get((connector, vendor_id))
-                    .at(LINKS.name, "get")?
-                    .map(|v| v.value().to_owned()))
+                    .at(RECORDS.name, "get")?
+                    .map(|v| {
+                        corrupt(
+                            RECORDS.name,
+                            format_args!("({connector}, {vendor_id})"),
+                            codec::decode_record(v.value()),
+                        )
+                    })
+                    .transpose()
             }
 
             /// `connector`'s record id for a company.
@@ -1100,17 +1348,9 @@ macro_rules! getters {
                 connector: &str,
                 vendor_id: &str,
             ) -> Result<Option<LedgerEntry>, StoreError> {
-                self.table(LEDGER)?
-                    .get((connector, vendor_id))
-                    .at(LEDGER.name, "get")?
-                    .map(|v| {
-                        corrupt(
-                            LEDGER.name,
-                            format_args!("({connector}, {vendor_id})"),
-                            codec::decode_ledger(v.value()),
-                        )
-                    })
-                    .transpose()
+                Ok(self
+                    .record_row(connector, vendor_id)?
+                    .and_then(|row| row.ledger))
             }
 
             /// A connector's stored OAuth tokens.

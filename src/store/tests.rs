@@ -674,7 +674,7 @@ fn version_1_store_is_migrated_to_the_binary_encoding() {
             .unwrap()
             .insert("c1", serde_json::to_vec(&acme).unwrap().as_slice())
             .unwrap();
-        tx.table(LEDGER)
+        tx.table(V2_LEDGER)
             .unwrap()
             .insert(
                 ("rally", "r1"),
@@ -696,4 +696,157 @@ fn version_1_store_is_migrated_to_the_binary_encoding() {
     assert_eq!(r.get_company("c1").unwrap(), Some(acme));
     assert_eq!(r.ledger("rally", "r1").unwrap(), Some(ledger));
     assert_eq!(r.outbox_batch("marketo", 10).unwrap(), vec![(1, entry)]);
+}
+
+#[test]
+fn version_2_links_ledger_and_outbox_index_are_migrated_to_shared_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.redb");
+    let linked = LedgerEntry {
+        hash: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+        at: ts(7),
+    };
+    let ledger_only = LedgerEntry {
+        hash: "pushed".into(),
+        at: ts(9),
+    };
+    let entry = |id: &str| OutboxEntry {
+        canonical_id: id.into(),
+        enqueued_at: ts(8),
+        attempts: 0,
+        last_error: None,
+        sending: false,
+        changed_while_sending: false,
+    };
+    {
+        // A version-2 file: the old tables, written the way version 2 wrote them.
+        let store = Store::open(&path).unwrap();
+        let tx = store.begin_write().unwrap();
+        tx.table(META).unwrap().insert(SCHEMA_KEY, 2).unwrap();
+        let mut links = tx.table(V2_LINKS).unwrap();
+        links.insert(("rally", "r1"), "c1").unwrap();
+        links.insert(("rally", "r2"), "c2").unwrap();
+        drop(links);
+        let mut reverse = tx.table(REVERSE_LINKS).unwrap();
+        reverse.insert(("c1", "rally"), "r1").unwrap();
+        reverse.insert(("c2", "rally"), "r2").unwrap();
+        drop(reverse);
+        let mut ledger = tx.table(V2_LEDGER).unwrap();
+        ledger
+            .insert(("rally", "r1"), codec::encode_ledger(&linked).as_slice())
+            .unwrap();
+        ledger
+            .insert(
+                ("amocrm", "a9"),
+                codec::encode_ledger(&ledger_only).as_slice(),
+            )
+            .unwrap();
+        drop(ledger);
+        let mut outbox = tx.table(OUTBOX).unwrap();
+        for (target, seq, id) in [
+            ("marketo", 1, "c1"),
+            ("amocrm", 2, "c1"),
+            ("marketo", 3, "c2"),
+        ] {
+            outbox
+                .insert((target, seq), codec::encode_outbox(&entry(id)).as_slice())
+                .unwrap();
+        }
+        drop(outbox);
+        let mut index = tx.table(V2_OUTBOX_INDEX).unwrap();
+        index.insert(("marketo", "c1"), 1).unwrap();
+        index.insert(("amocrm", "c1"), 2).unwrap();
+        index.insert(("marketo", "c2"), 3).unwrap();
+        drop(index);
+        let mut counts = tx.table(OUTBOX_COUNTS).unwrap();
+        counts.insert("marketo", 2).unwrap();
+        counts.insert("amocrm", 1).unwrap();
+        drop(counts);
+        tx.table(SEQUENCES).unwrap().insert(OUTBOX_SEQ, 3).unwrap();
+        tx.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+    let r = store.begin_read().unwrap();
+    assert_eq!(
+        r.link_and_ledger("rally", "r1").unwrap(),
+        (Some("c1".to_owned()), Some(linked))
+    );
+    assert_eq!(
+        r.link_and_ledger("rally", "r2").unwrap(),
+        (Some("c2".to_owned()), None)
+    );
+    assert_eq!(
+        r.link_and_ledger("amocrm", "a9").unwrap(),
+        (None, Some(ledger_only))
+    );
+    assert_eq!(
+        r.vendor_id_of("c1", "rally").unwrap().as_deref(),
+        Some("r1")
+    );
+    drop(r);
+
+    // The migrated index still deduplicates, and removal still clears it.
+    let tx = store.begin_write().unwrap();
+    assert!(!tx.enqueue("marketo", "c1", ts(10)).unwrap());
+    assert!(!tx.enqueue("amocrm", "c1", ts(10)).unwrap());
+    assert_eq!(
+        tx.outbox_remove("marketo", 1).unwrap(),
+        OutboxRemoval::Removed
+    );
+    assert!(tx.enqueue("marketo", "c1", ts(11)).unwrap());
+    assert!(!tx.enqueue("amocrm", "c1", ts(11)).unwrap());
+    tx.commit().unwrap();
+    let r = store.begin_read().unwrap();
+    let seqs: Vec<u64> = r
+        .outbox_batch("marketo", 10)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(seqs, vec![3, 4], "c1 queued again behind c2");
+    assert_eq!(r.outbox_len("marketo").unwrap(), 2);
+}
+
+#[test]
+fn a_removed_link_keeps_the_ledger_entry_and_relinking_keeps_it_too() {
+    let (_dir, store) = temp_store();
+    let e = LedgerEntry {
+        hash: "h".into(),
+        at: ts(1),
+    };
+    let tx = store.begin_write().unwrap();
+    tx.put_link("rally", "r1", "c1").unwrap();
+    tx.put_ledger("rally", "r1", &e).unwrap();
+    assert_eq!(
+        tx.remove_link("rally", "r1").unwrap().as_deref(),
+        Some("c1")
+    );
+    assert_eq!(
+        tx.link_and_ledger("rally", "r1").unwrap(),
+        (None, Some(e.clone()))
+    );
+    assert_eq!(tx.vendor_id_of("c1", "rally").unwrap(), None);
+    tx.put_new_link("rally", "r1", "c2").unwrap();
+    assert_eq!(
+        tx.link_and_ledger("rally", "r1").unwrap(),
+        (Some("c2".to_owned()), Some(e))
+    );
+}
+
+#[test]
+fn enqueue_new_queues_every_target_once_and_later_enqueues_deduplicate() {
+    let (_dir, store) = temp_store();
+    let tx = store.begin_write().unwrap();
+    assert_eq!(
+        tx.enqueue_new(["marketo", "amocrm", "marketo"], "c1", ts(0))
+            .unwrap(),
+        2
+    );
+    assert!(!tx.enqueue("marketo", "c1", ts(1)).unwrap());
+    assert!(!tx.enqueue("amocrm", "c1", ts(1)).unwrap());
+    tx.commit().unwrap();
+    let r = store.begin_read().unwrap();
+    assert_eq!(r.outbox_len("marketo").unwrap(), 1);
+    assert_eq!(r.outbox_len("amocrm").unwrap(), 1);
 }
