@@ -512,3 +512,6 @@ impl Engine {
         Ok((stats, None))
     }
 }
+
+#[cfg(test)]
+mod tests;
