@@ -196,6 +196,14 @@ pub trait Connector: Send + Sync {
     /// The largest batch [`Connector::push`] accepts.
     fn max_batch(&self) -> usize;
 
+    /// How many [`Connector::push`] calls the engine may have in flight at once (each
+    /// with disjoint items). Connectors whose HTTP client allows several concurrent calls
+    /// return that number (`max_concurrent`), so that batches overlap their service times
+    /// instead of each paying it in turn; the client still enforces the rate limit.
+    fn max_in_flight(&self) -> usize {
+        1
+    }
+
     /// Writes `items` (at most [`Connector::max_batch`]); the outcomes are in the same
     /// order as the items. An `Err` means nothing can be said about any item.
     async fn push(&self, items: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError>;

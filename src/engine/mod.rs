@@ -2,6 +2,7 @@
 //! echoes) together with the cursor and outbox entries in one redb transaction, and drains
 //! each target's outbox in batches. It never talks HTTP itself: connectors do.
 
+mod drain;
 pub mod merge;
 mod run;
 
@@ -12,9 +13,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tracing::{debug, info_span, warn};
 
-use crate::connector::{
-    Connector, ConnectorError, Cursor, Page, PushItem, PushOutcome, VendorRecord,
-};
+use crate::connector::{Connector, ConnectorError, Cursor, Page, VendorRecord};
 use crate::daemon::metrics::Metrics;
 use crate::mapping::{Mapping, MappingError};
 #[cfg(test)]
@@ -22,6 +21,7 @@ use crate::model::content_hash;
 use crate::model::{CanonicalId, Company, Fields, content_hash_of};
 use crate::store::{DeadLetterNew, Direction, LedgerEntry, Store, StoreError};
 
+pub use drain::MAX_IN_FLIGHT;
 pub use merge::{ConflictPolicy, MatchKeyKind};
 pub use run::{BackfillOptions, BackfillReport, DryRunCounts, RunHandle};
 
@@ -109,6 +109,8 @@ pub struct Engine {
     /// Per loop ("poll:<name>", "drain:<name>"), when its current unit of work began;
     /// `None` while idle. The systemd watchdog is fed only while none is stuck.
     busy_since: std::sync::Mutex<BTreeMap<String, Option<std::time::Instant>>>,
+    /// Outbox entries in a batch of this process right now (see `drain`).
+    claims: Arc<drain::Claims>,
 }
 
 /// The hash of what connector `mapping` can hold of `fields`: the canonical values as they
@@ -222,6 +224,7 @@ impl Engine {
             settings,
             metrics,
             busy_since: Default::default(),
+            claims: Default::default(),
         }
     }
 
@@ -491,147 +494,6 @@ impl Engine {
             )));
         }
         tx.put_cursor(cursor_key, &page.next)?;
-        tx.commit()?;
-        Ok(stats)
-    }
-
-    /// Pushes one batch of `target`'s outbox. Entries are marked as attempted (durably)
-    /// before the push, and leave the outbox only after the target answered for them.
-    pub async fn drain_batch(&self, target: &str) -> Result<DrainStats, EngineError> {
-        let ep = self.endpoint(target)?.clone();
-        let limit = ep.connector.max_batch().max(1);
-        let mut stats = DrainStats::default();
-
-        // Plan: map each queued company for the target; drop no-ops now.
-        let tx = self.store.begin_write()?;
-        let entries = tx.outbox_batch(target, limit)?;
-        stats.taken = entries.len();
-        let mut items = Vec::new();
-        let mut planned = Vec::new();
-        for (seq, entry) in entries {
-            let Some(company) = tx.get_company(&entry.canonical_id)? else {
-                tx.outbox_remove(target, seq)?;
-                continue;
-            };
-            let values = company.values();
-            let vendor_id = tx.vendor_id_of(&entry.canonical_id, target)?;
-            let fields = match ep.mapping.write(&values) {
-                Ok(f) => f,
-                Err(e) => {
-                    warn!(connector = target, canonical_id = %entry.canonical_id, error = %e, "cannot map for target");
-                    tx.add_dead_letter(DeadLetterNew {
-                        connector: target.to_string(),
-                        direction: Direction::Push,
-                        canonical_id: Some(entry.canonical_id.clone()),
-                        vendor_id: vendor_id.clone(),
-                        record: serde_json::to_value(&values).unwrap_or_default(),
-                        reason: e.to_string(),
-                        attempts: entry.attempts + 1,
-                        first_at: Utc::now(),
-                        last_at: Utc::now(),
-                    })?;
-                    tx.outbox_remove(target, seq)?;
-                    stats.rejected += 1;
-                    continue;
-                }
-            };
-            let hash = visible_hash(&ep.mapping, &values);
-            if fields.is_empty() {
-                tx.outbox_remove(target, seq)?;
-                stats.skipped += 1;
-                continue;
-            }
-            if let Some(vid) = &vendor_id
-                && tx.ledger(target, vid)?.is_some_and(|l| l.hash == hash)
-            {
-                tx.outbox_remove(target, seq)?;
-                stats.skipped += 1;
-                continue;
-            }
-            tx.outbox_mark_sending(target, seq)?;
-            items.push(PushItem {
-                canonical_id: entry.canonical_id.clone(),
-                vendor_id,
-                fields,
-                prior_attempts: entry.attempts,
-            });
-            planned.push((seq, hash));
-        }
-        tx.commit()?;
-        if items.is_empty() {
-            return Ok(stats);
-        }
-
-        let result = ep.connector.push(&items).await;
-
-        let tx = self.store.begin_write()?;
-        let outcomes = match result {
-            Ok(o) => o,
-            Err(e) => {
-                for (seq, _) in &planned {
-                    tx.outbox_fail(target, *seq, &e.to_string())?;
-                }
-                tx.commit()?;
-                return Err(e.into());
-            }
-        };
-        let now = Utc::now();
-        for (i, (item, (seq, hash))) in items.iter().zip(&planned).enumerate() {
-            let _span =
-                info_span!("push", connector = target, canonical_id = %item.canonical_id).entered();
-            match outcomes.get(i) {
-                Some(PushOutcome::Written { vendor_id, created }) => {
-                    tx.put_link(target, vendor_id, &item.canonical_id)?;
-                    tx.put_ledger(
-                        target,
-                        vendor_id,
-                        &LedgerEntry {
-                            hash: hash.clone(),
-                            at: now,
-                        },
-                    )?;
-                    // The company may have changed while the push was in flight; the entry
-                    // then stays so the newer content goes out next time.
-                    let current = tx
-                        .get_company(&item.canonical_id)?
-                        .map(|c| visible_hash(&ep.mapping, &c.values()));
-                    if current.as_deref() == Some(hash.as_str()) {
-                        tx.outbox_remove(target, *seq)?;
-                    } else {
-                        tx.outbox_fail(target, *seq, "changed while being pushed")?;
-                    }
-                    stats.written += 1;
-                    if *created {
-                        stats.created += 1;
-                    }
-                    debug!(vendor_id = %vendor_id, created, "written");
-                }
-                Some(PushOutcome::Rejected { reason }) => {
-                    warn!(vendor_id = ?item.vendor_id, reason = %reason, "rejected by target; dead-lettered");
-                    tx.add_dead_letter(DeadLetterNew {
-                        connector: target.to_string(),
-                        direction: Direction::Push,
-                        canonical_id: Some(item.canonical_id.clone()),
-                        vendor_id: item.vendor_id.clone(),
-                        record: serde_json::Value::Object(item.fields.clone()),
-                        reason: reason.clone(),
-                        attempts: item.prior_attempts + 1,
-                        first_at: Utc::now(),
-                        last_at: Utc::now(),
-                    })?;
-                    tx.outbox_remove(target, *seq)?;
-                    stats.rejected += 1;
-                }
-                Some(PushOutcome::Retry { reason }) => {
-                    tx.outbox_fail(target, *seq, reason)?;
-                    stats.retried += 1;
-                }
-                None => {
-                    tx.outbox_fail(target, *seq, "no outcome reported for this item")?;
-                    stats.retried += 1;
-                }
-            }
-        }
         tx.commit()?;
         Ok(stats)
     }

@@ -99,15 +99,6 @@ fn add_ingest(total: &mut IngestStats, s: &IngestStats) {
     total.queued += s.queued;
 }
 
-fn add_drain(total: &mut super::DrainStats, s: &super::DrainStats) {
-    total.taken += s.taken;
-    total.written += s.written;
-    total.created += s.created;
-    total.skipped += s.skipped;
-    total.rejected += s.rejected;
-    total.retried += s.retried;
-}
-
 /// How long to pause after `err` before the next attempt.
 fn pause_after(err: &EngineError, poll_interval: Duration) -> Duration {
     match err {
@@ -145,7 +136,7 @@ async fn pause(d: Duration, shutdown: &CancellationToken) -> bool {
 
 impl Engine {
     /// Runs the store work of `f` on a blocking thread (redb commits fsync).
-    async fn blocking<T: Send + 'static>(
+    pub(super) async fn blocking<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
     ) -> Result<T, EngineError> {
@@ -228,45 +219,8 @@ impl Engine {
         Ok(total)
     }
 
-    /// Drains `target`'s outbox until it is empty or only holds entries that failed in
-    /// this call; entries failing too often become dead letters.
-    pub async fn drain_all(
-        self: &Arc<Self>,
-        target: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<super::DrainStats, EngineError> {
-        let mut total = super::DrainStats::default();
-        loop {
-            {
-                let target = target.to_string();
-                self.blocking(move |e| e.retire_failing(&target)).await?;
-            }
-            let busy = format!("drain:{target}");
-            self.set_busy(&busy, true);
-            let stats = self.drain_batch(target).await;
-            self.set_busy(&busy, false);
-            let stats = stats.inspect_err(|e| self.note_error(target, e))?;
-            let l = [("connector", target)];
-            self.metrics
-                .inc("crmbridge_records_pushed_total", &l, stats.written as f64);
-            self.metrics
-                .inc("crmbridge_records_skipped_total", &l, stats.skipped as f64);
-            self.metrics.inc(
-                "crmbridge_records_rejected_total",
-                &l,
-                stats.rejected as f64,
-            );
-            add_drain(&mut total, &stats);
-            // Stop when a batch made no progress (empty, or everything asked for a retry).
-            if stats.taken == 0 || stats.taken == stats.retried || shutdown.is_cancelled() {
-                break;
-            }
-        }
-        Ok(total)
-    }
-
     /// Counts an error in the metrics, and records a suspension's end.
-    fn note_error(&self, connector: &str, err: &EngineError) {
+    pub(super) fn note_error(&self, connector: &str, err: &EngineError) {
         let l = [("connector", connector)];
         self.metrics.inc(
             "crmbridge_errors_total",
@@ -280,35 +234,6 @@ impl Engine {
                 until.timestamp() as f64,
             );
         }
-    }
-
-    /// Moves outbox entries that failed [`MAX_PUSH_ATTEMPTS`] times to the dead letters.
-    fn retire_failing(&self, target: &str) -> Result<usize, EngineError> {
-        let tx = self.store.begin_write()?;
-        let mut n = 0;
-        for (seq, entry) in tx.outbox_batch(target, 1000)? {
-            if entry.attempts >= MAX_PUSH_ATTEMPTS {
-                tx.add_dead_letter(crate::store::DeadLetterNew {
-                    connector: target.to_string(),
-                    direction: crate::store::Direction::Push,
-                    canonical_id: Some(entry.canonical_id.clone()),
-                    vendor_id: tx.vendor_id_of(&entry.canonical_id, target)?,
-                    record: serde_json::Value::Null,
-                    reason: format!(
-                        "gave up after {} attempts: {}",
-                        entry.attempts,
-                        entry.last_error.unwrap_or_default()
-                    ),
-                    attempts: entry.attempts,
-                    first_at: Utc::now(),
-                    last_at: Utc::now(),
-                })?;
-                tx.outbox_remove(target, seq)?;
-                n += 1;
-            }
-        }
-        tx.commit()?;
-        Ok(n)
     }
 
     /// Starts one poll loop and one drain loop per connector; they run until `shutdown`

@@ -344,6 +344,10 @@ impl Connector for AmocrmConnector {
         self.batch_size
     }
 
+    fn max_in_flight(&self) -> usize {
+        self.client.config().max_concurrent
+    }
+
     async fn push(&self, items: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
         self.ensure_started().await?;
         if items.is_empty() {

@@ -375,6 +375,10 @@ impl Connector for MarketoConnector {
         self.batch_size
     }
 
+    fn max_in_flight(&self) -> usize {
+        self.http.config().max_concurrent
+    }
+
     async fn push(&self, items: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
         if items.is_empty() {
             return Ok(Vec::new());

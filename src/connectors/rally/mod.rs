@@ -283,6 +283,10 @@ impl Connector for RallyConnector {
         self.max_batch
     }
 
+    fn max_in_flight(&self) -> usize {
+        self.client.config().max_concurrent
+    }
+
     async fn push(&self, items: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
         self.push_items(items).await
     }

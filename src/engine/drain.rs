@@ -1,0 +1,517 @@
+//! Draining a target's outbox: several batches in flight per target (up to the
+//! connector's [`Connector::max_in_flight`]), each holding entries no other batch of this
+//! process holds, with the store work of planning and recording on blocking threads.
+//!
+//! A batch is three steps: *plan* (one write transaction: take unclaimed entries, drop
+//! no-ops, dead-letter what cannot be mapped or failed too often, mark the rest as being
+//! sent, claim them), *push* (async, the connector's call), *record* (one write
+//! transaction: links, ledger, dead letters, and removing or failing each entry; then the
+//! claims are released). The claims are what keeps a company out of two concurrent pushes
+//! — the outbox holds one entry per (target, company), so disjoint entries are disjoint
+//! companies, and a new company is never created twice by two batches at once.
+//!
+//! [`Connector::max_in_flight`]: crate::connector::Connector::max_in_flight
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info_span, warn};
+
+use super::run::MAX_PUSH_ATTEMPTS;
+use super::{DrainStats, Engine, EngineError, visible_hash};
+use crate::connector::{ConnectorError, PushItem, PushOutcome};
+use crate::store::{DeadLetterNew, Direction, LedgerEntry};
+
+/// The most batches of one target ever in flight at once, whatever the connector allows:
+/// every in-flight batch is up to `max_batch` entries marked "sending" that a crash would
+/// leave to be re-sent.
+pub const MAX_IN_FLIGHT: usize = 16;
+
+/// Outbox entries (by seq, per target) that are in a batch of this process right now.
+/// Planning skips them; they are released once the batch's outcome is committed (or its
+/// recording failed). Empty after a restart: entries a crashed process left "sending" are
+/// planned again like any other.
+#[derive(Debug, Default)]
+pub(super) struct Claims(Mutex<BTreeMap<String, HashSet<u64>>>);
+
+impl Claims {
+    /// How many entries of `target` are claimed.
+    fn count(&self, target: &str) -> usize {
+        self.0.lock().unwrap().get(target).map_or(0, HashSet::len)
+    }
+
+    /// True when entry `seq` of `target` is claimed.
+    fn contains(&self, target: &str, seq: u64) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .get(target)
+            .is_some_and(|s| s.contains(&seq))
+    }
+
+    /// Claims `seqs` of `target` until the returned guard is dropped.
+    fn claim(self: &Arc<Self>, target: &str, seqs: Vec<u64>) -> ClaimGuard {
+        let mut map = self.0.lock().unwrap();
+        let set = map.entry(target.to_string()).or_default();
+        for s in &seqs {
+            let fresh = set.insert(*s);
+            debug_assert!(fresh, "outbox entry {target}/{s} claimed twice");
+        }
+        ClaimGuard {
+            claims: self.clone(),
+            target: target.to_string(),
+            seqs,
+        }
+    }
+}
+
+/// Entries claimed by one batch; dropping it releases them (also when the batch's task is
+/// aborted, so that a later drain can take them again).
+#[derive(Debug)]
+struct ClaimGuard {
+    claims: Arc<Claims>,
+    target: String,
+    seqs: Vec<u64>,
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        let mut map = self.claims.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(set) = map.get_mut(&self.target) {
+            for s in &self.seqs {
+                set.remove(s);
+            }
+        }
+    }
+}
+
+/// One planned batch: what to push, and per item its entry and the hash being pushed.
+struct Plan {
+    stats: DrainStats,
+    items: Vec<PushItem>,
+    /// Per item: (outbox seq, visible hash of the content pushed).
+    planned: Vec<(u64, String)>,
+    /// Held until the outcome is committed.
+    claim: Option<ClaimGuard>,
+}
+
+/// What the batches of one `drain_all` call share.
+#[derive(Default)]
+struct DrainShared {
+    /// Entries that asked for a retry in this call: not taken again until the next call.
+    failed: Arc<Mutex<HashSet<u64>>>,
+    /// Set by the first error: no new batch starts.
+    stop: AtomicBool,
+    /// The error to report (the first, or a later suspension: it says how long to wait).
+    error: Mutex<Option<EngineError>>,
+    total: Mutex<DrainStats>,
+    /// Per worker, when its current batch began.
+    started: Mutex<Vec<Option<Instant>>>,
+}
+
+impl DrainShared {
+    fn fail(&self, err: EngineError) {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut slot = self.error.lock().unwrap();
+        let suspension = matches!(
+            err,
+            EngineError::Connector(ConnectorError::Suspended { .. })
+        );
+        if slot.is_none() || suspension {
+            *slot = Some(err);
+        }
+    }
+}
+
+fn add_drain(total: &mut DrainStats, s: &DrainStats) {
+    total.taken += s.taken;
+    total.written += s.written;
+    total.created += s.created;
+    total.skipped += s.skipped;
+    total.rejected += s.rejected;
+    total.retried += s.retried;
+}
+
+impl Engine {
+    /// Drains `target`'s outbox until it is empty or only holds entries that failed in
+    /// this call, with up to the connector's [`max_in_flight`] batches in flight (capped at
+    /// [`MAX_IN_FLIGHT`]); entries failing too often become dead letters. On `shutdown`,
+    /// or after an error of any batch, no new batch starts and the ones in flight finish
+    /// and record their outcome; the (first) error is returned then, a suspension taking
+    /// precedence since it says how long to wait.
+    ///
+    /// [`max_in_flight`]: crate::connector::Connector::max_in_flight
+    pub async fn drain_all(
+        self: &Arc<Self>,
+        target: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<DrainStats, EngineError> {
+        let ep = self.endpoint(target)?.clone();
+        let width = ep.connector.max_in_flight().clamp(1, MAX_IN_FLIGHT);
+        let batch = ep.connector.max_batch().max(1) as u64;
+        let queued = {
+            let t = target.to_string();
+            self.blocking(move |e| Ok(e.store.begin_read()?.outbox_len(&t)?))
+                .await?
+        };
+        // No more workers than batches: an idle one would only cost an empty plan.
+        let workers = (queued.div_ceil(batch) as usize).clamp(1, width);
+        let shared = Arc::new(DrainShared {
+            started: Mutex::new(vec![None; workers]),
+            ..Default::default()
+        });
+        let mut set = tokio::task::JoinSet::new();
+        for slot in 0..workers {
+            let (me, t, sh, sd) = (
+                self.clone(),
+                target.to_string(),
+                shared.clone(),
+                shutdown.clone(),
+            );
+            set.spawn(async move { me.drain_worker(slot, &t, &sh, &sd).await });
+        }
+        while let Some(joined) = set.join_next().await {
+            if let Err(e) = joined {
+                shared.fail(EngineError::Join(e.to_string()));
+            }
+        }
+        self.set_busy(&format!("drain:{target}"), false);
+        if let Some(err) = shared.error.lock().unwrap().take() {
+            return Err(err);
+        }
+        let total = shared.total.lock().unwrap().clone();
+        Ok(total)
+    }
+
+    /// Pushes one batch of `target`'s outbox (no other batch of this call in flight).
+    /// Entries are marked as attempted (durably) before the push, and leave the outbox
+    /// only after the target answered for them.
+    pub async fn drain_batch(self: &Arc<Self>, target: &str) -> Result<DrainStats, EngineError> {
+        let failed = Arc::new(Mutex::new(HashSet::new()));
+        let plan = {
+            let t = target.to_string();
+            self.blocking(move |e| e.plan_batch(&t, &Mutex::default()))
+                .await?
+        };
+        self.push_planned(target, plan, &failed).await
+    }
+
+    /// One worker of [`Engine::drain_all`]: plan, push, record, until nothing is left to
+    /// take, an error stops the call, or shutdown.
+    async fn drain_worker(
+        self: &Arc<Self>,
+        slot: usize,
+        target: &str,
+        shared: &Arc<DrainShared>,
+        shutdown: &CancellationToken,
+    ) {
+        let busy = format!("drain:{target}");
+        while !shutdown.is_cancelled() && !shared.stop.load(Ordering::SeqCst) {
+            self.mark_started(&busy, shared, slot, Some(Instant::now()));
+            let plan = {
+                let (t, failed) = (target.to_string(), shared.failed.clone());
+                self.blocking(move |e| e.plan_batch(&t, &failed)).await
+            };
+            let plan = match plan {
+                Ok(p) => p,
+                Err(e) => {
+                    self.mark_started(&busy, shared, slot, None);
+                    self.note_error(target, &e);
+                    shared.fail(e);
+                    break;
+                }
+            };
+            if plan.stats.taken == 0 {
+                self.mark_started(&busy, shared, slot, None);
+                break;
+            }
+            let result = self.push_planned(target, plan, &shared.failed).await;
+            self.mark_started(&busy, shared, slot, None);
+            match result {
+                Ok(stats) => add_drain(&mut shared.total.lock().unwrap(), &stats),
+                Err(e) => {
+                    self.note_error(target, &e);
+                    shared.fail(e);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Records when worker `slot`'s batch began (`None`: it is idle) and sets the drain
+    /// loop's busy mark to the oldest batch in flight, so a hung push shows in
+    /// [`Engine::stalled_longer_than`] even while other batches progress.
+    fn mark_started(&self, busy: &str, shared: &DrainShared, slot: usize, at: Option<Instant>) {
+        let oldest = {
+            let mut started = shared.started.lock().unwrap();
+            started[slot] = at;
+            started.iter().flatten().min().copied()
+        };
+        self.busy_since
+            .lock()
+            .unwrap()
+            .insert(busy.to_string(), oldest);
+    }
+
+    /// Pushes a planned batch and records its outcome (on a blocking thread); entries
+    /// that asked for a retry are added to `failed`. Counts the batch in the metrics.
+    async fn push_planned(
+        self: &Arc<Self>,
+        target: &str,
+        plan: Plan,
+        failed: &Arc<Mutex<HashSet<u64>>>,
+    ) -> Result<DrainStats, EngineError> {
+        if plan.items.is_empty() {
+            self.count_pushed(target, &plan.stats);
+            return Ok(plan.stats);
+        }
+        let ep = self.endpoint(target)?.clone();
+        let result = ep.connector.push(&plan.items).await;
+        let (t, f) = (target.to_string(), failed.clone());
+        let (stats, err) = self
+            .blocking(move |e| e.record_batch(&t, plan, result, &f))
+            .await?;
+        self.count_pushed(target, &stats);
+        match err {
+            Some(e) => Err(e.into()),
+            None => Ok(stats),
+        }
+    }
+
+    /// Adds one batch's counts to the push metrics.
+    fn count_pushed(&self, target: &str, stats: &DrainStats) {
+        let l = [("connector", target)];
+        self.metrics
+            .inc("crmbridge_records_pushed_total", &l, stats.written as f64);
+        self.metrics
+            .inc("crmbridge_records_skipped_total", &l, stats.skipped as f64);
+        self.metrics.inc(
+            "crmbridge_records_rejected_total",
+            &l,
+            stats.rejected as f64,
+        );
+    }
+
+    /// Plans the next batch of `target` (blocking: one write transaction): takes up to
+    /// `max_batch` entries, oldest first, that are neither claimed by another batch nor
+    /// in `skip`; drops no-ops, dead-letters entries that cannot be mapped or failed
+    /// [`MAX_PUSH_ATTEMPTS`] times, marks the rest as being sent and claims them.
+    fn plan_batch(&self, target: &str, skip: &Mutex<HashSet<u64>>) -> Result<Plan, EngineError> {
+        let ep = self.endpoint(target)?;
+        let limit = ep.connector.max_batch().max(1);
+        let mut stats = DrainStats::default();
+        let tx = self.store.begin_write()?;
+        // Write transactions are serialised, so no other plan runs between reading the
+        // claims here and adding ours before the commit.
+        let skipped_len = skip.lock().unwrap().len();
+        let entries = tx.outbox_batch(target, limit + self.claims.count(target) + skipped_len)?;
+        let entries: Vec<_> = {
+            let skip = skip.lock().unwrap();
+            entries
+                .into_iter()
+                .filter(|(seq, _)| !skip.contains(seq) && !self.claims.contains(target, *seq))
+                .take(limit)
+                .collect()
+        };
+        stats.taken = entries.len();
+        if entries.is_empty() {
+            tx.abort()?;
+            return Ok(Plan {
+                stats,
+                items: Vec::new(),
+                planned: Vec::new(),
+                claim: None,
+            });
+        }
+        let mut items = Vec::new();
+        let mut planned = Vec::new();
+        for (seq, entry) in entries {
+            if entry.attempts >= MAX_PUSH_ATTEMPTS {
+                warn!(connector = target, canonical_id = %entry.canonical_id, attempts = entry.attempts, "giving up on push; dead-lettered");
+                tx.add_dead_letter(DeadLetterNew {
+                    connector: target.to_string(),
+                    direction: Direction::Push,
+                    canonical_id: Some(entry.canonical_id.clone()),
+                    vendor_id: tx.vendor_id_of(&entry.canonical_id, target)?,
+                    record: serde_json::Value::Null,
+                    reason: format!(
+                        "gave up after {} attempts: {}",
+                        entry.attempts,
+                        entry.last_error.unwrap_or_default()
+                    ),
+                    attempts: entry.attempts,
+                    first_at: Utc::now(),
+                    last_at: Utc::now(),
+                })?;
+                tx.outbox_remove(target, seq)?;
+                continue;
+            }
+            let Some(company) = tx.get_company(&entry.canonical_id)? else {
+                tx.outbox_remove(target, seq)?;
+                continue;
+            };
+            let values = company.values();
+            let vendor_id = tx.vendor_id_of(&entry.canonical_id, target)?;
+            let fields = match ep.mapping.write(&values) {
+                Ok(f) => f,
+                Err(e) => {
+                    warn!(connector = target, canonical_id = %entry.canonical_id, error = %e, "cannot map for target");
+                    tx.add_dead_letter(DeadLetterNew {
+                        connector: target.to_string(),
+                        direction: Direction::Push,
+                        canonical_id: Some(entry.canonical_id.clone()),
+                        vendor_id: vendor_id.clone(),
+                        record: serde_json::to_value(&values).unwrap_or_default(),
+                        reason: e.to_string(),
+                        attempts: entry.attempts + 1,
+                        first_at: Utc::now(),
+                        last_at: Utc::now(),
+                    })?;
+                    tx.outbox_remove(target, seq)?;
+                    stats.rejected += 1;
+                    continue;
+                }
+            };
+            let hash = visible_hash(&ep.mapping, &values);
+            if fields.is_empty() {
+                tx.outbox_remove(target, seq)?;
+                stats.skipped += 1;
+                continue;
+            }
+            if let Some(vid) = &vendor_id
+                && tx.ledger(target, vid)?.is_some_and(|l| l.hash == hash)
+            {
+                tx.outbox_remove(target, seq)?;
+                stats.skipped += 1;
+                continue;
+            }
+            tx.outbox_mark_sending(target, seq)?;
+            items.push(PushItem {
+                canonical_id: entry.canonical_id.clone(),
+                vendor_id,
+                fields,
+                prior_attempts: entry.attempts,
+            });
+            planned.push((seq, hash));
+        }
+        // Claimed before the commit makes them visible as "sending"; a failed commit drops
+        // the guard and so releases them.
+        let claim = self
+            .claims
+            .claim(target, planned.iter().map(|(s, _)| *s).collect());
+        tx.commit()?;
+        Ok(Plan {
+            stats,
+            items,
+            planned,
+            claim: Some(claim),
+        })
+    }
+
+    /// Records the outcome of pushing `plan` (blocking: one write transaction), then
+    /// releases its claims. Entries that asked for a retry go into `failed`. A push error
+    /// fails every entry of the batch and is handed back beside the stats.
+    fn record_batch(
+        &self,
+        target: &str,
+        plan: Plan,
+        result: Result<Vec<PushOutcome>, ConnectorError>,
+        failed: &Mutex<HashSet<u64>>,
+    ) -> Result<(DrainStats, Option<ConnectorError>), EngineError> {
+        let Plan {
+            mut stats,
+            items,
+            planned,
+            claim,
+        } = plan;
+        let ep = self.endpoint(target)?;
+        let tx = self.store.begin_write()?;
+        let outcomes = match result {
+            Ok(o) => o,
+            Err(e) => {
+                for (seq, _) in &planned {
+                    tx.outbox_fail(target, *seq, &e.to_string())?;
+                }
+                tx.commit()?;
+                drop(claim);
+                failed
+                    .lock()
+                    .unwrap()
+                    .extend(planned.iter().map(|(s, _)| *s));
+                stats.retried += planned.len();
+                return Ok((stats, Some(e)));
+            }
+        };
+        let now = Utc::now();
+        let mut retried = Vec::new();
+        for (i, (item, (seq, hash))) in items.iter().zip(&planned).enumerate() {
+            let _span =
+                info_span!("push", connector = target, canonical_id = %item.canonical_id).entered();
+            match outcomes.get(i) {
+                Some(PushOutcome::Written { vendor_id, created }) => {
+                    tx.put_link(target, vendor_id, &item.canonical_id)?;
+                    tx.put_ledger(
+                        target,
+                        vendor_id,
+                        &LedgerEntry {
+                            hash: hash.clone(),
+                            at: now,
+                        },
+                    )?;
+                    // The company may have changed while the push was in flight; the entry
+                    // then stays so the newer content goes out next time.
+                    let current = tx
+                        .get_company(&item.canonical_id)?
+                        .map(|c| visible_hash(&ep.mapping, &c.values()));
+                    if current.as_deref() == Some(hash.as_str()) {
+                        tx.outbox_remove(target, *seq)?;
+                    } else {
+                        tx.outbox_fail(target, *seq, "changed while being pushed")?;
+                    }
+                    stats.written += 1;
+                    if *created {
+                        stats.created += 1;
+                    }
+                    debug!(vendor_id = %vendor_id, created, "written");
+                }
+                Some(PushOutcome::Rejected { reason }) => {
+                    warn!(vendor_id = ?item.vendor_id, reason = %reason, "rejected by target; dead-lettered");
+                    tx.add_dead_letter(DeadLetterNew {
+                        connector: target.to_string(),
+                        direction: Direction::Push,
+                        canonical_id: Some(item.canonical_id.clone()),
+                        vendor_id: item.vendor_id.clone(),
+                        record: serde_json::Value::Object(item.fields.clone()),
+                        reason: reason.clone(),
+                        attempts: item.prior_attempts + 1,
+                        first_at: Utc::now(),
+                        last_at: Utc::now(),
+                    })?;
+                    tx.outbox_remove(target, *seq)?;
+                    stats.rejected += 1;
+                }
+                Some(PushOutcome::Retry { reason }) => {
+                    tx.outbox_fail(target, *seq, reason)?;
+                    stats.retried += 1;
+                    retried.push(*seq);
+                }
+                None => {
+                    tx.outbox_fail(target, *seq, "no outcome reported for this item")?;
+                    stats.retried += 1;
+                    retried.push(*seq);
+                }
+            }
+        }
+        tx.commit()?;
+        drop(claim);
+        failed.lock().unwrap().extend(retried);
+        Ok((stats, None))
+    }
+}
+
+#[cfg(test)]
+mod tests;

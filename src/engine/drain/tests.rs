@@ -1,0 +1,419 @@
+//! Behaviour of the concurrent drain against a fake target that delays its answers and
+//! records what is in flight at once.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::super::{Endpoint, Engine, EngineError, EngineSettings};
+use crate::connector::{Connector, ConnectorError, Cursor, Page, PollMode, PushItem, PushOutcome};
+use crate::daemon::metrics::Metrics;
+use crate::mapping::{Mapping, MappingRules};
+use crate::model::{Company, CrmKind, FieldState, Provenance, Value};
+use crate::store::Store;
+
+const TARGET: &str = "rally";
+
+/// What the fake target saw.
+#[derive(Debug, Default)]
+struct Seen {
+    calls: usize,
+    in_flight: usize,
+    max_in_flight: usize,
+    /// Companies currently inside a push.
+    pushing: HashSet<String>,
+    /// Companies that were in two pushes at once.
+    overlaps: Vec<String>,
+    /// Per company, the names pushed, in order.
+    names: BTreeMap<String, Vec<String>>,
+    /// Per company, `prior_attempts` of its pushes.
+    prior: BTreeMap<String, Vec<u32>>,
+}
+
+/// What a push should do instead of writing: fail with the error once this many other
+/// pushes have completed.
+type Failure = (usize, ConnectorError);
+
+type Hook = Box<dyn Fn(&[PushItem], usize) -> Option<Failure> + Send + Sync>;
+
+/// A target that answers each push after `delay`, writing every item unless `hook`
+/// (called with the items and the call number, before the delay) returns a failure.
+struct FakeTarget {
+    batch: usize,
+    width: usize,
+    delay: Duration,
+    seen: Mutex<Seen>,
+    hook: Option<Hook>,
+    /// Companies the target answers `Retry` for.
+    retry: HashSet<String>,
+    /// Pushes completed, for hooks that wait on other batches.
+    done: tokio::sync::watch::Sender<usize>,
+}
+
+impl FakeTarget {
+    fn new(batch: usize, width: usize, delay: Duration) -> Self {
+        FakeTarget {
+            batch,
+            width,
+            delay,
+            seen: Mutex::default(),
+            hook: None,
+            retry: HashSet::new(),
+            done: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+#[async_trait]
+impl Connector for FakeTarget {
+    fn name(&self) -> &str {
+        TARGET
+    }
+    async fn start(&self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+    async fn poll(&self, _: &Cursor, _: &PollMode) -> Result<Page, ConnectorError> {
+        Ok(Page::default())
+    }
+    fn max_batch(&self) -> usize {
+        self.batch
+    }
+    fn max_in_flight(&self) -> usize {
+        self.width
+    }
+    async fn push(&self, items: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
+        let call = {
+            let mut s = self.seen.lock().unwrap();
+            s.calls += 1;
+            s.in_flight += 1;
+            s.max_in_flight = s.max_in_flight.max(s.in_flight);
+            for it in items {
+                if !s.pushing.insert(it.canonical_id.clone()) {
+                    s.overlaps.push(it.canonical_id.clone());
+                }
+                let name = it.fields.get("name").map(|v| v.to_string());
+                s.names
+                    .entry(it.canonical_id.clone())
+                    .or_default()
+                    .push(name.unwrap_or_default());
+                s.prior
+                    .entry(it.canonical_id.clone())
+                    .or_default()
+                    .push(it.prior_attempts);
+            }
+            s.calls
+        };
+        let err = self.hook.as_ref().and_then(|h| h(items, call));
+        tokio::time::sleep(self.delay).await;
+        if let Some((others, _)) = &err {
+            let mut done = self.done.subscribe();
+            done.wait_for(|n| n >= others).await.unwrap();
+        }
+        {
+            let mut s = self.seen.lock().unwrap();
+            s.in_flight -= 1;
+            for it in items {
+                s.pushing.remove(&it.canonical_id);
+            }
+        }
+        self.done.send_modify(|n| *n += 1);
+        if let Some((_, e)) = err {
+            return Err(e);
+        }
+        Ok(items
+            .iter()
+            .map(|it| {
+                if self.retry.contains(&it.canonical_id) {
+                    PushOutcome::Retry {
+                        reason: "try later".into(),
+                    }
+                } else {
+                    PushOutcome::Written {
+                        vendor_id: format!("v-{}", it.canonical_id),
+                        created: it.vendor_id.is_none(),
+                    }
+                }
+            })
+            .collect())
+    }
+}
+
+fn company(id: &str, name: &str) -> Company {
+    let mut c = Company::new(id.to_string());
+    c.fields.insert(
+        "name".into(),
+        FieldState {
+            value: Value::Text(name.into()),
+            source: Provenance {
+                connector: "marketo".into(),
+                vendor_ts: Utc::now(),
+            },
+        },
+    );
+    c
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    engine: Arc<Engine>,
+    target: Arc<FakeTarget>,
+    ids: Vec<String>,
+}
+
+/// An engine whose only endpoint is `target`, with `n` companies queued for it.
+fn fixture(target: FakeTarget, n: usize) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(Store::open(&dir.path().join("state.redb")).expect("open store"));
+    let ids: Vec<String> = (0..n).map(|i| format!("c{i:04}")).collect();
+    let tx = store.begin_write().unwrap();
+    for id in &ids {
+        tx.put_company(&company(id, &format!("{id} Inc"))).unwrap();
+        tx.enqueue(TARGET, id, Utc::now()).unwrap();
+    }
+    tx.commit().unwrap();
+    let target = Arc::new(target);
+    let endpoint = Endpoint {
+        name: TARGET.into(),
+        connector: target.clone(),
+        mapping: Mapping::compile(CrmKind::Rally, &MappingRules::default()).unwrap(),
+        poll_interval: Duration::from_secs(1),
+    };
+    let engine = Arc::new(Engine::new(
+        store,
+        vec![endpoint],
+        EngineSettings::default(),
+        Arc::new(Metrics::new()),
+    ));
+    Fixture {
+        _dir: dir,
+        engine,
+        target,
+        ids,
+    }
+}
+
+impl Fixture {
+    fn outbox_len(&self) -> u64 {
+        self.engine
+            .store
+            .begin_read()
+            .unwrap()
+            .outbox_len(TARGET)
+            .unwrap()
+    }
+
+    fn linked(&self) -> usize {
+        let rx = self.engine.store.begin_read().unwrap();
+        self.ids
+            .iter()
+            .filter(|id| rx.vendor_id_of(id, TARGET).unwrap().is_some())
+            .count()
+    }
+
+    fn pushed_metric(&self) -> f64 {
+        self.engine
+            .metrics
+            .get("crmbridge_records_pushed_total", &[("connector", TARGET)])
+            .unwrap_or(0.0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_all_keeps_max_in_flight_batches_at_the_target_at_once() {
+    let delay = Duration::from_millis(150);
+    let f = fixture(FakeTarget::new(10, 4, delay), 80);
+    let t0 = Instant::now();
+    let stats = f
+        .engine
+        .drain_all(TARGET, &CancellationToken::new())
+        .await
+        .expect("drain");
+    let took = t0.elapsed();
+    let seen = f.target.seen.lock().unwrap();
+    assert_eq!((stats.written, seen.calls), (80, 8), "{stats:?}");
+    assert_eq!(seen.max_in_flight, 4, "pushes in flight at once: {seen:?}");
+    // One after another, 8 pushes cannot take less than 8 service times.
+    assert!(
+        took < delay * 8,
+        "8 batches of {delay:?} took {took:?}: not overlapped"
+    );
+    assert_eq!(f.outbox_len(), 0);
+    assert_eq!(f.linked(), 80);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_never_hold_the_same_company() {
+    let mut target = FakeTarget::new(10, 4, Duration::from_millis(40));
+    // While the first batches are in flight, rename their first companies: their entries
+    // are then re-queued and pushed again, which must wait for the first push's outcome.
+    let store_slot: Arc<Mutex<Option<Arc<Store>>>> = Arc::default();
+    let slot = store_slot.clone();
+    target.hook = Some(Box::new(move |items, call| {
+        if call <= 4 {
+            let store = slot.lock().unwrap().clone().expect("store set");
+            let tx = store.begin_write().unwrap();
+            let id = &items[0].canonical_id;
+            tx.put_company(&company(id, &format!("{id} renamed")))
+                .unwrap();
+            tx.enqueue(TARGET, id, Utc::now()).unwrap();
+            tx.commit().unwrap();
+        }
+        None
+    }));
+    let f = fixture(target, 40);
+    *store_slot.lock().unwrap() = Some(f.engine.store.clone());
+    f.engine
+        .drain_all(TARGET, &CancellationToken::new())
+        .await
+        .expect("drain");
+    let seen = f.target.seen.lock().unwrap();
+    assert!(
+        seen.overlaps.is_empty(),
+        "in two pushes at once: {:?}",
+        seen.overlaps
+    );
+    assert!(seen.max_in_flight > 1, "never concurrent: {seen:?}");
+    let renamed: Vec<_> = seen.names.iter().filter(|(_, n)| n.len() > 1).collect();
+    assert_eq!(renamed.len(), 4, "pushed twice: {renamed:?}");
+    for (id, names) in &renamed {
+        assert!(
+            names.last().unwrap().contains("renamed"),
+            "{id}: last push carried {names:?}"
+        );
+    }
+    assert_eq!(f.outbox_len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_error_in_one_batch_keeps_the_outcomes_of_the_others() {
+    let mut target = FakeTarget::new(10, 4, Duration::from_millis(20));
+    target.hook = Some(Box::new(move |items, _| {
+        // The batch holding the first company fails, after the three others answered.
+        (items.iter().any(|i| i.canonical_id == "c0000")).then(|| {
+            let e = ConnectorError::Transient {
+                connector: TARGET.into(),
+                detail: "503".into(),
+                retry_after: None,
+            };
+            (3, e)
+        })
+    }));
+    let f = fixture(target, 40);
+    let res = f.engine.drain_all(TARGET, &CancellationToken::new()).await;
+    assert!(
+        matches!(
+            res,
+            Err(EngineError::Connector(ConnectorError::Transient { .. }))
+        ),
+        "{res:?}"
+    );
+    assert_eq!(f.linked(), 30, "the three other batches' links");
+    assert_eq!(f.pushed_metric(), 30.0);
+    let rx = f.engine.store.begin_read().unwrap();
+    let left = rx.outbox_batch(TARGET, 100).unwrap();
+    assert_eq!(left.len(), 10, "{left:?}");
+    assert!(
+        left.iter()
+            .all(|(_, e)| !e.sending && e.attempts == 1 && e.last_error.is_some()),
+        "{left:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_stops_new_batches_for_the_target() {
+    let mut target = FakeTarget::new(10, 2, Duration::from_millis(30));
+    target.hook = Some(Box::new(|_, _| {
+        let e = ConnectorError::Suspended {
+            connector: TARGET.into(),
+            detail: "banned".into(),
+            until: Utc::now() + chrono::Duration::hours(1),
+        };
+        Some((0, e))
+    }));
+    let f = fixture(target, 100);
+    let res = f.engine.drain_all(TARGET, &CancellationToken::new()).await;
+    assert!(
+        matches!(
+            res,
+            Err(EngineError::Connector(ConnectorError::Suspended { .. }))
+        ),
+        "{res:?}"
+    );
+    let calls = f.target.seen.lock().unwrap().calls;
+    assert!(calls <= 2, "{calls} pushes after a suspension");
+    let rx = f.engine.store.begin_read().unwrap();
+    let untouched = rx
+        .outbox_batch(TARGET, 1000)
+        .unwrap()
+        .iter()
+        .filter(|(_, e)| e.attempts == 0)
+        .count();
+    assert_eq!(untouched, 100 - calls * 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_batches_in_flight_finish_and_starts_no_new_ones() {
+    let mut target = FakeTarget::new(10, 3, Duration::from_millis(50));
+    let token = CancellationToken::new();
+    let sd = token.clone();
+    target.hook = Some(Box::new(move |_, _| {
+        sd.cancel();
+        None
+    }));
+    let f = fixture(target, 100);
+    let stats = f.engine.drain_all(TARGET, &token).await.expect("drain");
+    let calls = f.target.seen.lock().unwrap().calls;
+    assert!((1..=3).contains(&calls), "{calls} pushes");
+    assert_eq!(stats.written, calls * 10, "{stats:?}");
+    assert_eq!(f.outbox_len(), 100 - calls as u64 * 10);
+    let rx = f.engine.store.begin_read().unwrap();
+    let sending: Vec<_> = rx
+        .outbox_batch(TARGET, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|(_, e)| e.sending)
+        .collect();
+    assert!(sending.is_empty(), "left sending: {sending:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_left_sending_by_a_crashed_process_are_pushed_again() {
+    let f = fixture(FakeTarget::new(10, 2, Duration::from_millis(1)), 20);
+    {
+        // A previous process marked the first batch as being sent, then died.
+        let tx = f.engine.store.begin_write().unwrap();
+        for (seq, _) in tx.outbox_batch(TARGET, 10).unwrap() {
+            tx.outbox_mark_sending(TARGET, seq).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let stats = f
+        .engine
+        .drain_all(TARGET, &CancellationToken::new())
+        .await
+        .expect("drain");
+    assert_eq!(stats.written, 20);
+    let seen = f.target.seen.lock().unwrap();
+    let resent = seen.prior.values().filter(|p| **p == [1]).count();
+    assert_eq!(resent, 10, "pushes with prior_attempts 1: {:?}", seen.prior);
+    assert_eq!(f.outbox_len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_asking_for_a_retry_is_not_taken_again_in_the_same_call() {
+    let mut target = FakeTarget::new(10, 2, Duration::from_millis(1));
+    target.retry.insert("c0003".into());
+    let f = fixture(target, 30);
+    let stats = f
+        .engine
+        .drain_all(TARGET, &CancellationToken::new())
+        .await
+        .expect("drain");
+    assert_eq!((stats.written, stats.retried), (29, 1), "{stats:?}");
+    assert_eq!(f.target.seen.lock().unwrap().prior["c0003"], [0]);
+    assert_eq!(f.outbox_len(), 1);
+}
