@@ -697,3 +697,140 @@ async fn rejected_static_key_is_an_auth_error_without_a_second_call() {
     assert!(!format!("{err} {err:?}").contains("rk_bad"), "{err:?}");
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_rate_rejection_past_the_limiter_widens_the_spacing_once_per_wave() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "0"))
+        .up_to_n_times(3)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(ok_json())
+        .mount(&server)
+        .await;
+    let c = client(HttpConfig {
+        rate: RateLimit::PerSecond(200.0),
+        rate_safety_margin: 0.05,
+        ..fast_cfg("t")
+    });
+    assert!((c.rate_margin() - 0.05).abs() < 1e-9, "{}", c.rate_margin());
+    // Three calls rejected at once are one wave: one step.
+    let calls = (0..3).map(|_| {
+        let c = c.clone();
+        let req = ApiRequest::get("GET c", url(&server, "/c"));
+        async move { c.send(req, &DefaultClassifier).await }
+    });
+    for r in futures::future::join_all(calls).await {
+        r.expect("retried after the 429");
+    }
+    let widened = c.rate_margin();
+    assert!(
+        (widened - (0.05 + PACING_STEP)).abs() < 1e-9,
+        "margin after one wave of 429s: {widened}"
+    );
+    assert_eq!(c.metrics().rejections.get("429"), Some(&3));
+}
+
+#[tokio::test]
+async fn widened_spacing_is_kept_by_later_calls_and_steps_back_after_a_quiet_period() {
+    // 10 calls/s with no margin is 100 ms apart; one step (5 %) makes it 105 ms.
+    let server = MockServer::start().await;
+    let arrivals = Arrivals::default();
+    Mock::given(path("/busy"))
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "0"))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(path("/c"))
+        .respond_with(arrivals.clone())
+        .mount(&server)
+        .await;
+    Mock::given(path("/busy"))
+        .respond_with(ok_json())
+        .mount(&server)
+        .await;
+    let recovery = Duration::from_millis(1500);
+    let c = client(HttpConfig {
+        rate: RateLimit::PerSecond(10.0),
+        rate_safety_margin: 0.0,
+        pacing_recovery: recovery,
+        ..fast_cfg("t")
+    });
+    c.send(
+        ApiRequest::get("GET busy", url(&server, "/busy")),
+        &DefaultClassifier,
+    )
+    .await
+    .expect("retried after the 429");
+    let widened_at = Instant::now();
+    assert!((c.rate_margin() - PACING_STEP).abs() < 1e-9);
+    for _ in 0..10 {
+        c.send(
+            ApiRequest::get("GET c", url(&server, "/c")),
+            &DefaultClassifier,
+        )
+        .await
+        .expect("call succeeds");
+    }
+    let t = arrivals.0.lock().unwrap().clone();
+    let span = t[t.len() - 1].duration_since(t[0]);
+    // 9 intervals: 945 ms widened, 900 ms at the configured spacing.
+    assert!(
+        span >= Duration::from_millis(930),
+        "10 calls spanned {span:?} after widening (expected about 945 ms, not 900 ms)"
+    );
+    // The quiet period is the behaviour under test: it has to pass on the clock.
+    tokio::time::sleep((widened_at + recovery + Duration::from_millis(50)) - Instant::now()).await;
+    c.send(
+        ApiRequest::get("GET c", url(&server, "/c")),
+        &DefaultClassifier,
+    )
+    .await
+    .expect("call succeeds");
+    assert!(
+        c.rate_margin().abs() < 1e-9,
+        "margin after a quiet period: {}",
+        c.rate_margin()
+    );
+}
+
+#[tokio::test]
+async fn marketo_concurrency_rejections_do_not_widen_the_spacing() {
+    struct Concurrency615;
+    impl Classifier for Concurrency615 {
+        fn classify(&self, resp: &ApiResponse) -> Outcome {
+            if resp.status == 503 {
+                Outcome::Throttled {
+                    after: Some(Duration::ZERO),
+                    class: "615",
+                }
+            } else {
+                DefaultClassifier.classify(resp)
+            }
+        }
+    }
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(ok_json())
+        .mount(&server)
+        .await;
+    let c = client(HttpConfig {
+        rate: RateLimit::PerSecond(200.0),
+        rate_safety_margin: 0.05,
+        ..fast_cfg("t")
+    });
+    c.send(
+        ApiRequest::get("GET c", url(&server, "/c")),
+        &Concurrency615,
+    )
+    .await
+    .expect("retried after the 615");
+    assert!((c.rate_margin() - 0.05).abs() < 1e-9, "{}", c.rate_margin());
+}

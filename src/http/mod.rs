@@ -67,6 +67,14 @@
 //! FIFO order so a crowd of tasks does not poll it in a thundering herd. Every attempt,
 //! retries included, passes it. Fractional per-second rates (`PerSecond(2.5)`) are spaced
 //! `(1 + margin)/r` apart with burst 1.
+//!
+//! # Adaptive pacing
+//! The margin only covers the jitter it was sized for. When a rate rejection (429, Marketo
+//! 606) still arrives for a call the current limiter admitted, the server saw more jitter
+//! than that: the client spaces calls [`PACING_STEP`] (5 %) wider, up to
+//! [`PACING_MAX_STEPS`] times, and takes one step back after each quiet
+//! [`HttpConfig::pacing_recovery`] (10 min). Without it a loaded box would keep collecting
+//! the same occasional 429 — and amoCRM turns repeated 429s into a ban.
 
 pub mod auth;
 pub mod classify;
@@ -146,7 +154,18 @@ pub struct HttpConfig {
     pub max_retry_after: Duration,
     /// The `User-Agent` header.
     pub user_agent: String,
+    /// After a rate rejection the limiter did not prevent, calls are spaced wider (see
+    /// [`PACING_STEP`]); each quiet period this long takes one step back.
+    pub pacing_recovery: Duration,
 }
+
+/// Extra spacing margin added after each rate rejection (429, Marketo 606) that got past
+/// the limiter: the server counted more jitter than the margin absorbs, so the client
+/// slows down instead of collecting more rejections (amoCRM bans after repeated 429s).
+pub const PACING_STEP: f64 = 0.05;
+
+/// Most pacing steps ever added: spacing is never widened by more than 25 %.
+pub const PACING_MAX_STEPS: u32 = 5;
 
 impl HttpConfig {
     /// Defaults for `connector`: 10 s connect, 30 s read, 60 s write, 10 calls/s, 5 %
@@ -168,17 +187,22 @@ impl HttpConfig {
             backoff_max: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(120),
             user_agent: format!("crmbridge/{}", env!("CARGO_PKG_VERSION")),
+            pacing_recovery: Duration::from_secs(600),
         }
     }
 
     /// The limiter's GCRA parameters — replenish period and burst — or `None` when
     /// unlimited. See the module docs for why these keep every window within the limit.
     pub fn limiter_quota(&self) -> Result<Option<(Duration, NonZeroU32)>, HttpError> {
+        self.limiter_quota_with(self.rate_safety_margin)
+    }
+
+    /// [`HttpConfig::limiter_quota`] with margin `m` instead of the configured one.
+    fn limiter_quota_with(&self, m: f64) -> Result<Option<(Duration, NonZeroU32)>, HttpError> {
         let bad = |detail: String| HttpError::Config {
             connector: self.connector.clone(),
             detail,
         };
-        let m = self.rate_safety_margin;
         if !(m.is_finite() && (0.0..=1.0).contains(&m)) {
             return Err(bad(format!(
                 "rate_safety_margin must be within 0..=1, got {m}"
@@ -494,11 +518,47 @@ impl Counters {
     }
 }
 
+/// The limiter in force and how many [`PACING_STEP`]s wider than configured it spaces calls.
+struct Pacing {
+    limiter: Arc<DefaultDirectRateLimiter>,
+    /// The limiter's spacing (GCRA emission interval).
+    period: Duration,
+    /// Steps the current limiter was built with.
+    steps: u32,
+    /// Steps wanted: raised by a rate rejection, lowered after a quiet period.
+    wanted: u32,
+    /// The last rate rejection or step back.
+    since: Instant,
+    /// Counts limiter rebuilds: a rejection widens only if its call was admitted by the
+    /// limiter now in force (calls admitted before a widening say nothing about it).
+    generation: u64,
+}
+
+/// Builds a GCRA limiter with margin `margin`; `None` when the rate is unlimited.
+fn build_limiter(
+    cfg: &HttpConfig,
+    margin: f64,
+) -> Result<Option<(Arc<DefaultDirectRateLimiter>, Duration)>, HttpError> {
+    let Some((period, burst)) = cfg.limiter_quota_with(margin.min(1.0))? else {
+        return Ok(None);
+    };
+    let quota = Quota::with_period(period)
+        .ok_or_else(|| HttpError::Config {
+            connector: cfg.connector.clone(),
+            detail: "rate spacing rounds to zero".into(),
+        })?
+        .allow_burst(burst);
+    Ok(Some((
+        Arc::new(governor::RateLimiter::direct(quota)),
+        period,
+    )))
+}
+
 struct Inner {
     cfg: HttpConfig,
     http: reqwest::Client,
-    /// Governor GCRA with burst 1; `None` when unlimited.
-    limiter: Option<DefaultDirectRateLimiter>,
+    /// The rate limiter and its adaptive widening; `None` when unlimited.
+    pacing: Option<Mutex<Pacing>>,
     /// Serialises limiter waiters (tokio's mutex is FIFO-fair).
     limiter_queue: tokio::sync::Mutex<()>,
     semaphore: Semaphore,
@@ -550,15 +610,16 @@ impl HttpClient {
         if cfg.read_timeout.is_zero() || cfg.write_timeout.is_zero() {
             return Err(config_err("timeouts must be non-zero".into()));
         }
-        let limiter = match cfg.limiter_quota()? {
-            None => None,
-            Some((period, burst)) => {
-                let quota = Quota::with_period(period)
-                    .ok_or_else(|| config_err("rate spacing rounds to zero".into()))?
-                    .allow_burst(burst);
-                Some(governor::RateLimiter::direct(quota))
-            }
-        };
+        let pacing = build_limiter(&cfg, cfg.rate_safety_margin)?.map(|(limiter, period)| {
+            Mutex::new(Pacing {
+                limiter,
+                period,
+                steps: 0,
+                wanted: 0,
+                since: Instant::now(),
+                generation: 0,
+            })
+        });
         let user_agent = HeaderValue::from_str(&cfg.user_agent)
             .map_err(|_| config_err("user_agent is not a valid header value".into()))?;
         let mut default_headers = HeaderMap::new();
@@ -577,7 +638,7 @@ impl HttpClient {
                 semaphore: Semaphore::new(cfg.max_concurrent),
                 cfg,
                 http,
-                limiter,
+                pacing,
                 limiter_queue: tokio::sync::Mutex::new(()),
                 quota,
                 budget_lock: Mutex::new(()),
@@ -787,18 +848,98 @@ impl HttpClient {
         }
     }
 
-    async fn wait_limiter(&self) {
-        let Some(limiter) = &self.inner.limiter else {
-            return;
+    /// Waits for the rate limiter; returns the generation of the limiter that admitted.
+    async fn wait_limiter(&self) -> u64 {
+        let Some(pacing) = &self.inner.pacing else {
+            return 0;
         };
         let started = Instant::now();
         let _turn = self.inner.limiter_queue.lock().await;
+        let (limiter, generation, settle) = self.current_limiter(pacing);
+        if let Some(settle) = settle {
+            // A fresh limiter admits at once; one old spacing keeps the last call's distance.
+            tokio::time::sleep(settle).await;
+        }
         limiter.until_ready().await;
         let waited = started.elapsed().as_micros() as u64;
         self.inner
             .counters
             .limiter_wait_us
             .fetch_add(waited, Ordering::Relaxed);
+        generation
+    }
+
+    /// The limiter to pass now, rebuilt first when the pacing changed (a rejection, or a
+    /// quiet [`HttpConfig::pacing_recovery`] period taking a step back); then also the
+    /// old spacing to wait before using it.
+    fn current_limiter(
+        &self,
+        pacing: &Mutex<Pacing>,
+    ) -> (Arc<DefaultDirectRateLimiter>, u64, Option<Duration>) {
+        let cfg = &self.inner.cfg;
+        let mut p = pacing.lock().unwrap_or_else(|e| e.into_inner());
+        if p.wanted > 0 && p.wanted == p.steps && p.since.elapsed() >= cfg.pacing_recovery {
+            p.wanted -= 1;
+            p.since = Instant::now();
+        }
+        if p.wanted == p.steps {
+            return (p.limiter.clone(), p.generation, None);
+        }
+        let margin = cfg.rate_safety_margin + PACING_STEP * f64::from(p.wanted);
+        match build_limiter(cfg, margin) {
+            Ok(Some((limiter, period))) => {
+                tracing::info!(
+                    connector = %cfg.connector,
+                    margin,
+                    spacing_ms = period.as_secs_f64() * 1000.0,
+                    "rate limiter spacing changed"
+                );
+                let settle = p.period;
+                p.limiter = limiter;
+                p.period = period;
+                p.steps = p.wanted;
+                p.generation += 1;
+                (p.limiter.clone(), p.generation, Some(settle))
+            }
+            // The configured margin was valid; a wider one only changes the spacing.
+            _ => {
+                p.wanted = p.steps;
+                (p.limiter.clone(), p.generation, None)
+            }
+        }
+    }
+
+    /// A rate rejection got past the limiter: space calls one [`PACING_STEP`] wider —
+    /// once per limiter, i.e. only for a call that limiter admitted (`generation`), so
+    /// calls rejected together count once.
+    fn widen_pacing(&self, class: &str, generation: u64) {
+        // 615 is Marketo's concurrency limit, which spacing does not address.
+        if class == "615" {
+            return;
+        }
+        let Some(pacing) = &self.inner.pacing else {
+            return;
+        };
+        let mut p = pacing.lock().unwrap_or_else(|e| e.into_inner());
+        p.since = Instant::now();
+        if generation == p.generation && p.wanted == p.steps && p.wanted < PACING_MAX_STEPS {
+            p.wanted += 1;
+            tracing::warn!(
+                connector = %self.inner.cfg.connector,
+                class,
+                steps = p.wanted,
+                "rate rejection despite the limiter: spacing calls wider"
+            );
+        }
+    }
+
+    /// The spacing margin in force: the configured one plus any widening after rejections.
+    pub fn rate_margin(&self) -> f64 {
+        let steps = self.inner.pacing.as_ref().map_or(0, |p| {
+            let p = p.lock().unwrap_or_else(|e| e.into_inner());
+            p.wanted.max(p.steps)
+        });
+        self.inner.cfg.rate_safety_margin + PACING_STEP * f64::from(steps)
     }
 
     fn auth_error(&self, endpoint: &'static str, e: HttpError) -> HttpError {
@@ -864,7 +1005,7 @@ impl HttpClient {
                 .acquire()
                 .await
                 .expect("the semaphore is never closed");
-            self.wait_limiter().await;
+            let admitted_by = self.wait_limiter().await;
             self.check_circuit(endpoint)?;
             self.charge_budget(endpoint)?;
             self.inner.counters.calls.fetch_add(1, Ordering::Relaxed);
@@ -920,6 +1061,7 @@ impl HttpClient {
                     reauthed = false;
                     Counters::bump(&self.inner.counters.rejections, class);
                     tracing::warn!(class, ?after, status = %resp.status, "vendor throttled the call");
+                    self.widen_pacing(class, admitted_by);
                     if let Some(after) = after {
                         self.hold_back_all(after.min(cfg.max_retry_after));
                     }
