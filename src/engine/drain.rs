@@ -187,6 +187,29 @@ impl Engine {
         Ok(total)
     }
 
+    /// [`Engine::drain_all`] again while it makes progress and entries asked for a retry,
+    /// so a one-shot run (backfill) does not leave behind what a second attempt would
+    /// push. Stops when a call writes, rejects and skips nothing, on an error or shutdown,
+    /// or after [`MAX_PUSH_ATTEMPTS`] calls.
+    pub async fn drain_settled(
+        self: &Arc<Self>,
+        target: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<DrainStats, EngineError> {
+        let mut total = DrainStats::default();
+        for _ in 0..MAX_PUSH_ATTEMPTS {
+            let s = self.drain_all(target, shutdown).await?;
+            add_drain(&mut total, &s);
+            let progress = s.written + s.rejected + s.skipped > 0;
+            if s.retried == 0 || !progress || shutdown.is_cancelled() {
+                break;
+            }
+            // What is left are entries the target answered "retry" for.
+            total.retried -= s.retried;
+        }
+        Ok(total)
+    }
+
     /// Pushes one batch of `target`'s outbox (no other batch of this call in flight).
     /// Entries are marked as attempted (durably) before the push, and leave the outbox
     /// only after the target answered for them.

@@ -393,7 +393,7 @@ impl Engine {
         let drains = futures::future::join_all(
             targets
                 .iter()
-                .map(|t| async move { (t, self.drain_all(t, shutdown).await) }),
+                .map(|t| async move { (t, self.drain_settled(t, shutdown).await) }),
         )
         .await;
         for (t, result) in drains {

@@ -50,6 +50,8 @@ struct FakeTarget {
     hook: Option<Hook>,
     /// Companies the target answers `Retry` for.
     retry: HashSet<String>,
+    /// Companies the target answers `Retry` for once, then writes.
+    retry_once: Mutex<HashSet<String>>,
     /// Pushes completed, for hooks that wait on other batches.
     done: tokio::sync::watch::Sender<usize>,
 }
@@ -63,6 +65,7 @@ impl FakeTarget {
             seen: Mutex::default(),
             hook: None,
             retry: HashSet::new(),
+            retry_once: Mutex::default(),
             done: tokio::sync::watch::channel(0).0,
         }
     }
@@ -127,7 +130,9 @@ impl Connector for FakeTarget {
         Ok(items
             .iter()
             .map(|it| {
-                if self.retry.contains(&it.canonical_id) {
+                if self.retry.contains(&it.canonical_id)
+                    || self.retry_once.lock().unwrap().remove(&it.canonical_id)
+                {
                     PushOutcome::Retry {
                         reason: "try later".into(),
                     }
@@ -415,5 +420,26 @@ async fn an_entry_asking_for_a_retry_is_not_taken_again_in_the_same_call() {
         .expect("drain");
     assert_eq!((stats.written, stats.retried), (29, 1), "{stats:?}");
     assert_eq!(f.target.seen.lock().unwrap().prior["c0003"], [0]);
+    assert_eq!(f.outbox_len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_settled_pushes_again_what_asked_for_a_retry_while_progress_is_made() {
+    let mut target = FakeTarget::new(10, 2, Duration::from_millis(1));
+    target.retry.insert("c0003".into());
+    target.retry_once.lock().unwrap().insert("c0007".into());
+    let f = fixture(target, 30);
+    let stats = f
+        .engine
+        .drain_settled(TARGET, &CancellationToken::new())
+        .await
+        .expect("drain");
+    // c0007 went through on its second call; c0003 keeps asking and stays queued once
+    // a call makes no progress.
+    assert_eq!((stats.written, stats.retried), (29, 1), "{stats:?}");
+    let seen = f.target.seen.lock().unwrap();
+    assert_eq!(seen.prior["c0007"], [0, 1]);
+    assert_eq!(seen.prior["c0003"], [0, 1, 2]);
+    drop(seen);
     assert_eq!(f.outbox_len(), 1);
 }
