@@ -834,3 +834,68 @@ async fn marketo_concurrency_rejections_do_not_widen_the_spacing() {
     .expect("retried after the 615");
     assert!((c.rate_margin() - 0.05).abs() < 1e-9, "{}", c.rate_margin());
 }
+
+/// A quota ledger whose first write stalls, like a durable store write waiting for the
+/// writer lock or a slow fsync.
+struct StallingLedger {
+    inner: MemoryQuotaLedger,
+    writes: AtomicUsize,
+    stall: Duration,
+}
+
+impl QuotaLedger for StallingLedger {
+    fn used(&self, day: &str) -> u64 {
+        self.inner.used(day)
+    }
+    fn add(&self, day: &str, n: u64) -> u64 {
+        if self.writes.fetch_add(1, Ordering::SeqCst) == 0 {
+            std::thread::sleep(self.stall);
+        }
+        self.inner.add(day, n)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_quota_write_does_not_bunch_calls_admitted_by_the_limiter() {
+    // 10 calls/s with no margin: calls 100 ms apart. The first call's quota write stalls
+    // 250 ms; were it done after the limiter admitted the call, the second call (admitted
+    // 100 ms later) would reach the server right behind the first.
+    let server = MockServer::start().await;
+    let arrivals = Arrivals::default();
+    Mock::given(path("/c"))
+        .respond_with(arrivals.clone())
+        .mount(&server)
+        .await;
+    let c = HttpClient::new(
+        HttpConfig {
+            rate: RateLimit::PerSecond(10.0),
+            rate_safety_margin: 0.0,
+            ..fast_cfg("t")
+        },
+        Arc::new(StallingLedger {
+            inner: MemoryQuotaLedger::new(),
+            writes: AtomicUsize::new(0),
+            stall: Duration::from_millis(250),
+        }),
+    )
+    .expect("valid config");
+    let calls = (0..3).map(|_| {
+        let c = c.clone();
+        let req = ApiRequest::get("GET c", url(&server, "/c"));
+        async move { c.send(req, &DefaultClassifier).await }
+    });
+    for r in futures::future::join_all(calls).await {
+        r.expect("call succeeds");
+    }
+    let mut t = arrivals.0.lock().unwrap().clone();
+    t.sort();
+    let closest = t
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]))
+        .min()
+        .unwrap();
+    assert!(
+        closest >= Duration::from_millis(90),
+        "two calls reached the server {closest:?} apart (spacing 100 ms)"
+    );
+}

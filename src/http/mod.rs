@@ -1005,9 +1005,14 @@ impl HttpClient {
                 .acquire()
                 .await
                 .expect("the semaphore is never closed");
-            let admitted_by = self.wait_limiter().await;
+            // The budget is charged (a durable write, which can wait on the store) before
+            // the limiter admits the call: between admission and send nothing may stall,
+            // or a late call bunches with the next one in the vendor's window.
             self.check_circuit(endpoint)?;
             self.charge_budget(endpoint)?;
+            let admitted_by = self.wait_limiter().await;
+            // The circuit may have opened while this call waited for its turn.
+            self.check_circuit(endpoint)?;
             self.inner.counters.calls.fetch_add(1, Ordering::Relaxed);
             let result = self.attempt(req, headers).await;
             drop(permit);
