@@ -250,8 +250,25 @@ async fn marketo_spends_only_its_share_of_the_daily_quota_then_suspends() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Suspended: the loops keep running, but no further call reaches Marketo.
-    let at_suspension = cluster.marketo.calls_today();
+    // Suspended. Calls already charged to the budget before it ran out (at most
+    // `max_concurrent`, waiting for the rate limiter) still go out; then the loops keep
+    // running but no further call reaches Marketo.
+    let suspended_at = cluster.marketo.calls_today();
+    let mut at_suspension = suspended_at;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = cluster.marketo.calls_today();
+        if now == at_suspension {
+            break;
+        }
+        at_suspension = now;
+        assert!(Instant::now() < deadline, "calls never stopped: {now}");
+    }
+    assert!(
+        at_suspension - suspended_at <= 10,
+        "{} calls after the suspension, more than were in flight",
+        at_suspension - suspended_at
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let calls = cluster.marketo.calls_today();
     let text = scrape().await.expect("metrics");
