@@ -698,23 +698,38 @@ async fn rejected_static_key_is_an_auth_error_without_a_second_call() {
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn a_rate_rejection_past_the_limiter_widens_the_spacing_once_per_wave() {
+/// A server answering the first `n` GETs with `first`, then `ok_json()`.
+async fn server_failing_first(n: u64, first: ResponseTemplate) -> MockServer {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
-        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "0"))
-        .up_to_n_times(3)
+        .respond_with(first)
+        .up_to_n_times(n)
         .mount(&server)
         .await;
     Mock::given(method("GET"))
         .respond_with(ok_json())
         .mount(&server)
         .await;
-    let c = client(HttpConfig {
+    server
+}
+
+/// A client limited to 200 calls/s with a 5 % margin.
+fn paced_client() -> HttpClient {
+    client(HttpConfig {
         rate: RateLimit::PerSecond(200.0),
         rate_safety_margin: 0.05,
         ..fast_cfg("t")
-    });
+    })
+}
+
+#[tokio::test]
+async fn a_rate_rejection_past_the_limiter_widens_the_spacing_once_per_wave() {
+    let server = server_failing_first(
+        3,
+        ResponseTemplate::new(429).insert_header("Retry-After", "0"),
+    )
+    .await;
+    let c = paced_client();
     assert!((c.rate_margin() - 0.05).abs() < 1e-9, "{}", c.rate_margin());
     // Three calls rejected at once are one wave: one step.
     let calls = (0..3).map(|_| {
@@ -811,21 +826,8 @@ async fn marketo_concurrency_rejections_do_not_widen_the_spacing() {
             }
         }
     }
-    let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .respond_with(ResponseTemplate::new(503))
-        .up_to_n_times(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("GET"))
-        .respond_with(ok_json())
-        .mount(&server)
-        .await;
-    let c = client(HttpConfig {
-        rate: RateLimit::PerSecond(200.0),
-        rate_safety_margin: 0.05,
-        ..fast_cfg("t")
-    });
+    let server = server_failing_first(1, ResponseTemplate::new(503)).await;
+    let c = paced_client();
     c.send(
         ApiRequest::get("GET c", url(&server, "/c")),
         &Concurrency615,
