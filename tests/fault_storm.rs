@@ -154,28 +154,48 @@ async fn a_storm_of_every_fault_kind_loses_nothing_and_converges_after_it_ends()
 
     let handle = engine.start(sd.clone());
     let mut mutator = TestMutator::new();
-    for i in 0..60 {
-        // Two 429 bursts from Rally: its limit drops below what the connector paces to.
-        match i {
-            10 | 40 => cluster.rally.set_rate_limit(1),
-            20 | 50 => cluster.rally.set_rate_limit(10),
+    let rally_429s = || {
+        cluster
+            .rally
+            .stats()
+            .rejections
+            .get("429")
+            .copied()
+            .unwrap_or(0)
+    };
+    // Two 429 bursts from Rally: its limit drops below what the connector paces to. A burst
+    // lasts at least 10 steps and until Rally has answered at least one 429 in it (at 1
+    // call/s a loaded machine may not exceed the limit at once), so it surely happens.
+    let mut bursts = 0;
+    let mut burst: Option<(usize, u64)> = None;
+    let mut step = 0usize;
+    while step < 60 || burst.is_some() {
+        match burst {
+            None if bursts < 2 && step % 30 == 10 => {
+                cluster.rally.set_rate_limit(1);
+                burst = Some((step, rally_429s()));
+            }
+            Some((from, before)) if step >= from + 10 && rally_429s() > before => {
+                cluster.rally.set_rate_limit(10);
+                burst = None;
+                bursts += 1;
+            }
             _ => {}
         }
+        assert!(
+            step < 200,
+            "Rally never answered 429 at 1 call/s: the daemon made at most one call a second"
+        );
         mutator.step(&cluster);
         tokio::time::sleep(Duration::from_millis(250)).await;
+        step += 1;
     }
     let storm_faults = [
         cluster.rally.stats().faults,
         cluster.marketo.stats().faults,
         cluster.amocrm.stats().faults,
     ];
-    let rally_429s = cluster
-        .rally
-        .stats()
-        .rejections
-        .get("429")
-        .copied()
-        .unwrap_or(0);
+    let rally_429s = rally_429s();
 
     // The storm ends. The loops must still be alive: more edits made now must arrive too.
     set_faults(&cluster, FaultConfig::default());
