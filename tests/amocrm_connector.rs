@@ -162,6 +162,8 @@ fn item(fields: Value, vendor_id: Option<&str>, prior_attempts: u32) -> PushItem
         vendor_id: vendor_id.map(str::to_string),
         fields: fields.as_object().cloned().unwrap(),
         prior_attempts,
+        unconfirmed_since: (prior_attempts > 0)
+            .then(|| chrono::Utc::now() - chrono::Duration::minutes(5)),
     }
 }
 
@@ -681,6 +683,37 @@ async fn validation_errors_reject_the_named_item_and_the_rest_is_resent_and_writ
 }
 
 #[tokio::test]
+async fn a_create_retried_after_a_certain_failure_is_sent_without_a_look_up() {
+    let r = rig().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v4/companies"))
+        .respond_with(hal("created.json"))
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    // Tried twice before, both certainly not stored (e.g. throttled): nothing to find.
+    let retried = PushItem {
+        unconfirmed_since: None,
+        ..item(
+            json!({"name": "Acme", "cf.name.Domain": "acme.com"}),
+            None,
+            2,
+        )
+    };
+    let out = r.conn.push(&[retried]).await.unwrap();
+    assert!(
+        matches!(&out[0], PushOutcome::Written { created: true, .. }),
+        "{out:?}"
+    );
+    let gets = requests_to(&r.server, "GET", "/api/v4/companies").await;
+    assert!(
+        gets.is_empty(),
+        "looked up: {:?}",
+        gets.iter().map(|g| g.url.to_string()).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
 async fn a_replayed_create_finds_the_existing_company_instead_of_duplicating_it() {
     let r = rig().await;
     Mock::given(method("GET"))
@@ -741,7 +774,7 @@ async fn a_lost_answer_to_a_create_is_retried_later_not_resent() {
         .await
         .unwrap();
     assert!(
-        matches!(&out[0], PushOutcome::Retry { reason } if reason.contains("look")),
+        matches!(&out[0], PushOutcome::Unconfirmed { reason } if reason.contains("look")),
         "{out:?}"
     );
     assert_eq!(

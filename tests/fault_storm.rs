@@ -1,8 +1,10 @@
-//! A fault storm across all three simulated CRMs: about a fifth of all calls fail (5xx,
-//! answers slower than the client timeout, truncated JSON, dropped connections), Marketo
-//! tokens expire mid-paging and Rally briefly answers 429 bursts — while the daemon's loops
-//! sync two-way and a mutator edits every CRM. Nothing panics, no loop stops, and once the
-//! faults end everything converges: no duplicate, no lost update, no dead letter.
+//! A fault storm across all three simulated CRMs (5,000 companies, 3,000 in each): about
+//! a fifth of all calls fail (5xx, answers slower than the client timeout, truncated JSON,
+//! dropped connections, throttling answers — 429, 606, 615), Marketo tokens expire
+//! mid-paging and Rally's limit drops below the connector's pace twice — while a backfill
+//! and then the daemon's loops sync two-way and a mutator edits every CRM. Nothing panics,
+//! no loop stops, and once the faults end everything converges: no duplicate, no lost
+//! update, no dead letter.
 
 mod common;
 
@@ -31,17 +33,33 @@ fn count_panics() {
     }));
 }
 
-/// The storm: ~20% of calls to every simulator fail, split over every injected kind.
+/// The storm: ~20% of calls to every simulator fail, split over every injected kind
+/// (5xx, timeouts, truncated JSON, dropped connections, and throttling answers — Rally and
+/// amoCRM 429, Marketo 606/615 — that the limits did not call for).
 /// `slow_by` is past the client timeouts the config sets (see [`with_short_timeouts`]).
 fn storm() -> FaultConfig {
     FaultConfig {
-        server_error: 0.06,
+        server_error: 0.05,
         slow: 0.03,
         slow_by: Duration::from_millis(1500),
-        malformed: 0.05,
-        drop_connection: 0.06,
+        malformed: 0.04,
+        drop_connection: 0.05,
+        throttle: 0.03,
         extra_latency: Duration::ZERO,
     }
+}
+
+/// The company universe: each CRM holds an overlapping 60 % of it (3,000 each).
+const COMPANIES: usize = 5_000;
+
+/// Throttling answers the simulators injected (not rejections the limits called for).
+fn injected_throttles(c: &SimCluster) -> u64 {
+    [c.rally.stats(), c.marketo.stats(), c.amocrm.stats()]
+        .iter()
+        .flat_map(|s| s.rejections.iter())
+        .filter(|(kind, _)| kind.ends_with("-injected"))
+        .map(|(_, n)| n)
+        .sum()
 }
 
 fn set_faults(c: &SimCluster, f: FaultConfig) {
@@ -112,7 +130,7 @@ async fn a_storm_of_every_fault_kind_loses_nothing_and_converges_after_it_ends()
     }
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let (cluster, path) = cluster_with_config(300, dir.path(), "1s", None).await;
+    let (cluster, path) = cluster_with_config(COMPANIES, dir.path(), "1s", None).await;
     with_short_timeouts(&path);
     let cluster = Arc::new(cluster);
     let cfg = Config::load(&path).unwrap();
@@ -196,6 +214,7 @@ async fn a_storm_of_every_fault_kind_loses_nothing_and_converges_after_it_ends()
         cluster.amocrm.stats().faults,
     ];
     let rally_429s = rally_429s();
+    let throttles = injected_throttles(&cluster);
 
     // The storm ends. The loops must still be alive: more edits made now must arrive too.
     set_faults(&cluster, FaultConfig::default());
@@ -233,6 +252,7 @@ async fn a_storm_of_every_fault_kind_loses_nothing_and_converges_after_it_ends()
         "the storm injected too few faults (rally, marketo, amocrm): {storm_faults:?}"
     );
     assert!(rally_429s > 0, "the Rally 429 bursts never happened");
+    assert!(throttles > 0, "no throttling answer was injected");
     assert!(
         expirations >= 5,
         "Marketo tokens expired only {expirations} times"
@@ -242,7 +262,7 @@ async fn a_storm_of_every_fault_kind_loses_nothing_and_converges_after_it_ends()
     let dead = tx.dead_letter_count().unwrap();
     assert_eq!(dead, 0, "dead letters: {:?}", tx.dead_letters(20, 0).ok());
     eprintln!(
-        "storm: {storm_faults:?} faults, {rally_429s} rally 429s, {expirations} token expiries, {:?} total",
+        "storm: {storm_faults:?} faults ({throttles} throttling answers), {rally_429s} rally 429s, {expirations} token expiries, {:?} total",
         started.elapsed()
     );
     match Arc::try_unwrap(cluster) {

@@ -147,6 +147,7 @@ fn item(n: usize, vendor_id: Option<&str>, fields: Value) -> PushItem {
         vendor_id: vendor_id.map(str::to_string),
         fields: fields.as_object().unwrap().clone(),
         prior_attempts: 0,
+        unconfirmed_since: None,
     }
 }
 

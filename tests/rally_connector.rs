@@ -84,6 +84,8 @@ fn item(vendor_id: Option<&str>, fields: Value, prior_attempts: u32) -> PushItem
         vendor_id: vendor_id.map(str::to_string),
         fields,
         prior_attempts,
+        unconfirmed_since: (prior_attempts > 0)
+            .then(|| chrono::Utc::now() - chrono::Duration::minutes(5)),
     }
 }
 

@@ -87,10 +87,14 @@ pub struct PushItem {
     pub vendor_id: Option<String>,
     /// The fields to write, in the connector's flat shape (see [`VendorRecord::fields`]).
     pub fields: serde_json::Map<String, serde_json::Value>,
-    /// How many times this write was attempted before. A non-zero value with no
-    /// `vendor_id` means an earlier create may have landed without us learning its id:
-    /// connectors without an idempotent create must look the record up first.
+    /// How many times this write was attempted before.
     pub prior_attempts: u32,
+    /// Set when an earlier send of this write may have reached the vendor without its
+    /// answer reaching us (a timeout or dropped connection after sending, a crash
+    /// mid-send): no earlier than this time. Without a `vendor_id`, an earlier create may
+    /// then have landed unseen, so a connector without an idempotent create must look for
+    /// the record (created at or after this time) before creating it again.
+    pub unconfirmed_since: Option<DateTime<Utc>>,
 }
 
 /// What happened to one pushed item.
@@ -108,8 +112,16 @@ pub enum PushOutcome {
         /// The vendor's reason, verbatim where possible.
         reason: String,
     },
-    /// Not written this time for a transient reason; stays in the outbox.
+    /// Not written this time for a transient reason, and certainly not stored by the
+    /// vendor (throttled, refused as a whole, never sent); stays in the outbox.
     Retry {
+        /// Why.
+        reason: String,
+    },
+    /// Sent, but whether the vendor stored it is unknown (a timeout or dropped connection
+    /// after sending, an accepted batch that did not list it); stays in the outbox, and
+    /// later pushes carry [`PushItem::unconfirmed_since`].
+    Unconfirmed {
         /// Why.
         reason: String,
     },

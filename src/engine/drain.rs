@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn};
 
@@ -97,6 +97,8 @@ struct Plan {
     planned: Vec<(u64, String)>,
     /// Held until the outcome is committed.
     claim: Option<ClaimGuard>,
+    /// When the batch was planned: its send starts no earlier.
+    planned_at: DateTime<Utc>,
 }
 
 /// What the batches of one `drain_all` call share.
@@ -348,6 +350,7 @@ impl Engine {
                 items: Vec::new(),
                 planned: Vec::new(),
                 claim: None,
+                planned_at: Utc::now(),
             });
         }
         let mut items = Vec::new();
@@ -412,12 +415,16 @@ impl Engine {
                 stats.skipped += 1;
                 continue;
             }
-            tx.outbox_mark_sending(target, seq)?;
+            // Marking it sending also notes a send left without an outcome by a crash.
+            let unconfirmed_since = tx
+                .outbox_mark_sending(target, seq)?
+                .and_then(|e| e.unconfirmed_since);
             items.push(PushItem {
                 canonical_id: entry.canonical_id.clone(),
                 vendor_id,
                 fields,
                 prior_attempts: entry.attempts,
+                unconfirmed_since,
             });
             planned.push((seq, hash));
         }
@@ -432,6 +439,7 @@ impl Engine {
             items,
             planned,
             claim: Some(claim),
+            planned_at: Utc::now(),
         })
     }
 
@@ -450,14 +458,22 @@ impl Engine {
             items,
             planned,
             claim,
+            planned_at,
         } = plan;
         let ep = self.endpoint(target)?;
         let tx = self.store.begin_write()?;
         let outcomes = match result {
             Ok(o) => o,
             Err(e) => {
+                // A connector answers a whole push with an error only when no item got an
+                // outcome; a transient one may still have followed a write that landed.
+                let unconfirmed = matches!(e, ConnectorError::Transient { .. });
                 for (seq, _) in &planned {
-                    tx.outbox_fail(target, *seq, &e.to_string())?;
+                    if unconfirmed {
+                        tx.outbox_fail_unconfirmed(target, *seq, &e.to_string(), planned_at)?;
+                    } else {
+                        tx.outbox_fail(target, *seq, &e.to_string())?;
+                    }
                 }
                 tx.commit()?;
                 drop(claim);
@@ -522,8 +538,19 @@ impl Engine {
                     stats.retried += 1;
                     retried.push(*seq);
                 }
+                Some(PushOutcome::Unconfirmed { reason }) => {
+                    tx.outbox_fail_unconfirmed(target, *seq, reason, planned_at)?;
+                    stats.retried += 1;
+                    retried.push(*seq);
+                }
                 None => {
-                    tx.outbox_fail(target, *seq, "no outcome reported for this item")?;
+                    // The connector lost track of it: it may have been sent.
+                    tx.outbox_fail_unconfirmed(
+                        target,
+                        *seq,
+                        "no outcome reported for this item",
+                        planned_at,
+                    )?;
                     stats.retried += 1;
                     retried.push(*seq);
                 }

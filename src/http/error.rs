@@ -146,6 +146,27 @@ impl HttpError {
         }
     }
 
+    /// True if the call may have been carried out although it failed: the request may
+    /// have reached the server before a timeout or dropped connection, a 5xx may come
+    /// after the work was done, or a success answer could not be read. Throttling,
+    /// refusals and suspensions are not: the vendor did nothing.
+    pub fn may_have_applied(&self) -> bool {
+        match self {
+            HttpError::Timeout { maybe_applied, .. }
+            | HttpError::Connection { maybe_applied, .. } => *maybe_applied,
+            // Only throttling is known to leave nothing done; any other status may come
+            // after the work (a 502/504 from a proxy, a 500 while answering).
+            HttpError::Transient { class, .. } => {
+                !matches!(*class, "429" | "606" | "615" | "607" | "daily_budget")
+            }
+            HttpError::Decode { .. } => true,
+            HttpError::Auth { .. }
+            | HttpError::Suspended { .. }
+            | HttpError::Rejected { .. }
+            | HttpError::Config { .. } => false,
+        }
+    }
+
     /// True if trying the same call in a later cycle may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(

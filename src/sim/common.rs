@@ -26,6 +26,12 @@ pub struct FaultConfig {
     pub drop_connection: f64,
     /// Latency added to every answer.
     pub extra_latency: Duration,
+    /// Probability of the vendor's throttling answer although the caller kept to the
+    /// limits (Rally and amoCRM: 429; Marketo: 606 or 615), as real APIs do when a
+    /// limit is shared with other clients. Counted as a fault, not a limit rejection, and
+    /// never towards amoCRM's ban.
+    #[serde(default)]
+    pub throttle: f64,
 }
 
 /// One fault picked for one request.
@@ -39,6 +45,8 @@ pub enum Fault {
     Malformed,
     /// Close the connection mid-response.
     DropConnection,
+    /// Answer the vendor's throttling response (the request is not carried out).
+    Throttled,
 }
 
 /// Thread-safe fault picker with its own seeded random source.
@@ -91,6 +99,10 @@ impl Faults {
         edge += c.drop_connection;
         if roll < edge {
             return Some(Fault::DropConnection);
+        }
+        edge += c.throttle;
+        if roll < edge {
+            return Some(Fault::Throttled);
         }
         None
     }
@@ -227,6 +239,11 @@ impl Stats {
             max_in_flight: self.max_in_flight.load(Ordering::SeqCst),
             faults: self.faults.load(Ordering::Relaxed),
         }
+    }
+
+    /// Faults injected so far (cheap, unlike a snapshot).
+    pub fn fault_count(&self) -> u64 {
+        self.faults.load(Ordering::Relaxed)
     }
 
     /// Clears every counter.

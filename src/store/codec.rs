@@ -430,6 +430,7 @@ pub(crate) fn decode_pending(bytes: &[u8]) -> Result<Vec<(&str, u64)>, DecodeErr
 const SENDING: u8 = 1;
 const CHANGED_WHILE_SENDING: u8 = 2;
 const HAS_ERROR: u8 = 4;
+const UNCONFIRMED: u8 = 8;
 
 pub(crate) fn encode_outbox(e: &OutboxEntry) -> Vec<u8> {
     let mut w = Writer::with_capacity(64);
@@ -444,12 +445,18 @@ pub(crate) fn encode_outbox(e: &OutboxEntry) -> Vec<u8> {
     if e.last_error.is_some() {
         flags |= HAS_ERROR;
     }
+    if e.unconfirmed_since.is_some() {
+        flags |= UNCONFIRMED;
+    }
     w.u8(flags);
     w.varint(u128::from(e.attempts));
     w.time(&e.enqueued_at);
     w.str(&e.canonical_id);
     if let Some(err) = &e.last_error {
         w.str(err);
+    }
+    if let Some(since) = &e.unconfirmed_since {
+        w.time(since);
     }
     w.0
 }
@@ -466,6 +473,12 @@ pub(crate) fn decode_outbox(bytes: &[u8]) -> Result<OutboxEntry, DecodeError> {
     } else {
         None
     };
+    // Absent in entries written before the flag existed: they decode as confirmed.
+    let unconfirmed_since = if flags & UNCONFIRMED != 0 {
+        Some(r.time()?)
+    } else {
+        None
+    };
     r.end()?;
     Ok(OutboxEntry {
         canonical_id,
@@ -474,6 +487,7 @@ pub(crate) fn decode_outbox(bytes: &[u8]) -> Result<OutboxEntry, DecodeError> {
         last_error,
         sending: flags & SENDING != 0,
         changed_while_sending: flags & CHANGED_WHILE_SENDING != 0,
+        unconfirmed_since,
     })
 }
 
@@ -564,7 +578,11 @@ mod tests {
             };
             assert_eq!(decode_ledger(&encode_ledger(&e)), Ok(e));
         }
-        for (sending, changed, err) in [(false, false, None), (true, true, Some("boom"))] {
+        for (sending, changed, err, unconfirmed) in [
+            (false, false, None, None),
+            (true, true, Some("boom"), Some(ts(7, 8))),
+            (true, false, None, Some(ts(9, 10))),
+        ] {
             let e = OutboxEntry {
                 canonical_id: "c1".into(),
                 enqueued_at: ts(5, 6),
@@ -572,6 +590,7 @@ mod tests {
                 last_error: err.map(String::from),
                 sending,
                 changed_while_sending: changed,
+                unconfirmed_since: unconfirmed,
             };
             assert_eq!(decode_outbox(&encode_outbox(&e)), Ok(e));
         }

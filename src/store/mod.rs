@@ -955,6 +955,7 @@ impl WriteTx {
             last_error: None,
             sending: false,
             changed_while_sending: false,
+            unconfirmed_since: None,
         };
         self.put_outbox_entry(&mut *self.table(OUTBOX)?, target, seq, &entry)?;
         self.bump_outbox_count(target, 1)
@@ -971,7 +972,10 @@ impl WriteTx {
 
     /// Records that a send of entry `seq` starts: `attempts += 1`, `sending = true`.
     /// Commit this before calling the vendor, so a crash mid-send is visible on restart.
-    /// Returns the updated entry, or `None` if there is no such entry.
+    /// An entry still `sending` here is a send whose outcome was never recorded (a crash,
+    /// or a failed outcome commit): it may have landed, so the entry becomes unconfirmed
+    /// since it was queued (the only bound known). Returns the updated entry, or `None` if
+    /// there is no such entry.
     pub fn outbox_mark_sending(
         &self,
         target: &str,
@@ -981,6 +985,9 @@ impl WriteTx {
         let Some(mut entry) = self.outbox_entry(&outbox, target, seq)? else {
             return Ok(None);
         };
+        if entry.sending && entry.unconfirmed_since.is_none() {
+            entry.unconfirmed_since = Some(entry.enqueued_at);
+        }
         entry.attempts = entry.attempts.saturating_add(1);
         entry.sending = true;
         entry.changed_while_sending = false;
@@ -996,6 +1003,29 @@ impl WriteTx {
         seq: u64,
         error: &str,
     ) -> Result<Option<OutboxEntry>, StoreError> {
+        self.outbox_failed(target, seq, error, None)
+    }
+
+    /// Records a send of entry `seq`, started no earlier than `sent_at`, whose outcome is
+    /// unknown (it may have landed): like [`Self::outbox_fail`], and the entry is
+    /// unconfirmed since `sent_at` unless it already was since earlier.
+    pub fn outbox_fail_unconfirmed(
+        &self,
+        target: &str,
+        seq: u64,
+        error: &str,
+        sent_at: DateTime<Utc>,
+    ) -> Result<Option<OutboxEntry>, StoreError> {
+        self.outbox_failed(target, seq, error, Some(sent_at))
+    }
+
+    fn outbox_failed(
+        &self,
+        target: &str,
+        seq: u64,
+        error: &str,
+        unconfirmed_at: Option<DateTime<Utc>>,
+    ) -> Result<Option<OutboxEntry>, StoreError> {
         let mut outbox = self.table(OUTBOX)?;
         let Some(mut entry) = self.outbox_entry(&outbox, target, seq)? else {
             return Ok(None);
@@ -1004,6 +1034,10 @@ impl WriteTx {
         // The next send maps the latest state anyway.
         entry.changed_while_sending = false;
         entry.last_error = Some(error.to_owned());
+        entry.unconfirmed_since = match (entry.unconfirmed_since, unconfirmed_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
         Ok(Some(entry))
     }

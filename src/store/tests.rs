@@ -353,6 +353,57 @@ fn mark_sending_and_fail_track_attempts_and_errors() {
 }
 
 #[test]
+fn an_unconfirmed_send_stays_unconfirmed_from_its_earliest_time_until_the_entry_leaves() {
+    let (_dir, store) = temp_store();
+    let tx = store.begin_write().unwrap();
+    tx.enqueue("amocrm", "c1", ts(0)).unwrap();
+    let (seq, _) = tx.outbox_batch("amocrm", 1).unwrap()[0].clone();
+    tx.outbox_mark_sending("amocrm", seq).unwrap();
+    let e = tx
+        .outbox_fail_unconfirmed("amocrm", seq, "timed out", ts(20))
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.unconfirmed_since, Some(ts(20)));
+    // A later send that certainly failed says nothing about the earlier one.
+    tx.outbox_mark_sending("amocrm", seq).unwrap();
+    let e = tx.outbox_fail("amocrm", seq, "429").unwrap().unwrap();
+    assert_eq!(e.unconfirmed_since, Some(ts(20)));
+    // Another unknown outcome later keeps the earliest time.
+    tx.outbox_mark_sending("amocrm", seq).unwrap();
+    let e = tx
+        .outbox_fail_unconfirmed("amocrm", seq, "reset", ts(40))
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.unconfirmed_since, Some(ts(20)));
+    tx.commit().unwrap();
+    let stored = store
+        .begin_read()
+        .unwrap()
+        .outbox_batch("amocrm", 1)
+        .unwrap();
+    assert_eq!(stored[0].1.unconfirmed_since, Some(ts(20)), "durable");
+}
+
+#[test]
+fn a_send_that_never_got_an_outcome_is_unconfirmed_since_the_entry_was_queued() {
+    let (_dir, store) = temp_store();
+    let tx = store.begin_write().unwrap();
+    tx.enqueue("amocrm", "c1", ts(5)).unwrap();
+    let (seq, _) = tx.outbox_batch("amocrm", 1).unwrap()[0].clone();
+    let first = tx.outbox_mark_sending("amocrm", seq).unwrap().unwrap();
+    assert_eq!(first.unconfirmed_since, None);
+    // No outcome was recorded (the process died): the next send finds it still sending.
+    let again = tx.outbox_mark_sending("amocrm", seq).unwrap().unwrap();
+    assert_eq!(again.unconfirmed_since, Some(ts(5)));
+    let e = tx.outbox_fail("amocrm", seq, "503").unwrap().unwrap();
+    assert_eq!(
+        e.unconfirmed_since,
+        Some(ts(5)),
+        "kept after a certain failure"
+    );
+}
+
+#[test]
 fn change_during_a_send_keeps_the_entry_queued_after_success() {
     let (_dir, store) = temp_store();
     let tx = store.begin_write().unwrap();
@@ -665,6 +716,7 @@ fn version_1_store_is_migrated_to_the_binary_encoding() {
         last_error: Some("timeout".into()),
         sending: false,
         changed_while_sending: false,
+        unconfirmed_since: None,
     };
     {
         let store = Store::open(&path).unwrap();
@@ -717,6 +769,7 @@ fn version_2_links_ledger_and_outbox_index_are_migrated_to_shared_rows() {
         last_error: None,
         sending: false,
         changed_while_sending: false,
+        unconfirmed_since: None,
     };
     {
         // A version-2 file: the old tables, written the way version 2 wrote them.

@@ -27,6 +27,12 @@ pub struct OutboxEntry {
     /// state, so on success the entry is kept (reset) instead of removed.
     #[serde(default)]
     pub changed_while_sending: bool,
+    /// An earlier send may have reached the target without its outcome being known (a
+    /// timeout or dropped connection after sending, a crash mid-send): no earlier than
+    /// this time. Kept until the entry leaves the outbox, since a later send that
+    /// certainly failed says nothing about the earlier one.
+    #[serde(default)]
+    pub unconfirmed_since: Option<DateTime<Utc>>,
 }
 
 /// What [`super::WriteTx::outbox_remove`] did.

@@ -219,6 +219,9 @@ fn validation_errors(v: &Value) -> Option<BTreeMap<String, String>> {
 enum CallFailure {
     /// These items get `Retry` with this reason; the push goes on.
     Retry(String),
+    /// These items get `Unconfirmed` with this reason (a create that may have landed);
+    /// the push goes on.
+    Unconfirmed(String),
     /// Nothing more can be sent in this push (ban, credentials, misconfiguration).
     Stop(ConnectorError),
 }
@@ -255,7 +258,7 @@ impl AmocrmConnector {
                         })
                     }
                 },
-                None if item.prior_attempts > 0 => replays.push(Entry {
+                None if item.unconfirmed_since.is_some() => replays.push(Entry {
                     idx,
                     id: None,
                     body,
@@ -280,7 +283,9 @@ impl AmocrmConnector {
                 }
                 Ok(None) => creates.push(e),
                 Err(f) => match self.failure(f, false) {
-                    CallFailure::Retry(reason) => out[e.idx] = Some(PushOutcome::Retry { reason }),
+                    CallFailure::Retry(reason) | CallFailure::Unconfirmed(reason) => {
+                        out[e.idx] = Some(PushOutcome::Retry { reason })
+                    }
                     CallFailure::Stop(err) => stop = Some(err),
                 },
             }
@@ -315,14 +320,7 @@ impl AmocrmConnector {
     /// Classifies a failed call for the items it carried.
     fn failure(&self, e: HttpError, was_create: bool) -> CallFailure {
         match e {
-            HttpError::Timeout {
-                maybe_applied: true,
-                ..
-            }
-            | HttpError::Connection {
-                maybe_applied: true,
-                ..
-            } if was_create => CallFailure::Retry(format!(
+            e if was_create && e.may_have_applied() => CallFailure::Unconfirmed(format!(
                 "{e}; the companies may have been created: the replay looks them up first"
             )),
             e if e.is_transient() => CallFailure::Retry(e.to_string()),
@@ -407,6 +405,14 @@ impl AmocrmConnector {
                         }
                         Ok(())
                     }
+                    CallFailure::Unconfirmed(reason) => {
+                        for e in &batch {
+                            out[e.idx] = Some(PushOutcome::Unconfirmed {
+                                reason: reason.clone(),
+                            });
+                        }
+                        Ok(())
+                    }
                     CallFailure::Stop(err) => Err(err),
                 };
             }
@@ -445,7 +451,7 @@ impl AmocrmConnector {
                 let half = (batch.len() / 2).max(1);
                 self.create_batch_limit.store(half, Ordering::Relaxed);
                 for e in &batch {
-                    out[e.idx] = Some(PushOutcome::Retry {
+                    out[e.idx] = Some(PushOutcome::Unconfirmed {
                         reason: "HTTP 504 on create: the companies may have been created; the \
                                  replay looks them up first"
                             .into(),
@@ -520,7 +526,7 @@ impl AmocrmConnector {
                     vendor_id: id.to_string(),
                     created: create,
                 },
-                None if create => PushOutcome::Retry {
+                None if create => PushOutcome::Unconfirmed {
                     reason: "amoCRM accepted the batch but listed no id for this company; the \
                              replay looks it up first"
                         .into(),

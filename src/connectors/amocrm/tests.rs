@@ -293,6 +293,7 @@ fn item(fields: Value, vendor_id: Option<String>) -> PushItem {
         vendor_id,
         fields: fields.as_object().cloned().unwrap_or_else(Map::new),
         prior_attempts: 0,
+        unconfirmed_since: None,
     }
 }
 

@@ -115,6 +115,7 @@ fn item(n: usize, vendor_id: Option<String>, fields: Value) -> PushItem {
         vendor_id,
         fields: fields.as_object().unwrap().clone(),
         prior_attempts: 0,
+        unconfirmed_since: None,
     }
 }
 

@@ -71,7 +71,8 @@
 //!   whose: each successful item is sent again to `PUT /upsert` (same body, so no
 //!   change), which answers its id (`created` = the id is among `createdIds`).
 //! - **without an id or domain**: `POST /api/v1/companies`, one by one, never retried
-//!   automatically after it may have landed. When `prior_attempts > 0`, a record of the
+//!   automatically after it may have landed (the item is then `Unconfirmed`). When the
+//!   item comes back with `unconfirmed_since`, a record of the
 //!   same name updated within `lookup_window` (1 h) is linked instead of creating again
 //!   (the one agreeing on most pushed fields, then the newest). Residual risk: an earlier
 //!   attempt that landed more than `lookup_window` ago, or was renamed since, is created

@@ -273,7 +273,7 @@ impl RallyConnector {
     /// earlier attempt (which may have landed unseen) a recent record of the same name is
     /// linked instead of creating a duplicate.
     async fn create_guarded(&self, item: &PushItem) -> ItemResult {
-        if item.prior_attempts > 0 {
+        if item.unconfirmed_since.is_some() {
             match self.find_recent_twin(&item.fields).await {
                 Ok(Some(id)) => {
                     tracing::info!(connector = %self.name, vendor_id = %id, "linking a record an earlier create attempt left behind");
@@ -291,6 +291,13 @@ impl RallyConnector {
             .json(Value::Object(item.fields.clone()));
         let resp = match self.client.send(req, &RecordVerdictClassifier).await {
             Ok(r) => r,
+            Err(e) if e.may_have_applied() => {
+                return Ok(PushOutcome::Unconfirmed {
+                    reason: format!(
+                        "{e}; the company may have been created: the replay looks for it first"
+                    ),
+                });
+            }
             Err(e) => return item_error(e),
         };
         if !resp.status.is_success() {
@@ -306,7 +313,7 @@ impl RallyConnector {
                 vendor_id: id.to_string(),
                 created: true,
             }),
-            None => Ok(PushOutcome::Retry {
+            None => Ok(PushOutcome::Unconfirmed {
                 reason: format!("create answer without an id: {}", resp.text_snippet()),
             }),
         }

@@ -211,6 +211,8 @@ fn item(vendor_id: Option<String>, fields: Value, prior_attempts: u32) -> PushIt
         vendor_id,
         fields,
         prior_attempts,
+        unconfirmed_since: (prior_attempts > 0)
+            .then(|| chrono::Utc::now() - chrono::Duration::minutes(5)),
     }
 }
 
@@ -290,6 +292,13 @@ async fn lost_answers_to_writes_are_replayed_without_duplicates() {
                 }
                 PushOutcome::Retry { .. } => {
                     it.prior_attempts += 1;
+                    again.push(it);
+                }
+                // As the engine does: the item stays unconfirmed until it leaves the outbox.
+                PushOutcome::Unconfirmed { .. } => {
+                    it.prior_attempts += 1;
+                    it.unconfirmed_since
+                        .get_or_insert_with(|| chrono::Utc::now() - chrono::Duration::minutes(1));
                     again.push(it);
                 }
                 PushOutcome::Rejected { reason } => panic!("rejected {it:?}: {reason}"),

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use super::super::{Endpoint, Engine, EngineError, EngineSettings};
@@ -32,6 +32,8 @@ struct Seen {
     names: BTreeMap<String, Vec<String>>,
     /// Per company, `prior_attempts` of its pushes.
     prior: BTreeMap<String, Vec<u32>>,
+    /// Per company, `unconfirmed_since` of its pushes.
+    unconfirmed: BTreeMap<String, Vec<Option<DateTime<Utc>>>>,
 }
 
 /// What a push should do instead of writing: fail with the error once this many other
@@ -52,6 +54,8 @@ struct FakeTarget {
     retry: HashSet<String>,
     /// Companies the target answers `Retry` for once, then writes.
     retry_once: Mutex<HashSet<String>>,
+    /// Companies the target answers `Unconfirmed` for once, then writes.
+    unconfirmed_once: Mutex<HashSet<String>>,
     /// Pushes completed, for hooks that wait on other batches.
     done: tokio::sync::watch::Sender<usize>,
 }
@@ -66,6 +70,7 @@ impl FakeTarget {
             hook: None,
             retry: HashSet::new(),
             retry_once: Mutex::default(),
+            unconfirmed_once: Mutex::default(),
             done: tokio::sync::watch::channel(0).0,
         }
     }
@@ -107,6 +112,10 @@ impl Connector for FakeTarget {
                     .entry(it.canonical_id.clone())
                     .or_default()
                     .push(it.prior_attempts);
+                s.unconfirmed
+                    .entry(it.canonical_id.clone())
+                    .or_default()
+                    .push(it.unconfirmed_since);
             }
             s.calls
         };
@@ -135,6 +144,15 @@ impl Connector for FakeTarget {
                 {
                     PushOutcome::Retry {
                         reason: "try later".into(),
+                    }
+                } else if self
+                    .unconfirmed_once
+                    .lock()
+                    .unwrap()
+                    .remove(&it.canonical_id)
+                {
+                    PushOutcome::Unconfirmed {
+                        reason: "timed out after sending".into(),
                     }
                 } else {
                     PushOutcome::Written {
@@ -405,6 +423,45 @@ async fn entries_left_sending_by_a_crashed_process_are_pushed_again() {
     let seen = f.target.seen.lock().unwrap();
     let resent = seen.prior.values().filter(|p| **p == [1]).count();
     assert_eq!(resent, 10, "pushes with prior_attempts 1: {:?}", seen.prior);
+    // Those sends may have landed: the target is told so, since they were queued.
+    let unconfirmed = seen.unconfirmed.values().filter(|u| u[0].is_some()).count();
+    assert_eq!(unconfirmed, 10, "unconfirmed_since: {:?}", seen.unconfirmed);
+    assert_eq!(f.outbox_len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_of_unknown_outcome_is_sent_again_as_unconfirmed_and_a_retry_is_not() {
+    let target = FakeTarget::new(10, 2, Duration::from_millis(1));
+    target
+        .unconfirmed_once
+        .lock()
+        .unwrap()
+        .insert("c0003".into());
+    target.retry_once.lock().unwrap().insert("c0007".into());
+    let f = fixture(target, 20);
+    let before = Utc::now();
+    let stats = f
+        .engine
+        .drain_settled(TARGET, &CancellationToken::new())
+        .await
+        .expect("drain");
+    assert_eq!((stats.written, stats.retried), (20, 0), "{stats:?}");
+    let seen = f.target.seen.lock().unwrap();
+    let [first, again] = seen.unconfirmed["c0003"][..] else {
+        panic!("c0003 pushed twice: {:?}", seen.unconfirmed["c0003"]);
+    };
+    assert_eq!(first, None);
+    let since = again.expect("the second push of c0003 is unconfirmed");
+    assert!(
+        before <= since && since <= Utc::now(),
+        "unconfirmed since the first send was planned: {since} (drain began {before})"
+    );
+    assert_eq!(
+        seen.unconfirmed["c0007"],
+        [None, None],
+        "a Retry is certain"
+    );
+    drop(seen);
     assert_eq!(f.outbox_len(), 0);
 }
 

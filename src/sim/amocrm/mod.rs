@@ -643,6 +643,11 @@ async fn gate(State(sh): State<Arc<Shared>>, req: Request, next: Next) -> Respon
                 ),
                 // The request is carried out; only its answer is lost.
                 Fault::DropConnection => drop_midway(next.run(req).await).await,
+                // Not a violation of the caller's: it does not count towards a ban.
+                Fault::Throttled => {
+                    sh.stats.rejection("429-injected");
+                    too_many_requests(&sh)
+                }
             }
         }
     }

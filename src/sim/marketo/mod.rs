@@ -701,6 +701,16 @@ async fn gate(State(inner): State<Arc<Inner>>, req: Request, next: Next) -> Resp
             Err(code) => return inner.fail(code, "Access token invalid"),
             Ok(()) => {}
         }
+        if fault == Some(Fault::Throttled) {
+            // Counted apart from real limit rejections: the caller kept to the limits.
+            let (code, msg) = if inner.stats.fault_count() % 2 == 0 {
+                ("606", "Max rate limit '100' exceeded with in '20' secs")
+            } else {
+                ("615", "Concurrent access limit reached")
+            };
+            inner.stats.rejection(&format!("{code}-injected"));
+            return inner.fail(code, msg);
+        }
         match inner.admit() {
             Ok(guard) => _in_flight = Some(guard),
             Err("607") => return inner.fail("607", "Daily quota reached"),

@@ -131,6 +131,14 @@ async fn gate(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respons
         return error(StatusCode::UNAUTHORIZED, "Invalid or missing API key");
     }
 
+    if fault == Some(Fault::Throttled) {
+        // Counted apart from real limit rejections: the caller kept to the limit.
+        s.stats.rejection("429-injected");
+        let mut resp = error(StatusCode::TOO_MANY_REQUESTS, "Rate limit exceeded");
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+        return resp;
+    }
     let window = s.limiter.lock().unwrap().clone();
     if !window.try_admit() {
         s.stats.rejection("429");
