@@ -713,6 +713,122 @@ async fn a_create_retried_after_a_certain_failure_is_sent_without_a_look_up() {
     );
 }
 
+fn unconfirmed(domain: &str) -> PushItem {
+    item(json!({"name": domain, "cf.name.Domain": domain}), None, 1)
+}
+
+#[tokio::test]
+async fn replayed_creates_of_a_batch_are_resolved_by_one_scan_of_the_newest_companies() {
+    let r = rig().await;
+    Mock::given(method("GET"))
+        .and(path("/api/v4/companies"))
+        .and(query_param("order[created_at]", "desc"))
+        .and(query_param("page", "1"))
+        .respond_with(hal("newest_first.json"))
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    Mock::given(method("PATCH"))
+        .and(path("/api/v4/companies"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"_embedded": {"companies": [
+            {"id": 9003, "request_id": "0"}, {"id": 9002, "request_id": "1"}]}})),
+        )
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v4/companies"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(
+                json!({"_embedded": {"companies": [{"id": 9100, "request_id": "2"}]}}),
+            ),
+        )
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    let out = r
+        .conn
+        .push(&[
+            unconfirmed("alpha.com"),
+            unconfirmed("beta.com"),
+            unconfirmed("gamma.com"),
+        ])
+        .await
+        .unwrap();
+    let written = |id: &str, created| PushOutcome::Written {
+        vendor_id: id.into(),
+        created,
+    };
+    // The scan reached companies older than the sends: gamma.com was never created.
+    assert_eq!(
+        out,
+        [
+            written("9003", false),
+            written("9002", false),
+            written("9100", true)
+        ]
+    );
+    let gets = requests_to(&r.server, "GET", "/api/v4/companies").await;
+    assert_eq!(gets.len(), 1, "one scan, no search per company");
+    let patch = &requests_to(&r.server, "PATCH", "/api/v4/companies").await[0];
+    let body: Value = serde_json::from_slice(&patch.body).unwrap();
+    let ids: Vec<i64> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [9003, 9002]);
+    let post = &requests_to(&r.server, "POST", "/api/v4/companies").await[0];
+    let body: Value = serde_json::from_slice(&post.body).unwrap();
+    assert_eq!(
+        body.as_array().unwrap().len(),
+        1,
+        "only gamma.com created: {body}"
+    );
+}
+
+#[tokio::test]
+async fn a_scan_not_listed_newest_first_falls_back_to_searching_each_company() {
+    let r = rig().await;
+    Mock::given(method("GET"))
+        .and(path("/api/v4/companies"))
+        .and(query_param("order[created_at]", "desc"))
+        .respond_with(hal("oldest_first.json"))
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    for d in ["alpha.com", "beta.com"] {
+        Mock::given(method("GET"))
+            .and(path("/api/v4/companies"))
+            .and(query_param("query", d))
+            .respond_with(ResponseTemplate::new(204))
+            .expect(1)
+            .mount(&r.server)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .and(path("/api/v4/companies"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"_embedded": {"companies": [
+            {"id": 9100, "request_id": "0"}, {"id": 9101, "request_id": "1"}]}})),
+        )
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    let out = r
+        .conn
+        .push(&[unconfirmed("alpha.com"), unconfirmed("beta.com")])
+        .await
+        .unwrap();
+    assert!(
+        out.iter()
+            .all(|o| matches!(o, PushOutcome::Written { created: true, .. })),
+        "{out:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_replayed_create_finds_the_existing_company_instead_of_duplicating_it() {
     let r = rig().await;

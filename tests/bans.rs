@@ -61,6 +61,7 @@ async fn start_sims(rally_companies: usize, marketo_daily_quota: u64) -> SimClus
         rally,
         marketo,
         amocrm,
+        limit_scale: 1,
     }
 }
 

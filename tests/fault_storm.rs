@@ -17,7 +17,7 @@ use crmbridge::config::Config;
 use crmbridge::daemon::metrics::Metrics;
 use crmbridge::daemon::service::{build_engine, open_store};
 use crmbridge::engine::{BackfillOptions, Engine};
-use crmbridge::sim::cluster::SimCluster;
+use crmbridge::sim::cluster::{ClusterConfig, SimCluster};
 use crmbridge::sim::common::FaultConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +51,11 @@ fn storm() -> FaultConfig {
 
 /// The company universe: each CRM holds an overlapping 60 % of it (3,000 each).
 const COMPANIES: usize = 5_000;
+
+/// Vendor limits × this, in the simulators and the config: the storm is about faults,
+/// and syncing 5,000 companies two-way at the real limits takes minutes (Rally updates
+/// one record per call at 10 calls/s).
+const LIMIT_SCALE: u32 = 10;
 
 /// Throttling answers the simulators injected (not rejections the limits called for).
 fn injected_throttles(c: &SimCluster) -> u64 {
@@ -116,8 +121,12 @@ async fn settle(engine: &Engine, metrics: &Metrics, quiet: Duration, limit: Dura
         }
         assert!(
             start.elapsed() < limit,
-            "did not settle within {limit:?}: outbox {}",
-            outbox_total(engine)
+            "did not settle within {limit:?}: outbox {:?}\n{}",
+            CRMS.map(|c| (
+                c,
+                engine.store().begin_read().unwrap().outbox_len(c).unwrap()
+            )),
+            metrics.render()
         );
     }
 }
@@ -130,7 +139,12 @@ async fn a_storm_of_every_fault_kind_loses_nothing_and_converges_after_it_ends()
     }
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let (cluster, path) = cluster_with_config(COMPANIES, dir.path(), "1s", None).await;
+    let cluster_cfg = ClusterConfig {
+        companies: COMPANIES,
+        limit_scale: LIMIT_SCALE,
+        ..Default::default()
+    };
+    let (cluster, path) = cluster_and_config(&cluster_cfg, dir.path(), "1s", None).await;
     with_short_timeouts(&path);
     let cluster = Arc::new(cluster);
     let cfg = Config::load(&path).unwrap();
@@ -181,20 +195,20 @@ async fn a_storm_of_every_fault_kind_loses_nothing_and_converges_after_it_ends()
             .copied()
             .unwrap_or(0)
     };
-    // Two 429 bursts from Rally: its limit drops below what the connector paces to. A burst
-    // lasts at least 10 steps and until Rally has answered at least one 429 in it (at 1
-    // call/s a loaded machine may not exceed the limit at once), so it surely happens.
+    // Two 429 bursts from Rally: its limit drops to 2 calls/s, far below what the connector
+    // paces to. A burst lasts at least 10 steps and until Rally has answered at least one
+    // 429 in it (a loaded machine may not exceed even that at once), so it surely happens.
     let mut bursts = 0;
     let mut burst: Option<(usize, u64)> = None;
     let mut step = 0usize;
     while step < 60 || burst.is_some() {
         match burst {
             None if bursts < 2 && step % 30 == 10 => {
-                cluster.rally.set_rate_limit(1);
+                cluster.rally.set_rate_limit(LIMIT_SCALE / 5);
                 burst = Some((step, rally_429s()));
             }
             Some((from, before)) if step >= from + 10 && rally_429s() > before => {
-                cluster.rally.set_rate_limit(10);
+                cluster.rally.set_rate_limit(10 * LIMIT_SCALE);
                 burst = None;
                 bursts += 1;
             }
@@ -218,7 +232,7 @@ async fn a_storm_of_every_fault_kind_loses_nothing_and_converges_after_it_ends()
 
     // The storm ends. The loops must still be alive: more edits made now must arrive too.
     set_faults(&cluster, FaultConfig::default());
-    cluster.rally.set_rate_limit(10);
+    cluster.rally.set_rate_limit(10 * LIMIT_SCALE);
     storm_over.cancel();
     let expirations = expiry.await.unwrap();
     let calm = chrono::Utc::now().timestamp() as f64;

@@ -901,3 +901,61 @@ async fn a_stalled_quota_write_does_not_bunch_calls_admitted_by_the_limiter() {
         "two calls reached the server {closest:?} apart (spacing 100 ms)"
     );
 }
+
+/// Sends `Authorization: Bearer old` until switched, then `Bearer new`; counts applies.
+struct SwitchableAuth {
+    new: std::sync::atomic::AtomicBool,
+    applied: tokio::sync::watch::Sender<usize>,
+}
+
+#[async_trait]
+impl AuthProvider for SwitchableAuth {
+    async fn apply(&self, headers: &mut reqwest::header::HeaderMap) -> Result<u64, HttpError> {
+        let new = self.new.load(Ordering::SeqCst);
+        let token = if new { "Bearer new" } else { "Bearer old" };
+        headers.insert("authorization", HeaderValue::from_static(token));
+        self.applied.send_modify(|n| *n += 1);
+        Ok(u64::from(new))
+    }
+    async fn refresh(&self, _: u64) -> Result<(), HttpError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_token_replaced_while_a_call_waits_for_the_limiter_is_the_one_sent() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ok_json())
+        .mount(&server)
+        .await;
+    // 2 calls/s: after one call, the next waits about half a second for its turn.
+    let c = client(HttpConfig {
+        rate: RateLimit::PerSecond(2.0),
+        rate_safety_margin: 0.0,
+        ..fast_cfg("t")
+    });
+    let auth = Arc::new(SwitchableAuth {
+        new: false.into(),
+        applied: tokio::sync::watch::channel(0).0,
+    });
+    let get = || ApiRequest::get("GET c", url(&server, "/c")).auth(auth.clone());
+    c.send(get(), &DefaultClassifier).await.expect("first call");
+    let mut applied = auth.applied.subscribe();
+    let waiting = {
+        let (c, req) = (c.clone(), get());
+        tokio::spawn(async move { c.send(req, &DefaultClassifier).await })
+    };
+    // The second call has taken the old token and waits for the limiter: replace it now.
+    applied.wait_for(|n| *n >= 2).await.unwrap();
+    auth.new.store(true, Ordering::SeqCst);
+    waiting.await.unwrap().expect("second call");
+    let sent: Vec<String> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.headers["authorization"].to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(sent, ["Bearer old", "Bearer new"]);
+}

@@ -26,6 +26,10 @@ pub struct SimArgs {
     /// Random creates/updates/deletes per second in each CRM (0 = none).
     #[arg(long, default_value_t = 0.0)]
     pub mutations_per_second: f64,
+    /// Every vendor rate limit × this factor (1 = the vendors' real limits); a crmbridge
+    /// config for the simulators must scale its `limits` alike.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit_scale: u32,
 }
 
 /// Runs `sim`.
@@ -37,6 +41,7 @@ pub async fn run(args: SimArgs) -> ExitCode {
         rally_port: args.rally_port,
         marketo_port: args.marketo_port,
         amocrm_port: args.amocrm_port,
+        limit_scale: args.limit_scale,
     };
     let cluster = match SimCluster::start(&cfg).await {
         Ok(c) => c,

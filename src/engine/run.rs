@@ -380,7 +380,19 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
-        let targets: Vec<String> = self.endpoints.keys().cloned().collect();
+        // A target whose read failed is not pushed to: its records are not all linked, so
+        // a create could duplicate a company it already holds. Its entries stay queued for
+        // the daemon, which pushes only after a complete read of the target.
+        let unread: Vec<String> = report.failures.iter().map(|(s, _)| s.clone()).collect();
+        let targets: Vec<String> = self
+            .endpoints
+            .keys()
+            .filter(|t| !unread.contains(t))
+            .cloned()
+            .collect();
+        for t in &unread {
+            warn!(connector = %t, "not pushing to it: its read failed, and creates could duplicate companies it holds");
+        }
         if opts.dry_run {
             for t in &targets {
                 let t2 = t.clone();
@@ -409,7 +421,7 @@ impl Engine {
             }
         }
         let tx = self.store.begin_read()?;
-        for t in &targets {
+        for t in self.endpoints.keys() {
             report.pending.insert(t.clone(), tx.outbox_len(t)?);
         }
         Ok(report)

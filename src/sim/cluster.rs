@@ -11,6 +11,13 @@ use super::rally::{RallySim, RallySimConfig};
 /// The daily call quota of the cluster's Marketo (the real default is 50,000).
 pub const SIM_MARKETO_DAILY_QUOTA: u64 = 20_000_000;
 
+/// Rally's default rate limit (requests per second).
+const RALLY_RPS: u32 = 10;
+/// Marketo's default rate limit (calls per rolling 20 s).
+const MARKETO_CALLS_PER_20S: usize = 100;
+/// amoCRM's rate limit (requests per second).
+const AMOCRM_RPS: u32 = 7;
+
 /// How to start a cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -24,6 +31,10 @@ pub struct ClusterConfig {
     pub marketo_port: u16,
     /// amoCRM port.
     pub amocrm_port: u16,
+    /// Every vendor rate limit × this factor, in the simulators and in the generated
+    /// config alike (1 = the vendors' real limits), for tests about something other than
+    /// the limits that need more calls than the real limits allow in seconds.
+    pub limit_scale: u32,
 }
 
 impl Default for ClusterConfig {
@@ -34,6 +45,7 @@ impl Default for ClusterConfig {
             rally_port: 0,
             marketo_port: 0,
             amocrm_port: 0,
+            limit_scale: 1,
         }
     }
 }
@@ -57,6 +69,9 @@ pub struct SimCluster {
     pub marketo: MarketoSim,
     /// amoCRM.
     pub amocrm: AmoSim,
+    /// The factor the vendor limits are scaled by ([`ClusterConfig::limit_scale`]); the
+    /// generated config scales its `limits` alike.
+    pub limit_scale: u32,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -67,12 +82,14 @@ impl SimCluster {
     /// Starts the three simulators with vendor-default limits and overlapping data.
     pub async fn start(cfg: &ClusterConfig) -> std::io::Result<SimCluster> {
         let [r, m, a] = overlapping_indices(cfg.companies);
+        let scale = cfg.limit_scale.max(1);
         let rally = RallySim::start(
             loopback(cfg.rally_port),
             RallySimConfig {
                 seed: cfg.seed,
                 seed_indices: r,
                 variant: 0,
+                rate_limit_rps: RALLY_RPS * scale,
                 ..Default::default()
             },
         )
@@ -86,6 +103,7 @@ impl SimCluster {
                 // A simulated instance with a large daily quota, so that the connector's
                 // quota pacing lets change detection cycle every few seconds.
                 daily_quota: SIM_MARKETO_DAILY_QUOTA,
+                calls_per_window: MARKETO_CALLS_PER_20S * scale as usize,
                 ..Default::default()
             },
         )
@@ -96,6 +114,7 @@ impl SimCluster {
                 seed: cfg.seed,
                 seed_indices: a,
                 variant: 2,
+                rps: AMOCRM_RPS * scale,
                 ..Default::default()
             },
         )
@@ -104,6 +123,7 @@ impl SimCluster {
             rally,
             marketo,
             amocrm,
+            limit_scale: scale,
         })
     }
 
@@ -125,6 +145,14 @@ impl SimCluster {
         let mk_id = secret("marketo_client_id", "marketo-client")?;
         let mk_secret = secret("marketo_client_secret", "marketo-secret")?;
         let amo_token = secret("amocrm_token", "amo-long-lived-token")?;
+        // At the real limits the connectors' defaults are right: nothing to write.
+        let scaled = |text: String| {
+            if self.limit_scale > 1 {
+                text
+            } else {
+                String::new()
+            }
+        };
         let listen = match listen {
             Some(a) => format!("listen = \"{a}\""),
             None => "listen = false".to_string(),
@@ -143,7 +171,7 @@ path = "{store}"
 kind = "rally"
 base_url = "{rally}"
 api_key = {{ file = "{rally_key}" }}
-poll_interval = "{poll}"
+poll_interval = "{poll}"{rally_limits}
 
 [connectors.marketo]
 kind = "marketo"
@@ -151,12 +179,12 @@ base_url = "{marketo}"
 client_id = {{ file = "{mk_id}" }}
 client_secret = {{ file = "{mk_secret}" }}
 poll_interval = "{poll}"
-limits = {{ daily_quota = {mk_quota}, daily_share = 0.5 }}
+limits = {{ {mk_window}daily_quota = {mk_quota}, daily_share = 0.5 }}
 
 [connectors.amocrm]
 kind = "amocrm"
 base_url = "{amocrm}"
-poll_interval = "{poll}"
+poll_interval = "{poll}"{amo_limits}
 
 [connectors.amocrm.auth]
 type = "long_lived"
@@ -171,6 +199,18 @@ between = ["rally", "marketo", "amocrm"]
             amocrm = self.amocrm.base_url(),
             poll = poll_interval,
             mk_quota = SIM_MARKETO_DAILY_QUOTA,
+            rally_limits = scaled(format!(
+                "\nlimits = {{ requests_per_second = {} }}",
+                RALLY_RPS * self.limit_scale
+            )),
+            mk_window = scaled(format!(
+                "requests_per_window = {{ requests = {}, window = \"20s\" }}, ",
+                MARKETO_CALLS_PER_20S * self.limit_scale as usize
+            )),
+            amo_limits = scaled(format!(
+                "\nlimits = {{ requests_per_second = {} }}",
+                AMOCRM_RPS * self.limit_scale
+            )),
         ))
     }
 
@@ -201,6 +241,29 @@ mod tests {
         let cfg = crate::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cfg.connectors.len(), 3);
         assert_eq!(cfg.targets_of("rally"), vec!["amocrm", "marketo"]);
+        cluster.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_scaled_cluster_and_its_config_share_the_scaled_limits() {
+        let cluster = SimCluster::start(&ClusterConfig {
+            companies: 5,
+            limit_scale: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, cluster.sync_config(dir.path(), "2s", None).unwrap()).unwrap();
+        let cfg = crate::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let limits = |name: &str| cfg.connectors[name].common().limits.clone();
+        assert_eq!(limits("rally").requests_per_second, Some(100.0));
+        assert_eq!(limits("amocrm").requests_per_second, Some(70.0));
+        assert_eq!(
+            limits("marketo").requests_per_window,
+            Some((1000, std::time::Duration::from_secs(20)))
+        );
         cluster.shutdown().await;
     }
 

@@ -27,12 +27,21 @@ pub async fn cluster_with_config(
     poll: &str,
     listen: Option<std::net::SocketAddr>,
 ) -> (SimCluster, PathBuf) {
-    let cluster = SimCluster::start(&ClusterConfig {
+    let cfg = ClusterConfig {
         companies,
         ..Default::default()
-    })
-    .await
-    .expect("simulators start");
+    };
+    cluster_and_config(&cfg, dir, poll, listen).await
+}
+
+/// Like [`cluster_with_config`], for any cluster configuration.
+pub async fn cluster_and_config(
+    cfg: &ClusterConfig,
+    dir: &Path,
+    poll: &str,
+    listen: Option<std::net::SocketAddr>,
+) -> (SimCluster, PathBuf) {
+    let cluster = SimCluster::start(cfg).await.expect("simulators start");
     let text = cluster.sync_config(dir, poll, listen).expect("config");
     let path = dir.join("crmbridge.toml");
     std::fs::write(&path, text).unwrap();

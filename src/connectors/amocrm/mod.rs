@@ -64,6 +64,7 @@ pub mod auth;
 pub mod classify;
 pub mod poll;
 pub mod push;
+mod replay;
 pub mod wire;
 
 #[cfg(test)]

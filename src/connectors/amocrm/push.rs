@@ -16,24 +16,23 @@ use super::wire::{Catalogue, CustomField};
 use crate::connector::{ConnectorError, PushItem, PushOutcome};
 use crate::http::{ApiRequest, HttpError};
 use crate::mapping::split_enum_suffix;
-use crate::model::normalize_domain;
 
 /// Enum code of multitext values written without an `@ENUM` suffix.
 const DEFAULT_ENUM_CODE: &str = "WORK";
 
 /// One item on its way into a batch.
 #[derive(Debug, Clone)]
-struct Entry {
+pub(super) struct Entry {
     /// Index of the item in the `push` call.
-    idx: usize,
+    pub idx: usize,
     /// The vendor id to update, `None` to create.
-    id: Option<i64>,
+    pub id: Option<i64>,
     /// The body without `id` / `request_id`.
-    body: Map<String, Value>,
+    pub body: Map<String, Value>,
 }
 
 /// The text of a flat value (first element of an array).
-fn value_text(v: &Value) -> Option<String> {
+pub(super) fn value_text(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
@@ -216,7 +215,7 @@ fn validation_errors(v: &Value) -> Option<BTreeMap<String, String>> {
 }
 
 /// What a failed call means for the items of its batch.
-enum CallFailure {
+pub(super) enum CallFailure {
     /// These items get `Retry` with this reason; the push goes on.
     Retry(String),
     /// These items get `Unconfirmed` with this reason (a create that may have landed);
@@ -270,26 +269,13 @@ impl AmocrmConnector {
                 }),
             }
         }
-        let mut stop: Option<ConnectorError> = None;
         // A replayed create may have landed before: find it rather than create it twice.
-        for e in replays {
-            if stop.is_some() {
-                break;
-            }
-            match self.find_existing(&items[e.idx], &catalogue).await {
-                Ok(Some(id)) => {
-                    tracing::info!(connector = %self.name, id, "replayed create found an existing company: updating it");
-                    updates.push(Entry { id: Some(id), ..e });
-                }
-                Ok(None) => creates.push(e),
-                Err(f) => match self.failure(f, false) {
-                    CallFailure::Retry(reason) | CallFailure::Unconfirmed(reason) => {
-                        out[e.idx] = Some(PushOutcome::Retry { reason })
-                    }
-                    CallFailure::Stop(err) => stop = Some(err),
-                },
-            }
-        }
+        let resolved = self
+            .resolve_replays(items, replays, &catalogue, &mut out)
+            .await;
+        updates.extend(resolved.updates);
+        creates.extend(resolved.creates);
+        let mut stop = resolved.stop;
         if stop.is_none() {
             stop = self.send_all(updates, &mut out).await.err();
         }
@@ -318,7 +304,7 @@ impl AmocrmConnector {
     }
 
     /// Classifies a failed call for the items it carried.
-    fn failure(&self, e: HttpError, was_create: bool) -> CallFailure {
+    pub(super) fn failure(&self, e: HttpError, was_create: bool) -> CallFailure {
         match e {
             e if was_create && e.may_have_applied() => CallFailure::Unconfirmed(format!(
                 "{e}; the companies may have been created: the replay looks them up first"
@@ -536,75 +522,6 @@ impl AmocrmConnector {
                 },
             });
         }
-    }
-
-    /// A company matching the item exactly on its domain (the "Domain" custom field),
-    /// or on its name when the item has no domain.
-    async fn find_existing(
-        &self,
-        item: &PushItem,
-        catalogue: &Catalogue,
-    ) -> Result<Option<i64>, HttpError> {
-        let domain_field = catalogue.domain_field();
-        let domain = domain_field.and_then(|df| {
-            item.fields.iter().find_map(|(k, v)| {
-                let (base, _) = split_enum_suffix(k);
-                (catalogue.resolve(base).map(|f| f.id) == Some(df.id))
-                    .then(|| value_text(v))
-                    .flatten()
-                    .filter(|t| !t.trim().is_empty())
-            })
-        });
-        let name = item
-            .fields
-            .get("name")
-            .and_then(value_text)
-            .filter(|t| !t.trim().is_empty());
-        let (query, by_domain) = match (&domain, &name) {
-            (Some(d), _) => (d.trim().to_string(), true),
-            (None, Some(n)) => (n.clone(), false),
-            (None, None) => return Ok(None),
-        };
-        let want_domain = domain.as_deref().and_then(normalize_domain);
-        let req = ApiRequest::get("GET companies", self.url("api/v4/companies"))
-            .query("query", query)
-            .query("limit", "250")
-            .auth(self.auth.clone());
-        let resp = self.client.send(req, &self.read_classifier()).await?;
-        if resp.status.as_u16() == 204 {
-            return Ok(None);
-        }
-        let v = resp.json_value()?;
-        let list = v
-            .get("_embedded")
-            .and_then(|e| e.get("companies"))
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        let matched = list.iter().filter_map(|c| {
-            let id = c.get("id")?.as_i64()?;
-            let ok = if by_domain {
-                let df = domain_field?;
-                c.get("custom_fields_values")?
-                    .as_array()?
-                    .iter()
-                    .filter(|f| f.get("field_id").and_then(Value::as_i64) == Some(df.id))
-                    .flat_map(|f| {
-                        f.get("values")
-                            .and_then(Value::as_array)
-                            .cloned()
-                            .unwrap_or_default()
-                    })
-                    .filter_map(|x| x.get("value").and_then(value_text))
-                    .any(|t| normalize_domain(&t).is_some() && normalize_domain(&t) == want_domain)
-            } else {
-                c.get("name").and_then(Value::as_str) == name.as_deref()
-            };
-            ok.then_some(id)
-        });
-        // Of several matches, the oldest is the one an earlier attempt would have made
-        // least likely; it is also the stable choice.
-        Ok(matched.min())
     }
 }
 

@@ -56,6 +56,8 @@ struct FakeTarget {
     retry_once: Mutex<HashSet<String>>,
     /// Companies the target answers `Unconfirmed` for once, then writes.
     unconfirmed_once: Mutex<HashSet<String>>,
+    /// Every poll fails with a transient error.
+    poll_fails: bool,
     /// Pushes completed, for hooks that wait on other batches.
     done: tokio::sync::watch::Sender<usize>,
 }
@@ -71,6 +73,7 @@ impl FakeTarget {
             retry: HashSet::new(),
             retry_once: Mutex::default(),
             unconfirmed_once: Mutex::default(),
+            poll_fails: false,
             done: tokio::sync::watch::channel(0).0,
         }
     }
@@ -85,6 +88,13 @@ impl Connector for FakeTarget {
         Ok(())
     }
     async fn poll(&self, _: &Cursor, _: &PollMode) -> Result<Page, ConnectorError> {
+        if self.poll_fails {
+            return Err(ConnectorError::Transient {
+                connector: TARGET.into(),
+                detail: "HTTP 503 on every page".into(),
+                retry_after: None,
+            });
+        }
         Ok(Page::default())
     }
     fn max_batch(&self) -> usize {
@@ -499,4 +509,42 @@ async fn drain_settled_pushes_again_what_asked_for_a_retry_while_progress_is_mad
     assert_eq!(seen.prior["c0003"], [0, 1, 2]);
     drop(seen);
     assert_eq!(f.outbox_len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_does_not_push_to_a_crm_whose_read_failed() {
+    let mut target = FakeTarget::new(10, 2, Duration::from_millis(1));
+    target.poll_fails = true;
+    let f = fixture(target, 20);
+    let report = f
+        .engine
+        .backfill(
+            &crate::engine::BackfillOptions::default(),
+            &CancellationToken::new(),
+            &|_, _| {},
+        )
+        .await
+        .expect("backfill");
+    assert_eq!(report.failures.len(), 1, "{:?}", report.failures);
+    // Creating companies it was never read for could duplicate them.
+    assert_eq!(f.target.seen.lock().unwrap().calls, 0, "pushed to an unread CRM");
+    assert_eq!(report.pending.get(TARGET), Some(&20), "{:?}", report.pending);
+    assert_eq!(f.outbox_len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_pushes_to_a_crm_it_read() {
+    let f = fixture(FakeTarget::new(10, 2, Duration::from_millis(1)), 20);
+    let report = f
+        .engine
+        .backfill(
+            &crate::engine::BackfillOptions::default(),
+            &CancellationToken::new(),
+            &|_, _| {},
+        )
+        .await
+        .expect("backfill");
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(report.pending.get(TARGET), Some(&0), "{:?}", report.pending);
+    assert_eq!(f.outbox_len(), 0);
 }
