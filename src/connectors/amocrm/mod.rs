@@ -47,12 +47,17 @@
 //! minimal bodies and `request_id` = the item's index. A 400 `validation-errors` stores
 //! nothing: the named items are `Rejected` with amoCRM's reason and the rest are sent
 //! again. 413/422 and a PATCH 504 halve the batch. A POST cannot be repeated safely (two
-//! identical POSTs make two companies): after a lost answer or a 504 the items come back
-//! as `Retry`, and an item replayed with `prior_attempts > 0` and no vendor id is first
-//! searched (`GET /api/v4/companies?query=…`, then an exact match on the "Domain" field,
-//! or on the name when the item has no domain) and updated if found. Residual risk: a
-//! company created by a lost POST whose domain/name amoCRM's search does not return yet
-//! (search indexing lag) or that someone edited in between is created a second time.
+//! identical POSTs make two companies): after a lost answer, a 5xx or a 504 the items come
+//! back as `Unconfirmed` (after a throttle or a validation refusal, which store nothing, as
+//! `Retry`). An item replayed with `unconfirmed_since` and no vendor id is first looked for
+//! (`replay.rs`): the replays of a push are resolved together by reading companies newest
+//! first (`order[created_at]=desc`, 250 a page) until all are found or companies created
+//! before `unconfirmed_since − 2 min` appear (then the rest were never created); only when
+//! that scan is inconclusive (40 pages, or a list not in that order) is each remaining one
+//! searched (`GET /api/v4/companies?query=…`). A match is an exact one on the normalised
+//! "Domain" field, or on the name when the item has no domain; found companies are updated.
+//! Residual risk: a company created by a lost POST that someone renamed or re-domained in
+//! between, or that amoCRM's search does not return yet, is created a second time.
 //!
 //! # Limits
 //! 7 calls/s by default (the shared limiter), 429s (JSON or HTML, with or without

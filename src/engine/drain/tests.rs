@@ -527,8 +527,17 @@ async fn a_backfill_does_not_push_to_a_crm_whose_read_failed() {
         .expect("backfill");
     assert_eq!(report.failures.len(), 1, "{:?}", report.failures);
     // Creating companies it was never read for could duplicate them.
-    assert_eq!(f.target.seen.lock().unwrap().calls, 0, "pushed to an unread CRM");
-    assert_eq!(report.pending.get(TARGET), Some(&20), "{:?}", report.pending);
+    assert_eq!(
+        f.target.seen.lock().unwrap().calls,
+        0,
+        "pushed to an unread CRM"
+    );
+    assert_eq!(
+        report.pending.get(TARGET),
+        Some(&20),
+        "{:?}",
+        report.pending
+    );
     assert_eq!(f.outbox_len(), 20);
 }
 
