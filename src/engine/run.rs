@@ -334,8 +334,9 @@ impl Engine {
         RunHandle { tracker, shutdown }
     }
 
-    /// One-shot full sync: reads every selected source ignoring the incremental cursors
-    /// (resuming an interrupted backfill from its own cursor), then drains every outbox.
+    /// One-shot full sync: reads every selected source at once, ignoring the incremental
+    /// cursors (resuming an interrupted backfill from its own cursor), then drains every
+    /// outbox of a CRM whose read did not fail.
     pub async fn backfill(
         self: &Arc<Self>,
         opts: &BackfillOptions,
@@ -352,26 +353,33 @@ impl Engine {
             self.endpoint(s)?;
         }
         let mode = PollMode::Full { since: opts.since };
-        for source in &sources {
-            if shutdown.is_cancelled() {
-                break;
+        // Sources are independent APIs with their own limits: read them at once (their
+        // pages still commit one at a time, as in the daemon's concurrent poll loops).
+        let reads = futures::future::join_all(sources.iter().map(|source| {
+            let mode = &mode;
+            async move {
+                let key = backfill_cursor_key(source);
+                let cb = |st: &IngestStats| on_page(source, st);
+                let result = self.poll_cycle(source, &key, mode, shutdown, &cb).await;
+                if result.is_ok() && !shutdown.is_cancelled() {
+                    // Done: the next backfill starts from the beginning again.
+                    self.blocking(move |e| {
+                        let tx = e.store.begin_write()?;
+                        tx.put_cursor(&key, &Cursor::start())?;
+                        tx.commit()?;
+                        Ok(())
+                    })
+                    .await?;
+                }
+                Ok::<_, EngineError>((source, result))
             }
-            let key = backfill_cursor_key(source);
-            let cb = |st: &IngestStats| on_page(source, st);
-            match self.poll_cycle(source, &key, &mode, shutdown, &cb).await {
+        }))
+        .await;
+        for read in reads {
+            let (source, result) = read?;
+            match result {
                 Ok(stats) => {
                     report.read.insert(source.clone(), stats);
-                    if !shutdown.is_cancelled() {
-                        // Done: the next backfill starts from the beginning again.
-                        let k = key.clone();
-                        self.blocking(move |e| {
-                            let tx = e.store.begin_write()?;
-                            tx.put_cursor(&k, &Cursor::start())?;
-                            tx.commit()?;
-                            Ok(())
-                        })
-                        .await?;
-                    }
                 }
                 Err(EngineError::Connector(e)) => {
                     error!(connector = %source, error = %e, "backfill read failed");
