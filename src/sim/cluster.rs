@@ -13,8 +13,10 @@ pub const SIM_MARKETO_DAILY_QUOTA: u64 = 20_000_000;
 
 /// Rally's default rate limit (requests per second).
 const RALLY_RPS: u32 = 10;
-/// Marketo's default rate limit (calls per rolling 20 s).
-const MARKETO_CALLS_PER_20S: usize = 100;
+/// Marketo's default rate limit: calls per rolling window…
+const MARKETO_CALLS: usize = 100;
+/// …of this length.
+const MARKETO_WINDOW: std::time::Duration = std::time::Duration::from_secs(20);
 /// amoCRM's rate limit (requests per second).
 const AMOCRM_RPS: u32 = 7;
 
@@ -32,8 +34,9 @@ pub struct ClusterConfig {
     /// amoCRM port.
     pub amocrm_port: u16,
     /// Every vendor rate limit × this factor, in the simulators and in the generated
-    /// config alike (1 = the vendors' real limits), for tests about something other than
-    /// the limits that need more calls than the real limits allow in seconds.
+    /// config alike (1 = the vendors' real limits; Marketo keeps 100 calls in a window
+    /// 1/K as long), for tests about something other than the limits that need more calls
+    /// than the real limits allow in seconds.
     pub limit_scale: u32,
 }
 
@@ -103,7 +106,9 @@ impl SimCluster {
                 // A simulated instance with a large daily quota, so that the connector's
                 // quota pacing lets change detection cycle every few seconds.
                 daily_quota: SIM_MARKETO_DAILY_QUOTA,
-                calls_per_window: MARKETO_CALLS_PER_20S * scale as usize,
+                // The same calls in a shorter window: a restarted process then waits out
+                // only that window for the previous one's calls (see `connectors::shared`).
+                window: MARKETO_WINDOW / scale,
                 ..Default::default()
             },
         )
@@ -204,8 +209,8 @@ between = ["rally", "marketo", "amocrm"]
                 RALLY_RPS * self.limit_scale
             )),
             mk_window = scaled(format!(
-                "requests_per_window = {{ requests = {}, window = \"20s\" }}, ",
-                MARKETO_CALLS_PER_20S * self.limit_scale as usize
+                "requests_per_window = {{ requests = {MARKETO_CALLS}, window = \"{}ms\" }}, ",
+                (MARKETO_WINDOW / self.limit_scale).as_millis()
             )),
             amo_limits = scaled(format!(
                 "\nlimits = {{ requests_per_second = {} }}",
@@ -262,7 +267,7 @@ mod tests {
         assert_eq!(limits("amocrm").requests_per_second, Some(70.0));
         assert_eq!(
             limits("marketo").requests_per_window,
-            Some((1000, std::time::Duration::from_secs(20)))
+            Some((100, std::time::Duration::from_secs(2)))
         );
         cluster.shutdown().await;
     }
