@@ -262,7 +262,7 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, cluster.sync_config(dir.path(), "2s", None).unwrap()).unwrap();
         let cfg = crate::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        let limits = |name: &str| cfg.connectors[name].common().limits.clone();
+        let limits = |name: &str| cfg.connectors[name].common().limits;
         assert_eq!(limits("rally").requests_per_second, Some(100.0));
         assert_eq!(limits("amocrm").requests_per_second, Some(70.0));
         assert_eq!(
