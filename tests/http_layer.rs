@@ -920,6 +920,13 @@ impl AuthProvider for SwitchableAuth {
     async fn refresh(&self, _: u64) -> Result<(), HttpError> {
         Ok(())
     }
+    async fn reapply(&self, headers: &mut reqwest::header::HeaderMap, applied: u64) -> u64 {
+        if self.new.load(Ordering::SeqCst) && applied == 0 {
+            headers.insert("authorization", HeaderValue::from_static("Bearer new"));
+            return 1;
+        }
+        applied
+    }
 }
 
 #[tokio::test]
@@ -958,4 +965,26 @@ async fn a_token_replaced_while_a_call_waits_for_the_limiter_is_the_one_sent() {
         .map(|r| r.headers["authorization"].to_str().unwrap().to_string())
         .collect();
     assert_eq!(sent, ["Bearer old", "Bearer new"]);
+}
+
+#[tokio::test]
+async fn reapplying_a_bearer_token_picks_up_a_refresh_and_never_fetches() {
+    let auth = bearer("t");
+    let mut headers = reqwest::header::HeaderMap::new();
+    let first = auth.apply(&mut headers).await.unwrap();
+    assert_eq!(
+        auth.reapply(&mut headers, first).await,
+        first,
+        "nothing replaced"
+    );
+    assert_eq!(headers["authorization"], "Bearer t1");
+    auth.refresh(first).await.unwrap();
+    let now = auth.reapply(&mut headers, first).await;
+    assert_ne!(now, first);
+    assert_eq!(headers["authorization"], "Bearer t2");
+    assert_eq!(
+        auth.source().fetches.load(Ordering::SeqCst),
+        2,
+        "one fetch, one refresh"
+    );
 }

@@ -23,6 +23,14 @@ pub trait AuthProvider: Send + Sync {
     /// been replaced since, this is a no-op (another task already refreshed). Only one
     /// refresh may run at a time; concurrent callers wait for it and reuse its result.
     async fn refresh(&self, rejected_generation: u64) -> Result<(), HttpError>;
+
+    /// Replaces the credential in `headers` if it was replaced since generation
+    /// `applied` was added (another call refreshed it meanwhile), and returns the
+    /// generation now in `headers`. Never fetches a credential: it runs between the rate
+    /// limiter's admission and the send, where nothing may stall.
+    async fn reapply(&self, _headers: &mut HeaderMap, applied: u64) -> u64 {
+        applied
+    }
 }
 
 /// A credential that never changes, sent as one header (e.g. `X-Api-Key: …`, or
@@ -185,6 +193,22 @@ impl<S: TokenSource> AuthProvider for BearerAuth<S> {
         value.set_sensitive(true);
         headers.insert(AUTHORIZATION, value);
         Ok(st.generation)
+    }
+
+    async fn reapply(&self, headers: &mut HeaderMap, applied: u64) -> u64 {
+        let st = self.state.lock().await;
+        let Some(token) = st.token.as_ref().filter(|_| st.generation != applied) else {
+            return applied;
+        };
+        match HeaderValue::from_str(&format!("Bearer {}", token.access.expose())) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                headers.insert(AUTHORIZATION, value);
+                st.generation
+            }
+            // `apply` refused this token already; the call keeps the one it has.
+            Err(_) => applied,
+        }
     }
 
     async fn refresh(&self, rejected_generation: u64) -> Result<(), HttpError> {

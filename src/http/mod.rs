@@ -1014,15 +1014,10 @@ impl HttpClient {
             // The circuit may have opened while this call waited for its turn.
             self.check_circuit(endpoint)?;
             // Another call may have refreshed the token while this one waited: send the
-            // current one (usually no fetch here — the first `apply` renewed a token
-            // close to expiry — so nothing stalls between admission and send).
-            let generation = match &req.auth {
-                Some(a) => Some(
-                    a.apply(&mut headers)
-                        .await
-                        .map_err(|e| self.auth_error(endpoint, e))?,
-                ),
-                None => generation,
+            // current one (never fetched here, so nothing stalls between admission and send).
+            let generation = match (&req.auth, generation) {
+                (Some(a), Some(g)) => Some(a.reapply(&mut headers, g).await),
+                _ => generation,
             };
             self.inner.counters.calls.fetch_add(1, Ordering::Relaxed);
             let result = self.attempt(req, headers).await;
