@@ -52,7 +52,7 @@
 //! `Retry`). An item replayed with `unconfirmed_since` and no vendor id is first looked for
 //! (`replay.rs`): the replays of a push are resolved together by reading companies newest
 //! first (`order[created_at]=desc`, 250 a page) until all are found or companies created
-//! before `unconfirmed_since − 2 min` appear (then the rest were never created); only when
+//! before `unconfirmed_since − 5 min` appear (clock skew) (then the rest were never created); only when
 //! that scan is inconclusive (40 pages, or a list not in that order) is each remaining one
 //! searched (`GET /api/v4/companies?query=…`). A match is an exact one on the normalised
 //! "Domain" field, or on the name when the item has no domain; found companies are updated.

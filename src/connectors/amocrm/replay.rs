@@ -17,7 +17,7 @@ use crate::model::normalize_domain;
 
 /// How far amoCRM's clock may lag ours: the scan looks this much further back than the
 /// earliest unconfirmed send.
-const CLOCK_SKEW: TimeDelta = TimeDelta::minutes(2);
+const CLOCK_SKEW: TimeDelta = TimeDelta::minutes(5);
 
 /// The most pages one scan reads (250 companies each) before the remaining items are
 /// searched one by one; a scan never reads more pages than it has items to find.

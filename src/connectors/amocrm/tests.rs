@@ -298,6 +298,55 @@ fn item(fields: Value, vendor_id: Option<String>) -> PushItem {
 }
 
 #[tokio::test]
+async fn creates_whose_answers_were_lost_are_found_by_one_scan_not_created_twice() {
+    let r = rig(sim_cfg(300), None, false).await;
+    let before = r.sim.company_count();
+    let mut items: Vec<PushItem> = (0..120)
+        .map(|i| {
+            item(
+                json!({"name": format!("Lost {i}"), "cf.name.Domain": format!("lost{i}.example")}),
+                None,
+            )
+        })
+        .collect();
+    // Every answer is lost after amoCRM stored the batch.
+    r.sim.faults().set(crate::sim::common::FaultConfig {
+        drop_connection: 1.0,
+        ..Default::default()
+    });
+    let out = r.conn.push(&items).await.unwrap();
+    assert!(
+        out.iter()
+            .all(|o| matches!(o, PushOutcome::Unconfirmed { .. })),
+        "{:?}",
+        &out[..3]
+    );
+    assert_eq!(r.sim.company_count(), before + 120, "stored, answers lost");
+    // The engine sends them again, marked unconfirmed since the first send.
+    r.sim.faults().set(Default::default());
+    r.sim.reset_stats();
+    let sent_at = chrono::Utc::now() - chrono::Duration::seconds(5);
+    for it in &mut items {
+        it.prior_attempts = 1;
+        it.unconfirmed_since = Some(sent_at);
+    }
+    let out = r.conn.push(&items).await.unwrap();
+    assert!(
+        out.iter()
+            .all(|o| matches!(o, PushOutcome::Written { created: false, .. })),
+        "{out:?}"
+    );
+    assert_eq!(r.sim.company_count(), before + 120, "nothing created twice");
+    let stats = r.sim.stats();
+    let gets = stats
+        .requests
+        .get("GET /api/v4/companies")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(gets, 1, "one scan finds all 120: {:?}", stats.requests);
+}
+
+#[tokio::test]
 async fn reading_and_writing_at_default_limits_draws_no_429() {
     let cfg = AmoSimConfig {
         seed_indices: (0..2_000).collect(),
