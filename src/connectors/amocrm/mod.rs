@@ -52,9 +52,9 @@
 //! `Retry`). An item replayed with `unconfirmed_since` and no vendor id is first looked for
 //! (`replay.rs`): the replays of a push are resolved together by reading companies newest
 //! first (`order[created_at]=desc`, 250 a page) until all are found or companies created
-//! before `unconfirmed_since − 5 min` appear (clock skew) (then the rest were never created); only when
-//! that scan is inconclusive (40 pages, or a list not in that order) is each remaining one
-//! searched (`GET /api/v4/companies?query=…`). A match is an exact one on the normalised
+//! before `unconfirmed_since` less 5 minutes for clock skew appear (then the rest were
+//! never created); only when that scan is inconclusive (40 pages, or a list not in that
+//! order) is each remaining one searched (`GET /api/v4/companies?query=…`). A match is an exact one on the normalised
 //! "Domain" field, or on the name when the item has no domain; found companies are updated.
 //! Residual risk: a company created by a lost POST that someone renamed or re-domained in
 //! between, or that amoCRM's search does not return yet, is created a second time.
