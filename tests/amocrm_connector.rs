@@ -830,6 +830,70 @@ async fn a_scan_not_listed_newest_first_falls_back_to_searching_each_company() {
 }
 
 #[tokio::test]
+async fn a_refused_scan_falls_back_to_searching_each_company() {
+    let r = rig().await;
+    Mock::given(method("GET"))
+        .and(path("/api/v4/companies"))
+        .and(query_param("order[created_at]", "desc"))
+        .respond_with(problem(400, "bad_request.json"))
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/v4/companies"))
+        .and(query_param("query", "alpha.com"))
+        .respond_with(hal("newest_first.json"))
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/v4/companies"))
+        .and(query_param("query", "gamma.com"))
+        .respond_with(ResponseTemplate::new(204))
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    Mock::given(method("PATCH"))
+        .and(path("/api/v4/companies"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(
+                json!({"_embedded": {"companies": [{"id": 9003, "request_id": "0"}]}}),
+            ),
+        )
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v4/companies"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(
+                json!({"_embedded": {"companies": [{"id": 9100, "request_id": "1"}]}}),
+            ),
+        )
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    let out = r
+        .conn
+        .push(&[unconfirmed("alpha.com"), unconfirmed("gamma.com")])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        [
+            PushOutcome::Written {
+                vendor_id: "9003".into(),
+                created: false
+            },
+            PushOutcome::Written {
+                vendor_id: "9100".into(),
+                created: true
+            },
+        ]
+    );
+}
+
+#[tokio::test]
 async fn a_replayed_create_finds_the_existing_company_instead_of_duplicating_it() {
     let r = rig().await;
     Mock::given(method("GET"))

@@ -166,6 +166,12 @@ impl AmocrmConnector {
                         }
                     }
                 }
+                // An account that refuses the scan itself (a 4xx for the ordering, say)
+                // still answers searches: look each one up instead.
+                Err(HttpError::Rejected { status, detail, .. }) => {
+                    tracing::warn!(connector = %self.name, %status, detail = %detail, "amoCRM refused the newest-first scan: looking replayed creates up one by one");
+                    one_by_one = keyed;
+                }
                 Err(f) => {
                     match self.failure(f, false) {
                         CallFailure::Retry(reason) | CallFailure::Unconfirmed(reason) => {
