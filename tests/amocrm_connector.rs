@@ -789,6 +789,102 @@ async fn replayed_creates_of_a_batch_are_resolved_by_one_scan_of_the_newest_comp
     );
 }
 
+/// A company row of a list answer, created `ago` seconds before now.
+fn listed_company(id: i64, name: &str, domain: &str, ago: i64) -> Value {
+    let created = chrono::Utc::now().timestamp() - ago;
+    json!({"id": id, "name": name, "created_at": created, "updated_at": created,
+        "custom_fields_values": [{"field_id": 452001, "field_name": "Domain", "field_code": null,
+            "field_type": "text", "values": [{"value": domain}]}]})
+}
+
+#[tokio::test]
+async fn rows_repeated_by_creations_during_the_scan_do_not_make_it_inconclusive() {
+    let r = rig().await;
+    let page = |n: &str, rows: Vec<Value>, next: bool| {
+        let mut links =
+            json!({"self": {"href": format!("https://a.amocrm.com/api/v4/companies?page={n}")}});
+        if next {
+            links["next"] = json!({"href": "https://a.amocrm.com/api/v4/companies?page=2"});
+        }
+        ResponseTemplate::new(200)
+            .set_body_json(json!({"_links": links, "_embedded": {"companies": rows}}))
+    };
+    let (c9, c8, c7) = (
+        listed_company(9009, "Other 9", "o9.com", 10),
+        listed_company(9008, "Other 8", "o8.com", 20),
+        listed_company(9007, "Other 7", "o7.com", 30),
+    );
+    Mock::given(method("GET"))
+        .and(path("/api/v4/companies"))
+        .and(query_param("page", "1"))
+        .respond_with(page("1", vec![c9, c8.clone(), c7.clone()], true))
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    // Two companies were created meanwhile: page 2 begins with the last two of page 1.
+    Mock::given(method("GET"))
+        .and(path("/api/v4/companies"))
+        .and(query_param("page", "2"))
+        .respond_with(page(
+            "2",
+            vec![
+                c8,
+                c7,
+                listed_company(9006, "Alpha", "alpha.com", 40),
+                listed_company(7002, "Acme", "acme.com", 86_400),
+            ],
+            false,
+        ))
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    Mock::given(method("PATCH"))
+        .and(path("/api/v4/companies"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(
+                json!({"_embedded": {"companies": [{"id": 9006, "request_id": "0"}]}}),
+            ),
+        )
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v4/companies"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(
+                json!({"_embedded": {"companies": [{"id": 9100, "request_id": "1"}]}}),
+            ),
+        )
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    let out = r
+        .conn
+        .push(&[unconfirmed("alpha.com"), unconfirmed("beta.com")])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        [
+            PushOutcome::Written {
+                vendor_id: "9006".into(),
+                created: false
+            },
+            PushOutcome::Written {
+                vendor_id: "9100".into(),
+                created: true
+            },
+        ]
+    );
+    assert_eq!(
+        requests_to(&r.server, "GET", "/api/v4/companies")
+            .await
+            .len(),
+        2,
+        "no search per company"
+    );
+}
+
 #[tokio::test]
 async fn a_scan_not_listed_newest_first_falls_back_to_searching_each_company() {
     let r = rig().await;

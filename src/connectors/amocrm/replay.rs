@@ -224,7 +224,11 @@ impl AmocrmConnector {
         let domain_field = catalogue.domain_field();
         let since = since.timestamp();
         let mut scan = Scan::default();
-        let mut newest_next: Option<i64> = None;
+        // Ids already read: companies created while we page push rows we have read onto
+        // the next page (page-number paging), so a page may begin with repeats.
+        let mut seen: HashSet<i64> = HashSet::new();
+        // The oldest `created_at` read so far: a row not read before must not be newer.
+        let mut floor: Option<i64> = None;
         for page in 1..=max_pages {
             let req = ApiRequest::get("GET companies", self.url("api/v4/companies"))
                 .query("order[created_at]", "desc")
@@ -240,19 +244,26 @@ impl AmocrmConnector {
                 .and_then(|l| l.get("next"))
                 .is_some();
             let mut reached_bound = false;
+            let mut previous: Option<i64> = None;
             for c in &list {
                 let Some(created) = c.get("created_at").and_then(Value::as_i64) else {
                     return Ok(scan);
                 };
-                if newest_next.is_some_and(|bound| created > bound) {
+                let Some(id) = c.get("id").and_then(Value::as_i64) else {
+                    return Ok(scan);
+                };
+                let out_of_order = previous.is_some_and(|p| created > p)
+                    || (!seen.contains(&id) && floor.is_some_and(|f| created > f));
+                if out_of_order {
                     tracing::warn!(connector = %self.name, "amoCRM did not list companies newest first: looking replayed creates up one by one");
                     return Ok(scan);
                 }
-                newest_next = Some(created);
-                reached_bound |= created < since;
-                let Some(id) = c.get("id").and_then(Value::as_i64) else {
+                previous = Some(created);
+                if !seen.insert(id) {
                     continue;
-                };
+                }
+                floor = Some(floor.map_or(created, |f| f.min(created)));
+                reached_bound |= created < since;
                 for key in keys_of(c, domain_field) {
                     if wanted.contains(&key) {
                         scan.found.entry(key).or_insert(id);
