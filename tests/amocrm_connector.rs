@@ -647,25 +647,13 @@ async fn validation_errors_reject_the_named_item_and_the_rest_is_resent_and_writ
         ),
     ];
     let out = r.conn.push(&items).await.unwrap();
-    assert_eq!(
-        out[0],
-        PushOutcome::Written {
-            vendor_id: "8100".into(),
-            created: true
-        }
-    );
+    assert_eq!(out[0], written("8100", true));
     assert!(
         matches!(&out[1], PushOutcome::Rejected { reason } if reason.contains("should be of type numeric")),
         "{:?}",
         out[1]
     );
-    assert_eq!(
-        out[2],
-        PushOutcome::Written {
-            vendor_id: "8102".into(),
-            created: true
-        }
-    );
+    assert_eq!(out[2], written("8102", true));
     let posts = requests_to(&r.server, "POST", "/api/v4/companies").await;
     assert_eq!(posts.len(), 2);
     let resent: Value = serde_json::from_slice(&posts[1].body).unwrap();
@@ -713,6 +701,30 @@ async fn a_create_retried_after_a_certain_failure_is_sent_without_a_look_up() {
     );
 }
 
+/// Expects exactly one `method` (PATCH or POST) batch, answered with these
+/// `(id, request_id)` pairs.
+async fn expect_write(server: &MockServer, verb: &str, written: &[(i64, &str)]) {
+    let rows: Vec<Value> = written
+        .iter()
+        .map(|(id, rid)| json!({"id": id, "request_id": rid}))
+        .collect();
+    Mock::given(method(verb))
+        .and(path("/api/v4/companies"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"_embedded": {"companies": rows}})),
+        )
+        .expect(1)
+        .mount(server)
+        .await;
+}
+
+fn written(id: &str, created: bool) -> PushOutcome {
+    PushOutcome::Written {
+        vendor_id: id.into(),
+        created,
+    }
+}
+
 fn unconfirmed(domain: &str) -> PushItem {
     item(json!({"name": domain, "cf.name.Domain": domain}), None, 1)
 }
@@ -728,25 +740,8 @@ async fn replayed_creates_of_a_batch_are_resolved_by_one_scan_of_the_newest_comp
         .expect(1)
         .mount(&r.server)
         .await;
-    Mock::given(method("PATCH"))
-        .and(path("/api/v4/companies"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(json!({"_embedded": {"companies": [
-            {"id": 9003, "request_id": "0"}, {"id": 9002, "request_id": "1"}]}})),
-        )
-        .expect(1)
-        .mount(&r.server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/api/v4/companies"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(
-                json!({"_embedded": {"companies": [{"id": 9100, "request_id": "2"}]}}),
-            ),
-        )
-        .expect(1)
-        .mount(&r.server)
-        .await;
+    expect_write(&r.server, "PATCH", &[(9003, "0"), (9002, "1")]).await;
+    expect_write(&r.server, "POST", &[(9100, "2")]).await;
     let out = r
         .conn
         .push(&[
@@ -756,10 +751,6 @@ async fn replayed_creates_of_a_batch_are_resolved_by_one_scan_of_the_newest_comp
         ])
         .await
         .unwrap();
-    let written = |id: &str, created| PushOutcome::Written {
-        vendor_id: id.into(),
-        created,
-    };
     // The scan reached companies older than the sends: gamma.com was never created.
     assert_eq!(
         out,
@@ -838,44 +829,14 @@ async fn rows_repeated_by_creations_during_the_scan_do_not_make_it_inconclusive(
         .expect(1)
         .mount(&r.server)
         .await;
-    Mock::given(method("PATCH"))
-        .and(path("/api/v4/companies"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(
-                json!({"_embedded": {"companies": [{"id": 9006, "request_id": "0"}]}}),
-            ),
-        )
-        .expect(1)
-        .mount(&r.server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/api/v4/companies"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(
-                json!({"_embedded": {"companies": [{"id": 9100, "request_id": "1"}]}}),
-            ),
-        )
-        .expect(1)
-        .mount(&r.server)
-        .await;
+    expect_write(&r.server, "PATCH", &[(9006, "0")]).await;
+    expect_write(&r.server, "POST", &[(9100, "1")]).await;
     let out = r
         .conn
         .push(&[unconfirmed("alpha.com"), unconfirmed("beta.com")])
         .await
         .unwrap();
-    assert_eq!(
-        out,
-        [
-            PushOutcome::Written {
-                vendor_id: "9006".into(),
-                created: false
-            },
-            PushOutcome::Written {
-                vendor_id: "9100".into(),
-                created: true
-            },
-        ]
-    );
+    assert_eq!(out, [written("9006", false), written("9100", true),]);
     assert_eq!(
         requests_to(&r.server, "GET", "/api/v4/companies")
             .await
@@ -904,15 +865,7 @@ async fn a_scan_not_listed_newest_first_falls_back_to_searching_each_company() {
             .mount(&r.server)
             .await;
     }
-    Mock::given(method("POST"))
-        .and(path("/api/v4/companies"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(json!({"_embedded": {"companies": [
-            {"id": 9100, "request_id": "0"}, {"id": 9101, "request_id": "1"}]}})),
-        )
-        .expect(1)
-        .mount(&r.server)
-        .await;
+    expect_write(&r.server, "POST", &[(9100, "0"), (9101, "1")]).await;
     let out = r
         .conn
         .push(&[unconfirmed("alpha.com"), unconfirmed("beta.com")])
@@ -949,44 +902,14 @@ async fn a_refused_scan_falls_back_to_searching_each_company() {
         .expect(1)
         .mount(&r.server)
         .await;
-    Mock::given(method("PATCH"))
-        .and(path("/api/v4/companies"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(
-                json!({"_embedded": {"companies": [{"id": 9003, "request_id": "0"}]}}),
-            ),
-        )
-        .expect(1)
-        .mount(&r.server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/api/v4/companies"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(
-                json!({"_embedded": {"companies": [{"id": 9100, "request_id": "1"}]}}),
-            ),
-        )
-        .expect(1)
-        .mount(&r.server)
-        .await;
+    expect_write(&r.server, "PATCH", &[(9003, "0")]).await;
+    expect_write(&r.server, "POST", &[(9100, "1")]).await;
     let out = r
         .conn
         .push(&[unconfirmed("alpha.com"), unconfirmed("gamma.com")])
         .await
         .unwrap();
-    assert_eq!(
-        out,
-        [
-            PushOutcome::Written {
-                vendor_id: "9003".into(),
-                created: false
-            },
-            PushOutcome::Written {
-                vendor_id: "9100".into(),
-                created: true
-            },
-        ]
-    );
+    assert_eq!(out, [written("9003", false), written("9100", true),]);
 }
 
 #[tokio::test]
@@ -1021,13 +944,7 @@ async fn a_replayed_create_finds_the_existing_company_instead_of_duplicating_it(
         )])
         .await
         .unwrap();
-    assert_eq!(
-        out,
-        [PushOutcome::Written {
-            vendor_id: "7002".into(),
-            created: false
-        }]
-    );
+    assert_eq!(out, [written("7002", false)]);
 }
 
 #[tokio::test]
