@@ -603,3 +603,112 @@ async fn a_rejected_key_fails_the_whole_push_with_auth() {
         .expect_err("no item has an outcome");
     assert!(matches!(err, ConnectorError::Auth { .. }), "{err:?}");
 }
+
+/// A Rally listing of `total` companies that serves at most `cap` rows whatever `limit`
+/// asks for, and records the `limit` of every call.
+struct CappedListing {
+    total: usize,
+    cap: usize,
+    limits: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl wiremock::Respond for CappedListing {
+    fn respond(&self, req: &wiremock::Request) -> ResponseTemplate {
+        let param = |k: &str| {
+            req.url
+                .query_pairs()
+                .find(|(n, _)| n == k)
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+                .unwrap_or(0)
+        };
+        let (limit, offset) = (param("limit"), param("offset"));
+        self.limits.lock().unwrap().push(limit);
+        let rows: Vec<Value> = (offset..self.total.min(offset + limit.min(self.cap)))
+            .map(|i| {
+                json!({"id": format!("00000000-0000-0000-0000-{i:012}"), "name": format!("Company {i}"),
+                    "updatedAt": "2025-01-01T00:00:00Z", "createdAt": "2025-01-01T00:00:00Z"})
+            })
+            .collect();
+        ResponseTemplate::new(200).set_body_json(rows)
+    }
+}
+
+#[tokio::test]
+async fn a_server_capping_pages_below_the_page_size_is_read_to_the_end() {
+    let server = MockServer::start().await;
+    let limits = Arc::new(std::sync::Mutex::new(Vec::new()));
+    Mock::given(method("GET"))
+        .and(path("/api/v1/companies"))
+        .respond_with(CappedListing {
+            total: 130,
+            cap: 25,
+            limits: limits.clone(),
+        })
+        .mount(&server)
+        .await;
+    let f = connector(&server, 100);
+    let mut cursor = Cursor::start();
+    let mut names = std::collections::BTreeSet::new();
+    for _ in 0..50 {
+        let page = f
+            .conn
+            .poll(&cursor, &PollMode::Full { since: None })
+            .await
+            .unwrap();
+        names.extend(page.records.iter().map(|r| r.fields["name"].to_string()));
+        cursor = page.next;
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(names.len(), 130, "a 25-row page is not the end of 130 rows");
+    let limits = limits.lock().unwrap();
+    assert_eq!(
+        limits[..2],
+        [100, 100],
+        "asked, then checked once: {limits:?}"
+    );
+    assert!(
+        limits[2..].iter().all(|l| *l == 25),
+        "then asks for 25: {limits:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_short_page_of_a_server_that_served_more_before_is_the_end_without_a_check() {
+    let server = MockServer::start().await;
+    let limits = Arc::new(std::sync::Mutex::new(Vec::new()));
+    Mock::given(method("GET"))
+        .and(path("/api/v1/companies"))
+        .respond_with(CappedListing {
+            total: 150,
+            cap: 100,
+            limits: limits.clone(),
+        })
+        .mount(&server)
+        .await;
+    let f = connector(&server, 100);
+    let mut cursor = Cursor::start();
+    let mut calls_to_end = 0;
+    for _ in 0..10 {
+        let page = f
+            .conn
+            .poll(&cursor, &PollMode::Full { since: None })
+            .await
+            .unwrap();
+        calls_to_end += 1;
+        cursor = page.next;
+        if !page.more {
+            break;
+        }
+    }
+    // 100 rows, then the last 51 (one row of overlap): the 51 are fewer than the 100
+    // served before, so they end the listing with no extra call.
+    assert_eq!(calls_to_end, 2);
+    assert_eq!(
+        limits.lock().unwrap().len(),
+        2,
+        "{:?}",
+        limits.lock().unwrap()
+    );
+}

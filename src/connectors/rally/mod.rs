@@ -54,6 +54,13 @@
 //! **Call cost:** one call per `page_size − 1` changed rows, plus one per cycle; a shift
 //! costs one or two extra calls, a restart re-reads the cycle.
 //!
+//! **Page size:** Rally does not document its largest page. A server that silently serves
+//! fewer rows than `limit` would make a full page look like the last one. So a short page
+//! of at least 10 rows, not shorter than every page served before, is checked with one
+//! call right after it: rows there mean the page was not the last (the cycle goes on), and
+//! a page's worth (≥ 10) means the server caps pages at that size, which list calls then
+//! ask for.
+//!
 //! # Writing (push)
 //! `max_batch` = `batch_size` (≤ 100). Items run as independent jobs, up to
 //! `max_concurrent` at once (the HTTP client spaces them at the configured rate):
@@ -143,7 +150,9 @@ pub struct RallyConnector {
     auth: Arc<dyn AuthProvider>,
     /// API root, ending in `/`.
     base: Url,
-    page_size: usize,
+    /// The `limit` list calls ask for: the configured page size, or the smaller cap the
+    /// server turned out to apply silently (see `poll::PageSize`).
+    page_size: poll::PageSize,
     max_batch: usize,
     max_concurrent: usize,
     opts: RallyOptions,
@@ -154,7 +163,7 @@ impl std::fmt::Debug for RallyConnector {
         f.debug_struct("RallyConnector")
             .field("name", &self.name)
             .field("base", &self.base.as_str())
-            .field("page_size", &self.page_size)
+            .field("page_size", &self.page_size.get())
             .field("max_batch", &self.max_batch)
             .field("opts", &self.opts)
             .finish_non_exhaustive()
@@ -193,7 +202,7 @@ impl RallyConnector {
             client,
             auth: Arc::new(auth),
             base,
-            page_size: cfg.page_size.clamp(2, 100),
+            page_size: poll::PageSize::new(cfg.page_size.clamp(2, 100)),
             max_batch: cfg.common.batch_size.clamp(1, BULK_MAX),
             max_concurrent: cfg.common.limits.max_concurrent.max(1),
             opts: RallyOptions::default(),

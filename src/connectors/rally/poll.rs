@@ -98,6 +98,38 @@ impl CursorState {
     }
 }
 
+/// Pages shorter than this are taken as the end of the listing without a check: no server
+/// caps its pages that low.
+const MIN_PAGE_CAP: usize = 10;
+
+/// The page size list calls ask for. Rally does not document its largest page: a server
+/// that silently returns fewer rows than asked would make a full page look like the last
+/// one, and the rest of the cycle would never be read. So a short page that is not
+/// shorter than every page seen before is checked once with a call right after it; if rows
+/// follow, the server caps pages at that size, and list calls ask for it from then on.
+#[derive(Debug)]
+pub struct PageSize {
+    /// What list calls ask for.
+    limit: std::sync::atomic::AtomicUsize,
+    /// The most rows one answer held so far: a shorter page than this is certainly the end.
+    most_seen: std::sync::atomic::AtomicUsize,
+}
+
+impl PageSize {
+    /// Asking for `configured` rows until the server proves to cap lower.
+    pub fn new(configured: usize) -> Self {
+        PageSize {
+            limit: configured.into(),
+            most_seen: 0.into(),
+        }
+    }
+
+    /// The `limit` to ask for.
+    pub fn get(&self) -> usize {
+        self.limit.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// The key a row is recognised by when the next page is checked: its id and `updatedAt`
 /// (a row that changed may have moved, so only an unchanged row is a valid anchor), or a
 /// digest of the raw JSON for a row without them.
@@ -207,15 +239,22 @@ impl RallyConnector {
             st.slack = 0;
             st.restarts = 0;
         }
-        let limit = self.page_size;
-        let mut req = ApiRequest::get("GET companies", self.url("api/v1/companies"))
-            .auth(self.auth.clone())
-            .query("limit", limit.to_string())
-            .query("offset", st.offset.to_string());
-        if let Some(since) = st.since {
-            req = req.query("updatedSince", wire_time(&(since - self.opts.overlap)));
-        }
-        let resp = self.client.send(req, &DefaultClassifier).await?;
+        let limit = self.page_size.get();
+        let updated_since = st.since.map(|s| wire_time(&(s - self.opts.overlap)));
+        let list = |offset: usize| {
+            let req = ApiRequest::get("GET companies", self.url("api/v1/companies"))
+                .auth(self.auth.clone())
+                .query("limit", limit.to_string())
+                .query("offset", offset.to_string());
+            match &updated_since {
+                Some(since) => req.query("updatedSince", since.clone()),
+                None => req,
+            }
+        };
+        let resp = self
+            .client
+            .send(list(st.offset), &DefaultClassifier)
+            .await?;
         if starting {
             // The server's clock decides which rows count as updated: if ours runs ahead,
             // `now − lag` could lie in the server's future and the next cycle would miss
@@ -250,6 +289,9 @@ impl RallyConnector {
             }
         };
         let fetched_at = st.offset;
+        let limit = self
+            .page_limit(rows.len(), limit, || list(fetched_at + rows.len()))
+            .await?;
         let restarts_before = st.restarts;
         let (from, done) = advance(&mut st, rows, limit);
         if st.restarts > restarts_before {
@@ -281,6 +323,41 @@ impl RallyConnector {
         page.more = !done;
         page.next = st.to_cursor();
         Ok(page)
+    }
+}
+
+impl RallyConnector {
+    /// The page size a page of `rows` rows asked with `limit` was served at: `limit`,
+    /// or `rows` when the page was short although more rows follow (checked with
+    /// `next_page`, see [`PageSize`]); when a page's worth follows, list calls ask for
+    /// `rows` from now on.
+    async fn page_limit(
+        &self,
+        rows: usize,
+        limit: usize,
+        next_page: impl FnOnce() -> ApiRequest,
+    ) -> Result<usize, ConnectorError> {
+        use std::sync::atomic::Ordering;
+        let most_seen = self.page_size.most_seen.fetch_max(rows, Ordering::Relaxed);
+        if rows >= limit || rows < MIN_PAGE_CAP || rows < most_seen {
+            return Ok(limit);
+        }
+        let resp = self.client.send(next_page(), &DefaultClassifier).await?;
+        let following = resp
+            .json
+            .as_ref()
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        if following == 0 {
+            return Ok(limit);
+        }
+        // Rows follow: this page was not the last, whatever the cause. A few rows may just
+        // have been written meanwhile; a page's worth means the server caps pages.
+        if following >= MIN_PAGE_CAP {
+            tracing::warn!(connector = %self.name, asked = limit, served = rows, "Rally served fewer rows than asked although more follow: it caps pages at {rows}; asking for {rows} from now on");
+            self.page_size.limit.store(rows, Ordering::Relaxed);
+        }
+        Ok(rows)
     }
 }
 

@@ -330,11 +330,12 @@ impl RallyConnector {
         };
         let since = wire_time(&(Utc::now() - self.opts.lookup_window));
         let mut best: Option<(usize, String, String)> = None;
+        let page_size = self.page_size.get();
         for page in 0..self.opts.lookup_max_pages {
             let req = ApiRequest::get("GET companies", self.url("api/v1/companies"))
                 .auth(self.auth.clone())
-                .query("limit", self.page_size.to_string())
-                .query("offset", (page * self.page_size).to_string())
+                .query("limit", page_size.to_string())
+                .query("offset", (page * page_size).to_string())
                 .query("updatedSince", since.clone());
             let resp = self
                 .client
@@ -372,7 +373,7 @@ impl RallyConnector {
                     best = Some((agree, created, id.to_string()));
                 }
             }
-            if rows.len() < self.page_size {
+            if rows.len() < page_size {
                 break;
             }
         }
