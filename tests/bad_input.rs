@@ -132,16 +132,16 @@ async fn mount(server: &MockServer, crm: &str, body: Vec<u8>, once: bool) {
                 .respond_with(json(fixture_text("marketo", "describe.json").into_bytes()))
                 .mount(server)
                 .await;
-            Mock::given(method("POST"))
+            Mock::given(method("GET"))
                 .and(path("/rest/v1/companies.json"))
-                .and(query_param("_method", "GET"))
+                .and(query_param("filterType", "id"))
                 .respond_with(json(body))
                 .up_to_n_times(times)
                 .mount(server)
                 .await;
-            Mock::given(method("POST"))
+            Mock::given(method("GET"))
                 .and(path("/rest/v1/companies.json"))
-                .and(query_param("_method", "GET"))
+                .and(query_param("filterType", "id"))
                 .respond_with(json(
                     br#"{"requestId":"e#1","success":true,"result":[]}"#.to_vec(),
                 ))

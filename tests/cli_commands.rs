@@ -45,7 +45,7 @@ fn text(o: &Output) -> String {
 }
 
 /// Write requests a simulator received (every non-GET request except Marketo's
-/// `_method=GET` queries and identity calls).
+/// `_method=GET` queries, should one be made, and identity calls).
 fn writes(s: &crmbridge::sim::common::StatsSnapshot) -> u64 {
     s.requests
         .iter()

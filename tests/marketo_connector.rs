@@ -15,7 +15,7 @@ use crmbridge::http::QuotaReset;
 use crmbridge::secret::Secret;
 use crmbridge::store::Store;
 use serde_json::{Value, json};
-use wiremock::matchers::{body_string_contains, header, method, path};
+use wiremock::matchers::{body_string_contains, header, method, path, query_param};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 macro_rules! fixture {
@@ -119,9 +119,9 @@ async fn mount_describe(server: &MockServer) {
 
 /// A query answer (`POST companies.json?_method=GET`) with `body`.
 fn query() -> wiremock::MockBuilder {
-    Mock::given(method("POST"))
+    Mock::given(method("GET"))
         .and(path(COMPANIES_PATH))
-        .and(body_string_contains("filterType=id"))
+        .and(query_param("filterType", "id"))
 }
 
 /// A sync call (`POST companies.json` with JSON).
@@ -498,7 +498,7 @@ async fn query_pages_follow_next_page_token() {
     mount_token(&server, TOKEN).await;
     mount_describe(&server).await;
     query()
-        .and(body_string_contains("nextPageToken=GIYDAMJQGAYDA"))
+        .and(query_param("nextPageToken", "GIYDAMJQGAYDA==="))
         .respond_with(json_resp(PAGE2))
         .mount(&server)
         .await;
@@ -515,16 +515,49 @@ async fn query_pages_follow_next_page_token() {
     let rev = &page.records[0].fields["annualRevenue"];
     assert_eq!(rev.to_string(), "12500000.75", "decimals kept exact");
     let q = requests_to(&server, COMPANIES_PATH).await;
-    assert_eq!(q[0].url.query(), Some("_method=GET"));
-    let form = String::from_utf8_lossy(&q[0].body).to_string();
+    assert_eq!(q[0].method.as_str(), "GET");
+    let query = q[0].url.query().unwrap_or_default().to_string();
     assert!(
-        form.contains("fields=id%2CexternalCompanyId%2Ccompany%2Cwebsite"),
-        "{form}"
+        query.contains("fields=id%2CexternalCompanyId%2Ccompany%2Cwebsite"),
+        "{query}"
     );
     assert!(
-        !form.contains("billingStreet"),
-        "fields absent from describe are not asked for: {form}"
+        !query.contains("billingStreet"),
+        "fields absent from describe are not asked for: {query}"
     );
+    assert!(query.contains("filterValues=1%2C2%2C3"), "{query}");
+}
+
+#[tokio::test]
+async fn an_instance_refusing_long_query_urls_is_queried_by_post_from_then_on() {
+    let server = MockServer::start().await;
+    mount_token(&server, TOKEN).await;
+    mount_describe(&server).await;
+    Mock::given(method("GET"))
+        .and(path(COMPANIES_PATH))
+        .respond_with(ResponseTemplate::new(414))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(COMPANIES_PATH))
+        .and(query_param("_method", "GET"))
+        .and(body_string_contains("filterType=id"))
+        .respond_with(json_resp(PAGE2))
+        .expect(2)
+        .mount(&server)
+        .await;
+    let c = connector(&server);
+    let first = c
+        .conn
+        .poll(&Cursor::start(), &PollMode::Incremental)
+        .await
+        .unwrap();
+    assert!(!first.records.is_empty(), "read after the 414");
+    c.conn
+        .poll(&first.next, &PollMode::Incremental)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
 //! Change detection without a time filter: the id-range scan and its paced cycles (see the
 //! module docs of [`super`] for the scheme, its cost and what it can and cannot see).
 
+use std::sync::atomic::Ordering;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -8,7 +10,7 @@ use serde_json::Value;
 use super::MarketoConnector;
 use super::wire::{Describe, parse_record, record_id};
 use crate::connector::{ConnectorError, Cursor, Page, PollMode};
-use crate::http::ApiRequest;
+use crate::http::{ApiRequest, HttpError};
 
 /// Marketo's cap on `filterValues` per query and on `batchSize`.
 pub const WINDOW: i64 = 300;
@@ -231,9 +233,9 @@ impl MarketoConnector {
             .map(|i| i.to_string())
             .collect::<Vec<_>>()
             .join(",");
-        let mut url = self.url("rest/v1/companies.json")?;
-        // 300 ids are ~2 KB: send them as a form body so URL limits (414) never bite.
-        url.set_query(Some("_method=GET"));
+        let url = self.url("rest/v1/companies.json")?;
+        let mut post_url = url.clone();
+        post_url.set_query(Some("_method=GET"));
         let mut rows = Vec::new();
         let mut calls = 0u64;
         let mut token: Option<String> = None;
@@ -247,12 +249,33 @@ impl MarketoConnector {
             if let Some(t) = &token {
                 form.push(("nextPageToken".to_string(), t.clone()));
             }
-            let req = ApiRequest::post("POST companies.json?_method=GET", url.clone())
-                .form(form)
-                .auth(self.auth.clone())
-                .idempotent(true)
-                .write(false);
-            let resp = self.http.send(req, &self.classifier).await?;
+            // The published query is a GET; 300 ids make a URL of ~2–3 KB, within the
+            // 8 KB limit. Only an instance that finds it too long (414) gets the same
+            // query as `POST …?_method=GET` with a form body, from then on.
+            let by_post = self.query_by_post.load(Ordering::Relaxed);
+            let req = if by_post {
+                ApiRequest::post("POST companies.json?_method=GET", post_url.clone())
+                    .form(form)
+                    .idempotent(true)
+                    .write(false)
+            } else {
+                form.into_iter().fold(
+                    ApiRequest::get("GET companies.json", url.clone()),
+                    |r, (k, v)| r.query(k, v),
+                )
+            }
+            .auth(self.auth.clone());
+            let resp = match self.http.send(req, &self.classifier).await {
+                Err(HttpError::Rejected { status, .. })
+                    if !by_post && status == reqwest::StatusCode::URI_TOO_LONG =>
+                {
+                    calls += 1;
+                    tracing::warn!(connector = %self.name, "the query URL is too long for this instance (414): querying by POST with _method=GET from now on");
+                    self.query_by_post.store(true, Ordering::Relaxed);
+                    continue;
+                }
+                other => other?,
+            };
             calls += 1;
             let body = resp.json_value()?;
             // Marketo omits `result` when nothing matched; anything else that is not an
