@@ -232,8 +232,9 @@ async fn unauthorized_after_refresh_is_an_auth_error() {
         .await
         .expect_err("always 401");
     assert!(matches!(err, HttpError::Auth { .. }), "{err:?}");
-    assert_eq!(server.received_requests().await.unwrap().len(), 2);
-    assert_eq!(auth.source().refreshes.load(Ordering::SeqCst), 1);
+    // A token may expire between its refresh and its use: a second refresh, then give up.
+    assert_eq!(server.received_requests().await.unwrap().len(), 3);
+    assert_eq!(auth.source().refreshes.load(Ordering::SeqCst), 2);
     assert!(matches!(
         ConnectorError::from(err),
         ConnectorError::Auth { .. }

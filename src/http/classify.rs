@@ -30,7 +30,8 @@ pub enum Outcome {
         /// The class for metrics (`"5xx"`, `"604"`, …).
         class: &'static str,
     },
-    /// The token was rejected (401, Marketo 601/602): refresh once and retry.
+    /// The token was rejected (401, Marketo 601/602): refresh and retry (twice at most in a
+    /// row per call).
     Reauth,
     /// Stop calling this vendor until `until` (Marketo 607 daily quota, amoCRM ban):
     /// opens the client's circuit.

@@ -159,6 +159,9 @@ pub struct HttpConfig {
     pub pacing_recovery: Duration,
 }
 
+/// Refreshes one call may make in a row before its credentials count as bad.
+const MAX_REAUTHS_IN_A_ROW: u32 = 2;
+
 /// Extra spacing margin added after each rate rejection (429, Marketo 606) that got past
 /// the limiter: the server counted more jitter than the margin absorbs, so the client
 /// slows down instead of collecting more rejections (amoCRM bans after repeated 429s).
@@ -972,9 +975,10 @@ impl HttpClient {
             .with_max_times(cfg.max_retries as usize)
             .build();
         let mut attempt: u32 = 0;
-        // Set after a refresh until an attempt gets a non-auth answer: two auth rejections
-        // in a row mean the credentials themselves are bad.
-        let mut reauthed = false;
+        // Refreshes since the last non-auth answer. A token can expire between its refresh
+        // and its use (Marketo hands out the same token until it expires), so a second
+        // rejection gets a second refresh; a third in a row means the credentials are bad.
+        let mut reauths_in_a_row: u32 = 0;
         loop {
             attempt += 1;
             tracing::Span::current().record("attempt", attempt);
@@ -1069,7 +1073,7 @@ impl HttpClient {
                 Outcome::Throttled { after, class } => {
                     // The refreshed credentials were accepted; a later expiry in this
                     // retry sequence deserves its own refresh.
-                    reauthed = false;
+                    reauths_in_a_row = 0;
                     Counters::bump(&self.inner.counters.rejections, class);
                     tracing::warn!(class, ?after, status = %resp.status, "vendor throttled the call");
                     self.widen_pacing(class, admitted_by);
@@ -1080,7 +1084,7 @@ impl HttpClient {
                         .await?;
                 }
                 Outcome::Retry { after, class } => {
-                    reauthed = false;
+                    reauths_in_a_row = 0;
                     Counters::bump(&self.inner.counters.rejections, class);
                     if !req.idempotent {
                         return Err(HttpError::Transient {
@@ -1111,20 +1115,20 @@ impl HttpClient {
                             ),
                         });
                     };
-                    if reauthed {
+                    if reauths_in_a_row >= MAX_REAUTHS_IN_A_ROW {
                         return Err(HttpError::Auth {
                             connector: cfg.connector.clone(),
                             endpoint,
                             detail: format!(
-                                "credentials rejected again after a refresh (HTTP {}): {}",
+                                "credentials rejected again after {reauths_in_a_row} refreshes (HTTP {}): {}",
                                 resp.status,
                                 resp.text_snippet()
                             ),
                         });
                     }
-                    reauthed = true;
+                    reauths_in_a_row += 1;
                     self.inner.counters.reauths.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(generation, "credentials rejected: refreshing once");
+                    tracing::info!(generation, "credentials rejected: refreshing");
                     auth.refresh(generation)
                         .await
                         .map_err(|e| self.auth_error(endpoint, e))?;
