@@ -989,3 +989,41 @@ async fn reapplying_a_bearer_token_picks_up_a_refresh_and_never_fetches() {
         "one fetch, one refresh"
     );
 }
+
+/// Answers the n-th request with the n-th template (the last one from then on).
+struct Sequence(Vec<ResponseTemplate>, AtomicUsize);
+
+impl Respond for Sequence {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        let n = self.1.fetch_add(1, Ordering::SeqCst);
+        self.0[n.min(self.0.len() - 1)].clone()
+    }
+}
+
+#[tokio::test]
+async fn auth_rejections_separated_by_a_lost_answer_are_not_counted_as_in_a_row() {
+    let server = MockServer::start().await;
+    let lost = ResponseTemplate::new(200).set_delay(Duration::from_secs(2));
+    let rejected = || ResponseTemplate::new(401);
+    Mock::given(path("/c"))
+        .respond_with(Sequence(
+            vec![rejected(), lost, rejected(), rejected(), ok_json()],
+            AtomicUsize::new(0),
+        ))
+        .mount(&server)
+        .await;
+    let auth = bearer("t");
+    let c = client(HttpConfig {
+        read_timeout: Duration::from_millis(300),
+        ..fast_cfg("t")
+    });
+    let resp = c
+        .send(
+            ApiRequest::get("GET c", url(&server, "/c")).auth(auth.clone()),
+            &DefaultClassifier,
+        )
+        .await
+        .expect("the token expired around a lost answer, not bad credentials");
+    assert_eq!(resp.status, 200);
+    assert_eq!(auth.source().refreshes.load(Ordering::SeqCst), 3);
+}

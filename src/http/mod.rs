@@ -1060,6 +1060,9 @@ impl HttpClient {
                     match backoff.next() {
                         Some(delay) => {
                             tracing::debug!(class, detail = %f.detail, ?delay, "retrying");
+                            // Auth rejections around a lost answer are not back to back:
+                            // the token may have expired during it (bounded by backoff).
+                            reauths_in_a_row = 0;
                             tokio::time::sleep(delay).await;
                             continue;
                         }
