@@ -633,34 +633,48 @@ impl wiremock::Respond for CappedListing {
     }
 }
 
-#[tokio::test]
-async fn a_server_capping_pages_below_the_page_size_is_read_to_the_end() {
+/// A server listing `total` companies at most `cap` a page; also the `limit` of every call.
+async fn capped_server(
+    total: usize,
+    cap: usize,
+) -> (MockServer, Arc<std::sync::Mutex<Vec<usize>>>) {
     let server = MockServer::start().await;
     let limits = Arc::new(std::sync::Mutex::new(Vec::new()));
     Mock::given(method("GET"))
         .and(path("/api/v1/companies"))
         .respond_with(CappedListing {
-            total: 130,
-            cap: 25,
+            total,
+            cap,
             limits: limits.clone(),
         })
         .mount(&server)
         .await;
-    let f = connector(&server, 100);
+    (server, limits)
+}
+
+/// One full poll cycle: the names read, and the number of `poll` calls it took.
+async fn full_cycle(conn: &RallyConnector) -> (std::collections::BTreeSet<String>, usize) {
     let mut cursor = Cursor::start();
     let mut names = std::collections::BTreeSet::new();
-    for _ in 0..50 {
-        let page = f
-            .conn
+    for polls in 1..=50 {
+        let page = conn
             .poll(&cursor, &PollMode::Full { since: None })
             .await
             .unwrap();
         names.extend(page.records.iter().map(|r| r.fields["name"].to_string()));
         cursor = page.next;
         if !page.more {
-            break;
+            return (names, polls);
         }
     }
+    panic!("the cycle did not end in 50 polls");
+}
+
+#[tokio::test]
+async fn a_server_capping_pages_below_the_page_size_is_read_to_the_end() {
+    let (server, limits) = capped_server(130, 25).await;
+    let f = connector(&server, 100);
+    let (names, _) = full_cycle(&f.conn).await;
     assert_eq!(names.len(), 130, "a 25-row page is not the end of 130 rows");
     let limits = limits.lock().unwrap();
     assert_eq!(
@@ -676,35 +690,12 @@ async fn a_server_capping_pages_below_the_page_size_is_read_to_the_end() {
 
 #[tokio::test]
 async fn a_short_page_of_a_server_that_served_more_before_is_the_end_without_a_check() {
-    let server = MockServer::start().await;
-    let limits = Arc::new(std::sync::Mutex::new(Vec::new()));
-    Mock::given(method("GET"))
-        .and(path("/api/v1/companies"))
-        .respond_with(CappedListing {
-            total: 150,
-            cap: 100,
-            limits: limits.clone(),
-        })
-        .mount(&server)
-        .await;
+    let (server, limits) = capped_server(150, 100).await;
     let f = connector(&server, 100);
-    let mut cursor = Cursor::start();
-    let mut calls_to_end = 0;
-    for _ in 0..10 {
-        let page = f
-            .conn
-            .poll(&cursor, &PollMode::Full { since: None })
-            .await
-            .unwrap();
-        calls_to_end += 1;
-        cursor = page.next;
-        if !page.more {
-            break;
-        }
-    }
+    let (names, polls) = full_cycle(&f.conn).await;
     // 100 rows, then the last 51 (one row of overlap): the 51 are fewer than the 100
     // served before, so they end the listing with no extra call.
-    assert_eq!(calls_to_end, 2);
+    assert_eq!((names.len(), polls), (150, 2));
     assert_eq!(
         limits.lock().unwrap().len(),
         2,

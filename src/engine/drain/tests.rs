@@ -511,20 +511,24 @@ async fn drain_settled_pushes_again_what_asked_for_a_retry_while_progress_is_mad
     assert_eq!(f.outbox_len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backfill_does_not_push_to_a_crm_whose_read_failed() {
-    let mut target = FakeTarget::new(10, 2, Duration::from_millis(1));
-    target.poll_fails = true;
-    let f = fixture(target, 20);
-    let report = f
-        .engine
+/// A default backfill of the fixture's engine.
+async fn backfill(f: &Fixture) -> crate::engine::BackfillReport {
+    f.engine
         .backfill(
             &crate::engine::BackfillOptions::default(),
             &CancellationToken::new(),
             &|_, _| {},
         )
         .await
-        .expect("backfill");
+        .expect("backfill")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_does_not_push_to_a_crm_whose_read_failed() {
+    let mut target = FakeTarget::new(10, 2, Duration::from_millis(1));
+    target.poll_fails = true;
+    let f = fixture(target, 20);
+    let report = backfill(&f).await;
     assert_eq!(report.failures.len(), 1, "{:?}", report.failures);
     // Creating companies it was never read for could duplicate them.
     assert_eq!(
@@ -544,15 +548,7 @@ async fn a_backfill_does_not_push_to_a_crm_whose_read_failed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_pushes_to_a_crm_it_read() {
     let f = fixture(FakeTarget::new(10, 2, Duration::from_millis(1)), 20);
-    let report = f
-        .engine
-        .backfill(
-            &crate::engine::BackfillOptions::default(),
-            &CancellationToken::new(),
-            &|_, _| {},
-        )
-        .await
-        .expect("backfill");
+    let report = backfill(&f).await;
     assert!(report.failures.is_empty(), "{:?}", report.failures);
     assert_eq!(report.pending.get(TARGET), Some(&0), "{:?}", report.pending);
     assert_eq!(f.outbox_len(), 0);
