@@ -989,3 +989,41 @@ async fn unknown_custom_fields_are_reported_unavailable() {
     ];
     assert_eq!(r.conn.unavailable_fields(&keys), ["cf.name.Employees"]);
 }
+
+#[tokio::test]
+async fn a_server_without_the_account_and_catalogue_endpoints_still_starts_and_scans() {
+    // A server implementing only the companies API: the account and catalogue calls
+    // answer 404. The connector must start (no filtering assumed, no custom fields) and
+    // read with the descending scan, which needs neither.
+    let r = rig_with(false, None, Duration::from_secs(5)).await;
+    for p in ["/api/v4/account", "/api/v4/companies/custom_fields"] {
+        Mock::given(method("GET"))
+            .and(path(p))
+            .respond_with(problem(404, "not_found.json"))
+            .mount(&r.server)
+            .await;
+    }
+    r.conn
+        .start()
+        .await
+        .expect("starts without the optional endpoints");
+    assert!(!r.conn.filter_enabled());
+    assert!(r.conn.catalogue().fields().is_empty());
+    assert_eq!(
+        r.conn
+            .unavailable_fields(&["cf.name.Domain".to_string(), "name".to_string()]),
+        ["cf.name.Domain"]
+    );
+    Mock::given(method("GET"))
+        .and(path("/api/v4/companies"))
+        .and(query_param("order[updated_at]", "desc"))
+        .respond_with(hal("companies_keyset.json"))
+        .mount(&r.server)
+        .await;
+    let page = r
+        .conn
+        .poll(&cursor_at(1_700_000_101, &[]), &PollMode::Incremental)
+        .await
+        .unwrap();
+    assert_eq!(page.records.len(), 1);
+}

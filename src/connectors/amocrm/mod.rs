@@ -87,7 +87,9 @@ use crate::config::{AmoAuth, AmocrmConfig};
 use crate::connector::{Connector, ConnectorError, Cursor, Page, PollMode, PushItem, PushOutcome};
 use crate::connectors::BuildContext;
 use crate::connectors::shared::http_client;
-use crate::http::{ApiRequest, AuthProvider, BearerAuth, HttpClient, QuotaReset, StaticHeaderAuth};
+use crate::http::{
+    ApiRequest, AuthProvider, BearerAuth, HttpClient, HttpError, QuotaReset, StaticHeaderAuth,
+};
 use crate::mapping::split_enum_suffix;
 
 use auth::AmoTokenSource;
@@ -214,12 +216,13 @@ impl AmocrmConnector {
         }
     }
 
-    async fn get(
+    /// One GET; `None` for 204 or an empty body (amoCRM's "nothing").
+    async fn fetch(
         &self,
         endpoint: &'static str,
         path: &str,
         params: Vec<(String, String)>,
-    ) -> Result<Option<Value>, ConnectorError> {
+    ) -> Result<Option<Value>, HttpError> {
         let mut req = ApiRequest::get(endpoint, self.url(path)).auth(self.auth.clone());
         req.query = params;
         let resp = self.client.send(req, &self.read_classifier()).await?;
@@ -227,6 +230,32 @@ impl AmocrmConnector {
             return Ok(None);
         }
         Ok(Some(resp.json_value()?.clone()))
+    }
+
+    async fn get(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        params: Vec<(String, String)>,
+    ) -> Result<Option<Value>, ConnectorError> {
+        Ok(self.fetch(endpoint, path, params).await?)
+    }
+
+    /// [`Self::get`] for an endpoint outside the companies API proper: an answer of 404
+    /// or 405 (a server without it) is logged and taken as no content.
+    async fn get_optional(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        params: Vec<(String, String)>,
+    ) -> Result<Option<Value>, ConnectorError> {
+        match self.fetch(endpoint, path, params).await {
+            Err(HttpError::Rejected { status, .. }) if matches!(status.as_u16(), 404 | 405) => {
+                tracing::warn!(connector = %self.name, endpoint, status = status.as_u16(), "endpoint not available on this server; going on without it");
+                Ok(None)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// One list call; `None` for 204 (amoCRM's empty list).
@@ -258,8 +287,10 @@ impl AmocrmConnector {
                 ("limit".to_string(), "250".to_string()),
                 ("page".to_string(), page.to_string()),
             ];
+            // No catalogue endpoint (404/405) is an account without custom fields: the
+            // rules mapped to them are dropped with a warning, the standard ones work.
             let Some(v) = self
-                .get(
+                .get_optional(
                     "GET companies/custom_fields",
                     "api/v4/companies/custom_fields",
                     params,
@@ -308,12 +339,14 @@ impl Connector for AmocrmConnector {
 
     async fn start(&self) -> Result<(), ConnectorError> {
         let account = self
-            .get(
+            .get_optional(
                 "GET account",
                 "api/v4/account",
                 vec![("with".into(), "is_api_filter_enabled".into())],
             )
             .await?;
+        // An account endpoint the server does not have (404/405) says nothing about
+        // filtering: the descending scan is correct either way, so it is the safe choice.
         let enabled = account
             .as_ref()
             .and_then(|a| a.get("is_api_filter_enabled"))
