@@ -11,7 +11,8 @@
 
 mod support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use mimalloc::MiMalloc;
+use std::alloc::{GlobalAlloc, Layout};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -85,7 +86,7 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-/// The system allocator, counting the bytes allocated and not yet freed, so the report can
+/// The product's allocator (mimalloc), counting the bytes allocated and not yet freed, so the report can
 /// tell memory in use (live heap) from memory the allocator merely keeps (RSS − heap).
 struct CountingAlloc;
 
@@ -99,28 +100,29 @@ impl CountingAlloc {
     }
 }
 
-// SAFETY: every call is forwarded unchanged to `System`; only counters are updated.
+// SAFETY: every call is forwarded unchanged to mimalloc (the allocator of the crmbridge
+// binary, src/main.rs); only counters are updated.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
+        let p = unsafe { MiMalloc.alloc(layout) };
         if !p.is_null() {
             Self::added(layout.size());
         }
         p
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
+        let p = unsafe { MiMalloc.alloc_zeroed(layout) };
         if !p.is_null() {
             Self::added(layout.size());
         }
         p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
+        unsafe { MiMalloc.dealloc(ptr, layout) };
         HEAP_LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        let p = unsafe { MiMalloc.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             HEAP_LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
             Self::added(new_size);

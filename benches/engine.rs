@@ -17,6 +17,10 @@ use crmbridge::model::CrmKind;
 use crmbridge::store::Store;
 use serde_json::json;
 
+/// The allocator of the `crmbridge` binary (src/main.rs), so the figures are the product's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn record(i: usize) -> VendorRecord {
     synthetic_record(i, "r", None, 1_700_000_000)
 }

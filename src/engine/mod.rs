@@ -3,10 +3,12 @@
 //! each target's outbox in batches. It never talks HTTP itself: connectors do.
 
 mod drain;
+#[cfg(test)]
+mod ingest_tests;
 pub mod merge;
 mod run;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +21,10 @@ use crate::mapping::{Mapping, MappingError};
 #[cfg(test)]
 use crate::model::content_hash;
 use crate::model::{CanonicalId, Company, Fields, content_hash_of};
-use crate::store::{DeadLetterNew, Direction, LedgerEntry, Store, StoreError};
+use crate::store::{
+    DeadLetterNew, Direction, EncodedCompany, IngestSnapshot, LedgerEntry, Store, StoreError,
+    WriteTx,
+};
 
 pub use drain::MAX_IN_FLIGHT;
 pub use merge::{ConflictPolicy, MatchKeyKind};
@@ -167,34 +172,165 @@ const PARALLEL_PREPARE_MIN: usize = 32;
 /// Records the prepare thread hands over at a time (one channel message).
 const PREPARE_CHUNK: usize = 32;
 
-/// The part of ingesting one record that needs no store: pure, so it can run ahead of
-/// (and beside) the write transaction.
+/// The part of ingesting one record that needs no write: it runs ahead of (and beside)
+/// the write transaction, on a second thread.
 enum Prepared {
     /// Deleted in the source (not propagated).
     Deleted,
     /// The mapping rejected the record.
     Failed(MappingError),
-    /// The canonical values read, their [`visible_hash`] and their match keys.
+    /// The canonical values read (`None` once they went into [`Fresh`]), their
+    /// [`visible_hash`] and their match keys, with what the page's snapshot said about the
+    /// record, when there was one.
     Mapped {
-        fields: Fields,
+        fields: Option<Fields>,
         hash: String,
         keys: Vec<String>,
+        seen: Option<Seen>,
     },
 }
 
-/// Maps `rec` through `mapping` and computes what the store step needs of it.
-fn prepare(mapping: &Mapping, kinds: &[MatchKeyKind], rec: &VendorRecord) -> Prepared {
+/// What the snapshot the page's write transaction started from said about a record:
+/// still true unless that transaction has since written something it rests on, which the
+/// store step checks ([`PageWrites`]) before using it.
+struct Seen {
+    /// The record's link and ledger entry.
+    link: Option<CanonicalId>,
+    ledger: Option<LedgerEntry>,
+    /// For a record without a link: the match keys looked up (in order, up to the one
+    /// chosen) and whether each pointed at a company.
+    looked_up: Vec<bool>,
+    /// For a record without a link: the company its keys chose.
+    found: Option<CanonicalId>,
+    /// For a linked record that changed: its company.
+    company: Option<Company>,
+    /// For a record without a link whose keys chose no company: the company it creates,
+    /// already merged and encoded (most records of a backfill).
+    fresh: Option<Fresh>,
+}
+
+/// A new company made from one record ahead of the store step (its match keys are the
+/// record's).
+struct Fresh {
+    id: CanonicalId,
+    encoded: EncodedCompany,
+    /// False when the record had no non-null value (nothing to queue).
+    changed: bool,
+}
+
+/// What the page's write transaction wrote so far that a [`Seen`] may rest on.
+#[derive(Default)]
+struct PageWrites<'p> {
+    /// Records already handled in this page (their rows may have changed).
+    vendor_ids: HashSet<&'p str>,
+    /// Match keys written.
+    keys: HashSet<String>,
+    /// Companies written or newly linked to a record of the source.
+    companies: HashSet<CanonicalId>,
+}
+
+impl PageWrites<'_> {
+    /// True when nothing `seen` was derived from has been written since the snapshot.
+    fn still_holds(&self, seen: &Seen, keys: &[String]) -> bool {
+        if seen.link.is_none() && keys.iter().any(|k| self.keys.contains(k)) {
+            return false;
+        }
+        let depends_on = seen.link.as_ref().or(seen.found.as_ref());
+        depends_on.is_none_or(|cid| !self.companies.contains(cid))
+    }
+}
+
+/// Maps `rec` through `mapping` and computes what the store step needs of it; with a
+/// snapshot, also its look-ups (see [`Seen`]).
+fn prepare(
+    mapping: &Mapping,
+    kinds: &[MatchKeyKind],
+    policy: &ConflictPolicy,
+    source: &str,
+    snapshot: Option<&IngestSnapshot>,
+    rec: &VendorRecord,
+) -> Result<Prepared, StoreError> {
     if rec.deleted {
-        return Prepared::Deleted;
+        return Ok(Prepared::Deleted);
     }
-    match mapping.read(&rec.fields) {
-        Ok(fields) => Prepared::Mapped {
-            hash: visible_hash(mapping, &fields),
-            keys: merge::match_keys(&fields, kinds),
-            fields,
-        },
-        Err(e) => Prepared::Failed(e),
+    let fields = match mapping.read(&rec.fields) {
+        Ok(fields) => fields,
+        Err(e) => return Ok(Prepared::Failed(e)),
+    };
+    let hash = visible_hash(mapping, &fields);
+    let keys = merge::match_keys(&fields, kinds);
+    let (fields, seen) = match snapshot {
+        Some(snap) => {
+            let (seen, fields) = look_up(snap, source, policy, rec, fields, &hash, &keys)?;
+            (fields, Some(seen))
+        }
+        None => (Some(fields), None),
+    };
+    Ok(Prepared::Mapped {
+        fields,
+        hash,
+        keys,
+        seen,
+    })
+}
+
+/// The snapshot's answers for one mapped record (see [`Seen`]); mirrors the look-ups of
+/// [`Engine::store_page`]. Gives `fields` back unless they went into a new company.
+fn look_up(
+    snap: &IngestSnapshot,
+    source: &str,
+    policy: &ConflictPolicy,
+    rec: &VendorRecord,
+    fields: Fields,
+    hash: &str,
+    keys: &[String],
+) -> Result<(Seen, Option<Fields>), StoreError> {
+    let (link, ledger) = snap.link_and_ledger(source, &rec.vendor_id)?;
+    let mut seen = Seen {
+        link,
+        ledger,
+        looked_up: Vec::new(),
+        found: None,
+        company: None,
+        fresh: None,
+    };
+    if let Some(cid) = &seen.link {
+        // An unchanged record (our own write coming back, a re-read) needs no company.
+        if seen.ledger.as_ref().is_none_or(|l| l.hash != hash) {
+            seen.company = snap.get_company(cid)?;
+        }
+        return Ok((seen, Some(fields)));
     }
+    for k in keys {
+        let hit = snap.match_key(k)?;
+        seen.looked_up.push(hit.is_some());
+        if let Some(cid) = hit
+            && snap.vendor_id_of(&cid, source)?.is_none()
+        {
+            seen.found = Some(cid);
+            break;
+        }
+    }
+    if seen.found.is_some() {
+        return Ok((seen, Some(fields)));
+    }
+    // The fields move into the company (and are dropped with it here, off the store
+    // thread); should the store step find this stale, it maps the record again.
+    let mut company = Company::new(Company::new_id());
+    let outcome = merge::merge_owned(&mut company, fields, source, rec.updated_at, policy);
+    seen.fresh = Some(Fresh {
+        encoded: EncodedCompany::new(&company),
+        id: company.id,
+        changed: !outcome.is_unchanged(),
+    });
+    Ok((seen, None))
+}
+
+/// `rec` mapped again (it mapped once already: the mapping is deterministic).
+fn mapping_of(mapping: &Mapping, rec: &VendorRecord) -> Result<Fields, EngineError> {
+    mapping
+        .read(&rec.fields)
+        .map_err(|e| EngineError::Join(format!("record {} no longer maps: {e}", rec.vendor_id)))
 }
 
 /// The cursor key of an incremental poll.
@@ -302,9 +438,11 @@ impl Engine {
     /// queues outbox entries for the targets, and advances the cursor stored under
     /// `cursor_key` — all in one transaction, so a crash leaves either all of it or none.
     ///
-    /// The pure part of each record (mapping, visible hash, match keys: about a third of
-    /// the work) runs on a second thread, streamed in record order to this one, which does
-    /// the store lookups and writes; on two cores the two overlap.
+    /// What each record needs that the transaction does not write — mapping, visible
+    /// hash, match keys, and the look-ups on a snapshot of the state the transaction
+    /// started from, down to a ready-made new company — runs on a second thread, streamed
+    /// in record order to this one, which checks that nothing it wrote since invalidates
+    /// those look-ups, then writes; on two cores the two overlap.
     pub fn ingest_page(
         &self,
         source: &str,
@@ -313,19 +451,32 @@ impl Engine {
     ) -> Result<IngestStats, EngineError> {
         let mapping = &self.endpoint(source)?.mapping;
         let kinds = &self.settings.match_keys;
+        let policy = &self.settings.policy;
+        let tx = self.store.begin_write()?;
         if page.records.len() < PARALLEL_PREPARE_MIN {
-            let prepared = page.records.iter().map(|r| prepare(mapping, kinds, r));
-            return self.store_page(source, page, cursor_key, prepared);
+            let prepared = page
+                .records
+                .iter()
+                .map(|r| prepare(mapping, kinds, policy, source, None, r));
+            return self.store_page(tx, source, page, cursor_key, prepared);
         }
+        // Begun after the write transaction, which no other write can precede now: the
+        // snapshot is exactly the state it starts from.
+        let snapshot = IngestSnapshot::new(&self.store.begin_read()?)?;
         std::thread::scope(|s| {
             // Room for the whole page: the prepare thread never waits for the store
             // thread, and the store thread (the slower one) only waits at the start, so
             // the two rarely wake each other (each wake-up is a context switch).
             let chunks = page.records.len().div_ceil(PREPARE_CHUNK);
-            let (send, recv) = std::sync::mpsc::sync_channel::<Vec<Prepared>>(chunks);
+            let (send, recv) =
+                std::sync::mpsc::sync_channel::<Vec<Result<Prepared, StoreError>>>(chunks);
+            let snapshot = &snapshot;
             s.spawn(move || {
                 for chunk in page.records.chunks(PREPARE_CHUNK) {
-                    let prepared = chunk.iter().map(|r| prepare(mapping, kinds, r)).collect();
+                    let prepared = chunk
+                        .iter()
+                        .map(|r| prepare(mapping, kinds, policy, source, Some(snapshot), r))
+                        .collect();
                     // The receiver is gone only when the store step failed: stop.
                     if send.send(prepared).is_err() {
                         break;
@@ -335,18 +486,19 @@ impl Engine {
             // If the worker panicked its chunks stop early; the zip in `store_page` then
             // ends short, which `store_page` reports as an error (and the scope re-raises
             // the panic).
-            self.store_page(source, page, cursor_key, recv.into_iter().flatten())
+            self.store_page(tx, source, page, cursor_key, recv.into_iter().flatten())
         })
     }
 
-    /// The store half of [`Engine::ingest_page`]: one write transaction for the page,
-    /// given each record's [`Prepared`] part in record order.
-    fn store_page(
+    /// The store half of [`Engine::ingest_page`]: the page's write transaction, given
+    /// each record's [`Prepared`] part in record order.
+    fn store_page<'p>(
         &self,
+        tx: WriteTx,
         source: &str,
-        page: &Page,
+        page: &'p Page,
         cursor_key: &str,
-        prepared: impl Iterator<Item = Prepared>,
+        prepared: impl Iterator<Item = Result<Prepared, StoreError>>,
     ) -> Result<IngestStats, EngineError> {
         let targets = self.targets_of(source);
         let now = Utc::now();
@@ -354,7 +506,6 @@ impl Engine {
             read: page.records.len(),
             ..Default::default()
         };
-        let tx = self.store.begin_write()?;
         for bad in &page.malformed {
             warn!(connector = source, vendor_id = ?bad.vendor_id, reason = %bad.reason, "malformed record dead-lettered");
             tx.add_dead_letter(DeadLetterNew {
@@ -370,28 +521,30 @@ impl Engine {
             })?;
             stats.dead += 1;
         }
+        let mut written = PageWrites::<'p>::default();
         let mut done = 0;
         for (rec, prep) in page.records.iter().zip(prepared) {
             done += 1;
             let _span =
                 info_span!("ingest", connector = source, vendor_id = %rec.vendor_id).entered();
-            // The link and the ledger entry share a row: one look-up for both.
-            let (link, ledger) = tx.link_and_ledger(source, &rec.vendor_id)?;
-            let (fields, hash, keys) = match prep {
+            // A record seen twice in one page: its row may have changed since the snapshot.
+            let repeated = !written.vendor_ids.insert(rec.vendor_id.as_str());
+            let (fields, hash, keys, seen) = match prep? {
                 Prepared::Deleted => {
                     // Deletes are not propagated (see README): the link stays so that a
                     // later push to this record fails loudly instead of silently
                     // re-creating it.
-                    debug!(canonical_id = ?link, "deleted in source; not propagated");
+                    debug!(vendor_id = %rec.vendor_id, "deleted in source; not propagated");
                     stats.unchanged += 1;
                     continue;
                 }
                 Prepared::Failed(e) => {
+                    let link = tx.link_of(source, &rec.vendor_id)?;
                     warn!(canonical_id = ?link, error = %e, "record dead-lettered: mapping failed");
                     tx.add_dead_letter(DeadLetterNew {
                         connector: source.to_string(),
                         direction: Direction::Read,
-                        canonical_id: link.clone(),
+                        canonical_id: link,
                         vendor_id: Some(rec.vendor_id.clone()),
                         record: serde_json::Value::Object(rec.fields.clone()),
                         reason: e.to_string(),
@@ -402,7 +555,25 @@ impl Engine {
                     stats.dead += 1;
                     continue;
                 }
-                Prepared::Mapped { fields, hash, keys } => (fields, hash, keys),
+                Prepared::Mapped {
+                    fields,
+                    hash,
+                    keys,
+                    seen,
+                } => (fields, hash, keys, seen),
+            };
+            let seen = seen.filter(|s| !repeated && written.still_holds(s, &keys));
+            let fields = match (fields, &seen) {
+                (Some(f), _) => f,
+                // Used by the new company, which is still what the record makes.
+                (None, Some(_)) => Fields::new(),
+                // The new company made ahead is stale: map the record again.
+                (None, None) => mapping_of(&self.endpoint(source)?.mapping, rec)?,
+            };
+            // The link and the ledger entry share a row: one look-up for both.
+            let (link, ledger) = match &seen {
+                Some(s) => (s.link.clone(), s.ledger.clone()),
+                None => tx.link_and_ledger(source, &rec.vendor_id)?,
             };
             if link.is_some() && ledger.is_some_and(|l| l.hash == hash) {
                 stats.unchanged += 1;
@@ -411,9 +582,26 @@ impl Engine {
             // Match keys looked up for a first-seen record, with what they pointed at:
             // the keys the merged company has are mostly these, and need no second look.
             let mut looked_up: Vec<(&str, bool)> = Vec::new();
-            let (cid, existing) = match &link {
-                Some(cid) => (cid.clone(), tx.get_company(cid)?),
-                None => {
+            let mut fresh = None;
+            let (cid, existing) = match (&link, seen) {
+                (Some(cid), Some(s)) => (cid.clone(), s.company),
+                (Some(cid), None) => (cid.clone(), tx.get_company(cid)?),
+                (None, Some(s)) => {
+                    looked_up = keys.iter().map(String::as_str).zip(s.looked_up).collect();
+                    match (s.found, s.fresh) {
+                        (Some(cid), _) => {
+                            let c = tx.get_company(&cid)?;
+                            (cid, c)
+                        }
+                        (None, Some(f)) => {
+                            let cid = f.id.clone();
+                            fresh = Some(f);
+                            (cid, None)
+                        }
+                        (None, None) => (Company::new_id(), None),
+                    }
+                }
+                (None, None) => {
                     let mut found: Option<CanonicalId> = None;
                     for k in &keys {
                         let hit = tx.match_key(k)?;
@@ -437,27 +625,52 @@ impl Engine {
                 }
             };
             let is_new = existing.is_none();
-            let mut company = existing.unwrap_or_else(|| Company::new(cid.clone()));
-            let outcome = merge::merge_owned(
-                &mut company,
-                fields,
-                source,
-                rec.updated_at,
-                &self.settings.policy,
-            );
+            let (company_keys, changed) = match fresh {
+                // Made and merged on the prepare thread: a new company's keys are its
+                // record's, all of them looked up above (none chose a company).
+                Some(f) => {
+                    tx.put_encoded_company(&cid, &f.encoded)?;
+                    for (k, taken) in &looked_up {
+                        if !taken {
+                            tx.put_match_key(k, &cid)?;
+                            written.keys.insert(k.to_string());
+                        }
+                    }
+                    (Vec::new(), f.changed)
+                }
+                None => {
+                    let mut company = existing.unwrap_or_else(|| Company::new(cid.clone()));
+                    let outcome = merge::merge_owned(
+                        &mut company,
+                        fields,
+                        source,
+                        rec.updated_at,
+                        &self.settings.policy,
+                    );
+                    if !outcome.is_unchanged() || is_new {
+                        tx.put_company(&company)?;
+                    }
+                    if !outcome.is_unchanged() {
+                        debug!(canonical_id = %cid, changed = ?outcome.changed, "merged");
+                    }
+                    let keys = merge::match_keys_of(|n| company.get(n), &self.settings.match_keys);
+                    (keys, !outcome.is_unchanged())
+                }
+            };
             if is_new {
                 stats.created += 1;
             }
-            if !outcome.is_unchanged() || is_new {
-                tx.put_company(&company)?;
+            if changed || is_new {
+                written.companies.insert(cid.clone());
             }
-            for k in merge::match_keys_of(|n| company.get(n), &self.settings.match_keys) {
+            for k in company_keys {
                 let taken = match looked_up.iter().find(|(l, _)| *l == k) {
                     Some((_, taken)) => *taken,
                     None => tx.match_key(&k)?.is_some(),
                 };
                 if !taken {
                     tx.put_match_key(&k, &cid)?;
+                    written.keys.insert(k);
                 }
             }
             let entry = LedgerEntry { hash, at: now };
@@ -465,14 +678,16 @@ impl Engine {
                 Some(linked) => tx.put_ledger_linked(source, &rec.vendor_id, linked, &entry)?,
                 // Neither side is linked yet: the record had no link, and the company is
                 // new or was chosen because it has no record of this connector.
-                None => tx.put_new_record(source, &rec.vendor_id, &cid, &entry)?,
+                None => {
+                    tx.put_new_record(source, &rec.vendor_id, &cid, &entry)?;
+                    written.companies.insert(cid.clone());
+                }
             }
-            if outcome.is_unchanged() {
+            if !changed {
                 stats.unchanged += 1;
                 continue;
             }
             stats.merged += 1;
-            debug!(canonical_id = %cid, changed = ?outcome.changed, "merged");
             let targets = targets.iter().map(String::as_str).filter(|t| *t != source);
             if is_new {
                 // A company created in this transaction has no entry anywhere yet.

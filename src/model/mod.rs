@@ -179,6 +179,16 @@ pub struct Company {
     pub fields: BTreeMap<String, FieldState>,
 }
 
+/// `v` as 26 Crockford base32 digits, most significant first (the first digit holds the
+/// top 3 bits): equal-length strings that sort as the numbers do.
+fn crockford_base32(v: u128) -> String {
+    const DIGITS: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    (0..26)
+        .rev()
+        .map(|i| DIGITS[((v >> (i * 5)) & 31) as usize] as char)
+        .collect()
+}
+
 impl Company {
     /// A company with no fields yet.
     pub fn new(id: CanonicalId) -> Self {
@@ -189,9 +199,11 @@ impl Company {
     }
 
     /// A fresh canonical id: a time-ordered UUID (v7), so new companies append to the
-    /// store's B-tree instead of touching random pages.
+    /// store's B-tree instead of touching random pages, written as 26 characters of
+    /// Crockford base32 (as a ULID is) rather than 36 of hyphenated hex — the id is a key
+    /// or value in seven rows per company. The encoding keeps the order of the bytes.
     pub fn new_id() -> CanonicalId {
-        uuid::Uuid::now_v7().to_string()
+        crockford_base32(uuid::Uuid::now_v7().as_u128())
     }
 
     /// The current values without provenance.
@@ -311,6 +323,19 @@ pub fn decimal_to_json(d: &Decimal) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_ids_are_26_characters_that_sort_by_creation() {
+        assert_eq!(crockford_base32(0), "0".repeat(26));
+        assert_eq!(crockford_base32(u128::MAX), format!("7{}", "Z".repeat(25)));
+        assert!(crockford_base32(31) < crockford_base32(32));
+        let ids: Vec<CanonicalId> = (0..200).map(|_| Company::new_id()).collect();
+        assert!(ids.iter().all(|id| id.len() == 26));
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "ids out of creation order"
+        );
+    }
 
     #[test]
     fn domains_normalise_to_the_bare_host() {

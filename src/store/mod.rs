@@ -656,6 +656,18 @@ impl WriteTx {
         Ok(())
     }
 
+    /// [`put_company`](Self::put_company) with the encoding made beforehand.
+    pub fn put_encoded_company(
+        &self,
+        id: &str,
+        company: &EncodedCompany,
+    ) -> Result<(), StoreError> {
+        self.table(COMPANIES)?
+            .insert(id, company.0.as_slice())
+            .at(COMPANIES.name, "insert")?;
+        Ok(())
+    }
+
     /// Writes the record row of `connector`'s `vendor_id`, or removes it when it would
     /// hold nothing.
     fn put_record_row(
@@ -1419,3 +1431,90 @@ impl ReadTx {
 
 getters!(ReadTx);
 getters!(WriteTx);
+
+/// The look-ups of ingesting a page, on a snapshot, with their tables opened once: what
+/// the engine's prepare thread asks while the page's write transaction runs. Taken right
+/// after [`Store::begin_write`], the snapshot is exactly the state that transaction
+/// started from (no other write can commit while it is open); only what the transaction
+/// itself writes is missing from it, which the engine accounts for.
+pub struct IngestSnapshot {
+    companies: ReadOnlyTable<&'static str, &'static [u8]>,
+    records: ReadOnlyTable<(&'static str, &'static str), &'static [u8]>,
+    reverse_links: ReadOnlyTable<(&'static str, &'static str), &'static str>,
+    match_keys: ReadOnlyTable<&'static str, &'static str>,
+}
+
+impl IngestSnapshot {
+    /// The snapshot of a read transaction.
+    pub fn new(tx: &ReadTx) -> Result<Self, StoreError> {
+        Ok(IngestSnapshot {
+            companies: tx.table(COMPANIES)?,
+            records: tx.table(RECORDS)?,
+            reverse_links: tx.table(REVERSE_LINKS)?,
+            match_keys: tx.table(MATCH_KEYS)?,
+        })
+    }
+
+    /// As [`ReadTx::link_and_ledger`].
+    pub fn link_and_ledger(
+        &self,
+        connector: &str,
+        vendor_id: &str,
+    ) -> Result<(Option<CanonicalId>, Option<LedgerEntry>), StoreError> {
+        let Some(v) = self
+            .records
+            .get((connector, vendor_id))
+            .at(RECORDS.name, "get")?
+        else {
+            return Ok((None, None));
+        };
+        let row = corrupt(
+            RECORDS.name,
+            format_args!("({connector}, {vendor_id})"),
+            codec::decode_record(v.value()),
+        )?;
+        Ok((row.canonical_id, row.ledger))
+    }
+
+    /// As [`ReadTx::get_company`].
+    pub fn get_company(&self, id: &str) -> Result<Option<Company>, StoreError> {
+        self.companies
+            .get(id)
+            .at(COMPANIES.name, "get")?
+            .map(|v| corrupt(COMPANIES.name, id, codec::decode_company(id, v.value())))
+            .transpose()
+    }
+
+    /// As [`ReadTx::vendor_id_of`].
+    pub fn vendor_id_of(
+        &self,
+        canonical_id: &str,
+        connector: &str,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .reverse_links
+            .get((canonical_id, connector))
+            .at(REVERSE_LINKS.name, "get")?
+            .map(|v| v.value().to_owned()))
+    }
+
+    /// As [`ReadTx::match_key`].
+    pub fn match_key(&self, key: &str) -> Result<Option<CanonicalId>, StoreError> {
+        Ok(self
+            .match_keys
+            .get(key)
+            .at(MATCH_KEYS.name, "get")?
+            .map(|v| v.value().to_owned()))
+    }
+}
+
+/// A company in the store's encoding, made ahead of the write transaction that stores it
+/// ([`WriteTx::put_encoded_company`]).
+pub struct EncodedCompany(Vec<u8>);
+
+impl EncodedCompany {
+    /// Encodes `company`.
+    pub fn new(company: &Company) -> Self {
+        EncodedCompany(codec::encode_company(company))
+    }
+}
