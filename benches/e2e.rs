@@ -131,6 +131,8 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
 }
 
+crmbridge::allocator_settings!();
+
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
 

@@ -17,7 +17,10 @@ use crmbridge::model::CrmKind;
 use crmbridge::store::Store;
 use serde_json::json;
 
-/// The allocator of the `crmbridge` binary (src/main.rs), so the figures are the product's.
+// The allocator of the `crmbridge` binary, set up as there (src/main.rs), so the figures
+// are the product's.
+crmbridge::allocator_settings!();
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

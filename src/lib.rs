@@ -1,6 +1,7 @@
 //! crmbridge: keeps company records in sync across Rally, Marketo and amoCRM through a
 //! canonical model stored in redb.
 
+pub mod allocator;
 pub mod cli;
 pub mod config;
 pub mod connector;

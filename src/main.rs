@@ -5,6 +5,7 @@
 /// the CPU time (BENCHMARKS.md, engine benchmark).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+crmbridge::allocator_settings!();
 
 fn main() -> std::process::ExitCode {
     crmbridge::cli::main()
