@@ -470,12 +470,13 @@ impl Engine {
             let chunks = page.records.len().div_ceil(PREPARE_CHUNK);
             let (send, recv) =
                 std::sync::mpsc::sync_channel::<Vec<Result<Prepared, StoreError>>>(chunks);
-            let snapshot = &snapshot;
+            // The thread owns the snapshot: it ends with the last record prepared, before
+            // the commit, which then need not keep that state's pages for a reader.
             s.spawn(move || {
                 for chunk in page.records.chunks(PREPARE_CHUNK) {
                     let prepared = chunk
                         .iter()
-                        .map(|r| prepare(mapping, kinds, policy, source, Some(snapshot), r))
+                        .map(|r| prepare(mapping, kinds, policy, source, Some(&snapshot), r))
                         .collect();
                     // The receiver is gone only when the store step failed: stop.
                     if send.send(prepared).is_err() {
@@ -660,9 +661,6 @@ impl Engine {
             if is_new {
                 stats.created += 1;
             }
-            if changed || is_new {
-                written.companies.insert(cid.clone());
-            }
             for k in company_keys {
                 let taken = match looked_up.iter().find(|(l, _)| *l == k) {
                     Some((_, taken)) => *taken,
@@ -678,10 +676,12 @@ impl Engine {
                 Some(linked) => tx.put_ledger_linked(source, &rec.vendor_id, linked, &entry)?,
                 // Neither side is linked yet: the record had no link, and the company is
                 // new or was chosen because it has no record of this connector.
-                None => {
-                    tx.put_new_record(source, &rec.vendor_id, &cid, &entry)?;
-                    written.companies.insert(cid.clone());
-                }
+                None => tx.put_new_record(source, &rec.vendor_id, &cid, &entry)?,
+            }
+            // Written, or newly linked to a record of the source: a look-up that chose or
+            // read this company may no longer hold.
+            if changed || is_new || link.is_none() {
+                written.companies.insert(cid.clone());
             }
             if !changed {
                 stats.unchanged += 1;
