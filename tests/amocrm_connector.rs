@@ -343,6 +343,21 @@ async fn a_next_link_to_a_204_page_is_the_end_of_the_fallback_scan() {
     );
 }
 
+/// Serves the descending (no-filter) scan from `companies_keyset.json` and polls once
+/// from a cursor inside it.
+async fn poll_by_descending_scan(r: &Rig) -> crmbridge::connector::Page {
+    Mock::given(method("GET"))
+        .and(path("/api/v4/companies"))
+        .and(query_param("order[updated_at]", "desc"))
+        .respond_with(hal("companies_keyset.json"))
+        .mount(&r.server)
+        .await;
+    r.conn
+        .poll(&cursor_at(1_700_000_101, &[]), &PollMode::Incremental)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn without_filtering_the_scan_stops_at_records_older_than_the_cursor() {
     let r = rig_with(
@@ -352,17 +367,7 @@ async fn without_filtering_the_scan_stops_at_records_older_than_the_cursor() {
     )
     .await;
     r.conn.start().await.unwrap();
-    Mock::given(method("GET"))
-        .and(path("/api/v4/companies"))
-        .and(query_param("order[updated_at]", "desc"))
-        .respond_with(hal("companies_keyset.json"))
-        .mount(&r.server)
-        .await;
-    let page = r
-        .conn
-        .poll(&cursor_at(1_700_000_101, &[]), &PollMode::Incremental)
-        .await
-        .unwrap();
+    let page = poll_by_descending_scan(&r).await;
     let ids: Vec<&str> = page.records.iter().map(|r| r.vendor_id.as_str()).collect();
     assert_eq!(ids, ["7003"]);
     assert!(!page.more);
@@ -1014,16 +1019,6 @@ async fn a_server_without_the_account_and_catalogue_endpoints_still_starts_and_s
             .unavailable_fields(&["cf.name.Domain".to_string(), "name".to_string()]),
         ["cf.name.Domain"]
     );
-    Mock::given(method("GET"))
-        .and(path("/api/v4/companies"))
-        .and(query_param("order[updated_at]", "desc"))
-        .respond_with(hal("companies_keyset.json"))
-        .mount(&r.server)
-        .await;
-    let page = r
-        .conn
-        .poll(&cursor_at(1_700_000_101, &[]), &PollMode::Incremental)
-        .await
-        .unwrap();
+    let page = poll_by_descending_scan(&r).await;
     assert_eq!(page.records.len(), 1);
 }
