@@ -88,6 +88,26 @@ fn record((id, domain, name, at): Rec) -> VendorRecord {
     }
 }
 
+/// What else a record may be: reported deleted, or with a value its mapping rejects.
+#[derive(Debug, Clone, Copy)]
+enum Twist {
+    None,
+    Deleted,
+    Unmappable,
+}
+
+fn twisted(rec: Rec, twist: Twist) -> VendorRecord {
+    let mut r = record(rec);
+    match twist {
+        Twist::None => {}
+        Twist::Deleted => r.deleted = true,
+        Twist::Unmappable => {
+            r.fields.insert("employeeCount".into(), json!("many"));
+        }
+    }
+    r
+}
+
 fn page(records: Vec<VendorRecord>) -> Page {
     Page {
         records,
@@ -97,9 +117,9 @@ fn page(records: Vec<VendorRecord>) -> Page {
     }
 }
 
-/// What the store holds, with canonical ids replaced by the first record linked to each
-/// company: per record, its company's values and the records sharing that company; per
-/// target, the outbox length.
+/// What the store holds, without canonical ids (they differ between runs): per record, its
+/// company's values and the records sharing that company; per target, the outbox length;
+/// and the number of dead letters.
 type State = (
     BTreeMap<(String, String), (Fields, Vec<(String, String)>)>,
     Vec<(String, u64)>,
@@ -115,15 +135,21 @@ fn state(e: &Engine) -> State {
             records.insert(l.clone(), (c.values(), links.clone()));
         }
     }
-    let outbox = SOURCES
+    let mut outbox: Vec<(String, u64)> = SOURCES
         .iter()
         .map(|t| (t.to_string(), tx.outbox_len(t).unwrap()))
         .collect();
+    outbox.push(("dead letters".into(), tx.dead_letter_count().unwrap()));
     (records, outbox)
 }
 
-fn rec_strategy() -> impl Strategy<Value = Rec> {
-    (0u8..12, prop::option::of(0u8..4), 0u8..3, 0u8..4)
+fn rec_strategy() -> impl Strategy<Value = (Rec, Twist)> {
+    let twist = prop_oneof![
+        8 => Just(Twist::None),
+        1 => Just(Twist::Deleted),
+        1 => Just(Twist::Unmappable),
+    ];
+    ((0u8..12, prop::option::of(0u8..4), 0u8..3, 0u8..4), twist)
 }
 
 proptest! {
@@ -141,7 +167,8 @@ proptest! {
         let single = engine(&dir, "single.redb");
         for (source, recs) in &pages {
             let source = SOURCES[*source];
-            let records: Vec<VendorRecord> = recs.iter().copied().map(record).collect();
+            let records: Vec<VendorRecord> =
+                recs.iter().map(|(r, t)| twisted(*r, *t)).collect();
             whole.ingest_page(source, &page(records.clone()), source).unwrap();
             for r in records {
                 single.ingest_page(source, &page(vec![r]), source).unwrap();
