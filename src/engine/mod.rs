@@ -22,8 +22,7 @@ use crate::mapping::{Mapping, MappingError};
 use crate::model::content_hash;
 use crate::model::{CanonicalId, Company, Fields, content_hash_of};
 use crate::store::{
-    DeadLetterNew, Direction, EncodedCompany, IngestSnapshot, LedgerEntry, Store, StoreError,
-    WriteTx,
+    DeadLetterNew, Direction, EncodedCompany, LedgerEntry, ReadTx, Store, StoreError, WriteTx,
 };
 
 pub use drain::MAX_IN_FLIGHT;
@@ -247,7 +246,7 @@ fn prepare(
     kinds: &[MatchKeyKind],
     policy: &ConflictPolicy,
     source: &str,
-    snapshot: Option<&IngestSnapshot>,
+    snapshot: Option<&ReadTx>,
     rec: &VendorRecord,
 ) -> Result<Prepared, StoreError> {
     if rec.deleted {
@@ -277,7 +276,7 @@ fn prepare(
 /// The snapshot's answers for one mapped record (see [`Seen`]); mirrors the look-ups of
 /// [`Engine::store_page`]. Gives `fields` back unless they went into a new company.
 fn look_up(
-    snap: &IngestSnapshot,
+    snap: &ReadTx,
     source: &str,
     policy: &ConflictPolicy,
     rec: &VendorRecord,
@@ -462,7 +461,7 @@ impl Engine {
         }
         // Begun after the write transaction, which no other write can precede now: the
         // snapshot is exactly the state it starts from.
-        let snapshot = IngestSnapshot::new(&self.store.begin_read()?)?;
+        let snapshot = self.store.begin_read()?;
         std::thread::scope(|s| {
             // Room for the whole page: the prepare thread never waits for the store
             // thread, and the store thread (the slower one) only waits at the start, so
