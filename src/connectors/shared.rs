@@ -73,11 +73,11 @@ pub fn http_client(
         (None, Some(r)) => RateLimit::PerSecond(r),
         (None, None) => RateLimit::Unlimited,
     };
-    // Network and scheduling jitter eats into the spacing: a 1 s window has little room,
-    // so per-second limits keep a wider margin (100 ms of jitter, ≈ 91 % of the limit)
-    // than Marketo's 20 s window (1 s, ≈ 95 %); 8 % drew an occasional 429 from a loaded
-    // 2-core box. Should a server still see more jitter, the HTTP layer widens the spacing
-    // after the first rejection (adaptive pacing).
+    // The delay the call log assumes for a call whose answer is slow (see `http`'s module
+    // docs): a 1 s window has little room, so per-second limits assume 100 ms (at worst
+    // ≈ 91 % of the limit, when answers take that long) and Marketo's 20 s window 1 s; on a
+    // fast link both use ≈ 99 %. Should a server still count more calls, the HTTP layer
+    // widens both after the first rejection (adaptive pacing).
     let rate_safety_margin = match rate {
         RateLimit::PerSecond(_) => 0.10,
         _ => 0.05,
