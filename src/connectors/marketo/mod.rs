@@ -28,8 +28,14 @@
 //! cycle, behind the scan position, is read by the next one. The cursor (stored with each
 //! page) is [`poll::ScanCursor`]:
 //! `{"scan_from", "cycle_start", "began_at", "since", "max_id", "min_id", "empty_run",
-//! "cycle_calls", "not_before"}`. The first cycle emits everything; a first discovery
-//! starts at id 1 and gives up after 40 empty windows when it has found nothing at all.
+//! "cycle_calls", "not_before", "probed", "descend_from", "descend_empty"}`. The first
+//! cycle emits everything. A first discovery starts at id 1; after 40 empty windows with
+//! nothing found at all it *probes* one window at each round id an instance may start its
+//! sequence at ([`poll::PROBE_IDS`]: 20,000, 50,000, 100,000, … 2·10⁹) and at the lowest id
+//! a push of ours was answered with, if any. From the lowest hit the cycle goes on upwards,
+//! and a *descent* then reads the windows below it until 40 empty ones in a row (or id 1):
+//! an instance whose ids begin at 99,900 or 1,000,001 is found in full. Whatever a probe or
+//! a descent finds is emitted whatever its `updatedAt` (none of it was seen before).
 //! `PollMode::Full { since }` runs one cycle emitting everything updated since `since`.
 //!
 //! **Cost**: `ceil((max_id − min_id + 1) / 300) + 2` calls per cycle (one more per page
@@ -43,6 +49,7 @@
 //! 12,500) a 10k-company cycle may start every ~4 min, a 100k one every ~39 min. The daily
 //! budget itself is enforced by the HTTP client: spent → `Suspended` until the reset.
 //!
+//! An empty instance therefore costs 40 + 16 calls per cycle (paced like any other).
 //! **What it sees**: every company, including companies without leads (Adobe's
 //! lead-activity route misses those, and its history is pruned after 90 days); creations
 //! and updates, with a latency of one cycle period. **What it cannot see**: deletions
@@ -153,6 +160,9 @@ pub struct MarketoConnector {
     /// Set once the instance answered a query URL with 414 (too long): queries then go
     /// as `POST …?_method=GET` with a form body.
     query_by_post: std::sync::atomic::AtomicBool,
+    /// The lowest company id a push was answered with (`i64::MAX`: none yet), where a
+    /// scan that finds no company from the first id on also looks.
+    lowest_pushed_id: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for MarketoConnector {
@@ -228,6 +238,7 @@ impl MarketoConnector {
             extra_read: RwLock::new(Vec::new()),
             start_lock: tokio::sync::Mutex::new(()),
             query_by_post: std::sync::atomic::AtomicBool::new(false),
+            lowest_pushed_id: std::sync::atomic::AtomicI64::new(i64::MAX),
         })
     }
 

@@ -15,6 +15,28 @@ use crate::http::{ApiRequest, HttpError};
 /// Marketo's cap on `filterValues` per query and on `batchSize`.
 pub const WINDOW: i64 = 300;
 
+/// Where a cycle that found no company from the first id on looks next: the round ids an
+/// instance may start its sequence at (100,000, 1,000,000, …). One call each, only while
+/// no company has been found at all.
+pub const PROBE_IDS: &[i64] = &[
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+    500_000,
+    1_000_000,
+    2_000_000,
+    5_000_000,
+    10_000_000,
+    20_000_000,
+    50_000_000,
+    100_000_000,
+    200_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_000_000_000,
+];
+
 /// The fields a scan asks for, when the instance has them (intersected with `describe`).
 pub const READ_FIELDS: &[&str] = &[
     "id",
@@ -63,6 +85,16 @@ pub struct ScanCursor {
     pub cycle_calls: u64,
     /// No new incremental cycle starts before this (daily-budget pacing).
     pub not_before: Option<DateTime<Utc>>,
+    /// The running cycle already probed [`PROBE_IDS`].
+    #[serde(default)]
+    pub probed: bool,
+    /// A descent below the lowest id a probe found: the lowest id of the window above the
+    /// next one to read going down (ids below a probe's hit were never scanned).
+    #[serde(default)]
+    pub descend_from: Option<i64>,
+    /// Consecutive empty windows of the running descent.
+    #[serde(default)]
+    pub descend_empty: u32,
 }
 
 impl ScanCursor {
@@ -116,6 +148,7 @@ impl MarketoConnector {
             c.scan_from = Some(c.min_id.unwrap_or(self.opts.first_id));
             c.empty_run = 0;
             c.cycle_calls = 0;
+            c.probed = false;
             if let Some(since) = full_since {
                 c.since = since;
             }
@@ -138,6 +171,9 @@ impl MarketoConnector {
         let needed = i64::from(stop_after.saturating_sub(c.empty_run).max(1));
         let count = (known + needed).min(i64::from(self.opts.windows_per_poll.max(1)));
         let fields = self.read_fields(&d);
+        if c.descend_from.is_some() {
+            return self.descend(c, &fields).await;
+        }
         let fetched = futures::future::join_all(
             (0..count).map(|k| self.fetch_window(from + k * WINDOW, &fields)),
         )
@@ -149,24 +185,7 @@ impl MarketoConnector {
             let lo = from + k as i64 * WINDOW;
             c.cycle_calls += calls;
             let empty = rows.is_empty();
-            for row in &rows {
-                match parse_record(row) {
-                    Ok((id, rec)) => {
-                        c.max_id = Some(c.max_id.map_or(id, |m| m.max(id)));
-                        c.min_id = Some(c.min_id.map_or(id, |m| m.min(id)));
-                        if emit_from.is_none_or(|f| rec.updated_at >= f) {
-                            page.records.push(rec);
-                        }
-                    }
-                    Err(bad) => {
-                        if let Some(id) = row.as_object().and_then(record_id) {
-                            c.max_id = Some(c.max_id.map_or(id, |m| m.max(id)));
-                            c.min_id = Some(c.min_id.map_or(id, |m| m.min(id)));
-                        }
-                        page.malformed.push(bad);
-                    }
-                }
-            }
+            take_rows(&mut c, rows, emit_from, &mut page);
             let beyond = c.max_id.is_none_or(|m| lo > m);
             c.empty_run = if empty && beyond { c.empty_run + 1 } else { 0 };
             c.scan_from = Some(lo + WINDOW);
@@ -176,6 +195,14 @@ impl MarketoConnector {
         } else {
             self.opts.discovery_windows.max(1)
         };
+        if c.empty_run >= stop_after && c.max_id.is_none() && !c.probed {
+            c.probed = true;
+            if self.probe(&mut c, &fields, &mut page).await? {
+                page.more = true;
+                page.next = c.to_cursor();
+                return Ok(page);
+            }
+        }
         if c.empty_run >= stop_after {
             tracing::info!(
                 connector = %self.name,
@@ -195,6 +222,102 @@ impl MarketoConnector {
         }
         page.next = c.to_cursor();
         Ok(page)
+    }
+
+    /// Queries one window at each of [`PROBE_IDS`] (and at the lowest id a push was
+    /// answered with) above the scan position. On a hit the cycle goes on upwards from the
+    /// lowest hit, emitting everything (none of it was seen before), and a descent below
+    /// it is queued. Returns whether anything was found.
+    async fn probe(
+        &self,
+        c: &mut ScanCursor,
+        fields: &str,
+        page: &mut Page,
+    ) -> Result<bool, ConnectorError> {
+        let above = c.scan_from.unwrap_or(self.opts.first_id);
+        let mut starts: Vec<i64> = PROBE_IDS
+            .iter()
+            .copied()
+            .chain(self.pushed_id_hint())
+            .filter(|lo| *lo >= above)
+            .collect();
+        starts.sort_unstable();
+        starts.dedup();
+        let fetched =
+            futures::future::join_all(starts.iter().map(|lo| self.fetch_window(*lo, fields))).await;
+        let mut lowest_hit = None;
+        for (lo, result) in starts.iter().zip(fetched) {
+            let (rows, calls) = result?;
+            c.cycle_calls += calls;
+            if !rows.is_empty() && lowest_hit.is_none() {
+                lowest_hit = Some(*lo);
+            }
+            take_rows(c, rows, None, page);
+        }
+        let Some(lo) = lowest_hit else {
+            return Ok(false);
+        };
+        tracing::warn!(
+            connector = %self.name,
+            first_hit = lo,
+            "no company at the first ids: found companies by probing round ids; scanning from there"
+        );
+        // Everything above the hit is new to us too: emit it whatever its `updatedAt`.
+        c.since = None;
+        c.scan_from = Some(lo + WINDOW);
+        c.empty_run = 0;
+        c.descend_from = Some(lo);
+        c.descend_empty = 0;
+        Ok(true)
+    }
+
+    /// One poll of a descent: windows below `descend_from`, emitting everything, until
+    /// [`MarketoOptions::discovery_windows`] empty ones in a row or the first id.
+    async fn descend(&self, mut c: ScanCursor, fields: &str) -> Result<Page, ConnectorError> {
+        let top = c.descend_from.expect("called during a descent");
+        let floor = self.opts.first_id;
+        let starts: Vec<(i64, i64)> = (1..=i64::from(self.opts.windows_per_poll.max(1)))
+            .map(|k| (top - k * WINDOW, top - (k - 1) * WINDOW))
+            .take_while(|(_, hi)| *hi > floor)
+            .map(|(lo, hi)| (lo.max(floor), hi))
+            .collect();
+        let fetched = futures::future::join_all(
+            starts
+                .iter()
+                .map(|(lo, hi)| self.fetch_range(*lo, *hi, fields)),
+        )
+        .await;
+        let mut page = Page::default();
+        let mut next = Some(top);
+        for ((lo, _), result) in starts.iter().zip(fetched) {
+            let (rows, calls) = result?;
+            c.cycle_calls += calls;
+            c.descend_empty = if rows.is_empty() {
+                c.descend_empty + 1
+            } else {
+                0
+            };
+            take_rows(&mut c, rows, None, &mut page);
+            next = Some(*lo);
+            if c.descend_empty >= self.opts.discovery_windows.max(1) {
+                next = None;
+                break;
+            }
+        }
+        c.descend_from = next.filter(|lo| *lo > floor);
+        if c.descend_from.is_none() {
+            tracing::info!(connector = %self.name, min_id = ?c.min_id, "descent below the probed ids complete");
+        }
+        page.more = true;
+        page.next = c.to_cursor();
+        Ok(page)
+    }
+
+    /// The lowest company id a push was answered with, if any: a place a probe may find
+    /// the instance's companies at.
+    fn pushed_id_hint(&self) -> Option<i64> {
+        let id = self.lowest_pushed_id.load(Ordering::Relaxed);
+        (id != i64::MAX).then_some(id)
     }
 
     /// When the next cycle may start so that reads spread evenly over the day and stay
@@ -229,7 +352,18 @@ impl MarketoConnector {
         lo: i64,
         fields: &str,
     ) -> Result<(Vec<Value>, u64), ConnectorError> {
-        let ids = (lo..lo + WINDOW)
+        self.fetch_range(lo, lo + WINDOW, fields).await
+    }
+
+    /// All companies with ids in `[lo, hi)` (at most 300 ids), following `nextPageToken`;
+    /// also the number of calls made.
+    async fn fetch_range(
+        &self,
+        lo: i64,
+        hi: i64,
+        fields: &str,
+    ) -> Result<(Vec<Value>, u64), ConnectorError> {
+        let ids = (lo..hi)
             .map(|i| i.to_string())
             .collect::<Vec<_>>()
             .join(",");
@@ -309,6 +443,36 @@ impl MarketoConnector {
             }
         }
         Ok((rows, calls))
+    }
+}
+
+/// Puts a window's rows on `page` — those updated at or after `emit_from`, all when it is
+/// `None`; malformed ones as such — and widens the known id range by their ids.
+fn take_rows(
+    c: &mut ScanCursor,
+    rows: Vec<Value>,
+    emit_from: Option<DateTime<Utc>>,
+    page: &mut Page,
+) {
+    let mut saw = |id: i64| {
+        c.max_id = Some(c.max_id.map_or(id, |m| m.max(id)));
+        c.min_id = Some(c.min_id.map_or(id, |m| m.min(id)));
+    };
+    for row in &rows {
+        match parse_record(row) {
+            Ok((id, rec)) => {
+                saw(id);
+                if emit_from.is_none_or(|f| rec.updated_at >= f) {
+                    page.records.push(rec);
+                }
+            }
+            Err(bad) => {
+                if let Some(id) = row.as_object().and_then(record_id) {
+                    saw(id);
+                }
+                page.malformed.push(bad);
+            }
+        }
     }
 }
 

@@ -213,7 +213,14 @@ impl MarketoConnector {
                 .and_then(|s| s.as_u64().or_else(|| s.as_str()?.parse().ok()))
                 .map_or(pos, |s| s as usize);
             if let Some(slot) = out.get_mut(seq) {
-                *slot = Some(record_outcome(r));
+                let outcome = record_outcome(r);
+                if let PushOutcome::Written { vendor_id, .. } = &outcome
+                    && let Ok(id) = vendor_id.parse::<i64>()
+                {
+                    self.lowest_pushed_id
+                        .fetch_min(id, std::sync::atomic::Ordering::Relaxed);
+                }
+                *slot = Some(outcome);
             }
         }
         Ok(entries

@@ -179,6 +179,111 @@ async fn changes_made_mid_scan_are_all_read_by_the_next_cycle() {
     );
 }
 
+/// Options for an instance whose ids start far from 1: a short first discovery and
+/// descent, so the tests make few calls.
+fn far_id_opts() -> MarketoOptions {
+    MarketoOptions {
+        discovery_windows: 3,
+        overlap: Duration::ZERO,
+        ..MarketoOptions::default()
+    }
+}
+
+fn fast_sim(first_id: i64) -> MarketoSimConfig {
+    MarketoSimConfig {
+        first_id,
+        calls_per_window: 5000,
+        ..MarketoSimConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn ids_starting_just_below_a_round_number_are_found_by_a_probe_and_a_descent() {
+    // 500 companies with ids 99,900..=100,399: nothing in the first 3 windows from id 1;
+    // the probe at 100,000 finds 100,000..100,299, the cycle goes on upwards, and the
+    // descent below 100,000 finds 99,900..99,999.
+    let s = setup(
+        500,
+        fast_sim(99_900),
+        limits(5000, Duration::from_secs(20), None, 1.0),
+        far_id_opts(),
+    )
+    .await;
+    let mut seen = HashMap::new();
+    let cursor = cycle(&s.conn, Cursor::start(), &mut seen, &|| {}).await;
+    assert_eq!(seen.len(), 500, "every company read in the first cycle");
+    let c = super::poll::ScanCursor::from_cursor(&cursor).unwrap();
+    assert_eq!((c.min_id, c.max_id), (Some(99_900), Some(100_399)));
+    assert_eq!(c.descend_from, None, "the descent is over");
+
+    // The next cycle starts at the lowest id: 2 windows of companies + 2 empty ones.
+    // The update's `updatedAt` is "now", later than the cycle's `since`.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s.sim
+        .update(99_950, json!({"industry": "Changed"}))
+        .expect("company exists");
+    let queries = || {
+        s.sim
+            .stats()
+            .requests
+            .get("GET /rest/v1/companies.json")
+            .copied()
+            .unwrap_or(0)
+    };
+    let before = queries();
+    let mut again = HashMap::new();
+    let cursor = super::poll::ScanCursor {
+        not_before: None,
+        ..super::poll::ScanCursor::from_cursor(&cursor).unwrap()
+    }
+    .to_cursor();
+    cycle(&s.conn, cursor, &mut again, &|| {}).await;
+    assert!(
+        again.contains_key("99950"),
+        "a change below the probe is seen"
+    );
+    let calls = queries() - before;
+    assert!(calls <= 4, "{calls} calls for a 500-id cycle");
+}
+
+#[tokio::test]
+async fn ids_no_probe_reaches_are_found_from_an_id_a_push_was_answered_with() {
+    // 50 companies from id 12,345,678: no probe hits them. A push creates one more (the
+    // next id); the next cycle probes there and descends to the 50, although they were
+    // last updated long before the cycle's `since`.
+    let s = setup(
+        50,
+        fast_sim(12_345_678),
+        limits(5000, Duration::from_secs(20), None, 1.0),
+        far_id_opts(),
+    )
+    .await;
+    let mut seen = HashMap::new();
+    let cursor = cycle(&s.conn, Cursor::start(), &mut seen, &|| {}).await;
+    assert!(seen.is_empty(), "nothing found yet: {:?}", seen.keys());
+
+    let out = s
+        .conn
+        .push(&[item(
+            1,
+            None,
+            json!({"company": "Created By Us", "website": "https://us.example"}),
+        )])
+        .await
+        .expect("push");
+    assert!(
+        matches!(&out[0], PushOutcome::Written { vendor_id, created: true } if vendor_id == "12345728"),
+        "{out:?}"
+    );
+    let cursor = super::poll::ScanCursor {
+        not_before: None,
+        ..super::poll::ScanCursor::from_cursor(&cursor).unwrap()
+    }
+    .to_cursor();
+    cycle(&s.conn, cursor, &mut seen, &|| {}).await;
+    assert_eq!(seen.len(), 51, "the 50 and ours: {:?}", seen.keys());
+}
+
 #[tokio::test]
 async fn reading_and_writing_at_default_limits_draws_no_rejections() {
     let s = setup(

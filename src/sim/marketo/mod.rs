@@ -43,7 +43,7 @@ use store::{Action, FIELDS, FieldDef, KeyField, MAX_BATCH, QueryCursor, Store, S
 const MAX_PAYLOAD: usize = 1024 * 1024;
 /// Longest request URI Marketo accepts (414 beyond).
 const MAX_URI: usize = 8 * 1024;
-/// First id handed out; Marketo company ids are positive integers that only grow.
+/// First id handed out by default; Marketo company ids are positive integers that only grow.
 const FIRST_ID: i64 = 1000;
 /// The `scope` the identity service reports: the API-only user the client belongs to.
 const API_USER: &str = "api.user@sim.marketo.example";
@@ -53,8 +53,11 @@ const API_USER: &str = "api.user@sim.marketo.example";
 pub struct MarketoSimConfig {
     /// Seed of the shared company universe.
     pub seed: u64,
-    /// Which universe companies this instance holds initially (ids from 1000 in this order).
+    /// Which universe companies this instance holds initially (ids from `first_id` in this
+    /// order).
     pub seed_indices: Vec<usize>,
+    /// The first company id handed out (1000 by default; real instances start anywhere).
+    pub first_id: i64,
     /// The LaunchPoint client id accepted by the identity service.
     pub client_id: String,
     /// The LaunchPoint client secret accepted by the identity service.
@@ -80,6 +83,7 @@ impl Default for MarketoSimConfig {
         MarketoSimConfig {
             seed: 1,
             seed_indices: (0..100).collect(),
+            first_id: FIRST_ID,
             client_id: "marketo-client".into(),
             client_secret: "marketo-secret".into(),
             token_ttl: Duration::from_secs(3600),
@@ -210,7 +214,7 @@ fn seeded_values(seed: u64, idx: usize, variant: u8) -> BTreeMap<&'static str, S
 
 impl Inner {
     fn new(cfg: MarketoSimConfig) -> Self {
-        let mut store = Store::new(FIRST_ID);
+        let mut store = Store::new(cfg.first_id);
         let base = Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap();
         for &idx in &cfg.seed_indices {
             let created = base + chrono::Duration::minutes(idx as i64);
