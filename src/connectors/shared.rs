@@ -97,6 +97,10 @@ pub fn http_client(
     };
     let client = HttpClient::new(cfg, Arc::new(StoreQuotaLedger::new(store.clone(), name)))?;
     // A restarted daemon must not add its calls to the previous process's in one window.
+    // That process may have admitted calls until its last moment (a call is recorded here
+    // when charged to the budget, and admitted after its turn, at most a few windows
+    // later), which was before now: after a recent last call, the first call waits one
+    // window plus the delay the call log allows for a call to reach the vendor.
     let last = store
         .begin_read()
         .and_then(|tx| tx.cursor(&last_call_key(name)))
@@ -105,10 +109,91 @@ pub fn http_client(
         .and_then(|c| c.0.as_i64())
         .and_then(chrono::DateTime::from_timestamp_millis);
     if let (Some(last), Some(window)) = (last, client.rate_window()) {
+        let hold = window + window.mul_f64(rate_safety_margin);
         let since = (Utc::now() - last).to_std().unwrap_or_default();
-        if since < window {
-            client.hold_until(tokio::time::Instant::now() + (window - since));
+        if since < hold + LONGEST_TURN {
+            client.hold_until(tokio::time::Instant::now() + hold);
         }
     }
     Ok(client)
+}
+
+/// Longer than a call charged to the budget can wait for its turn at the limiter (the
+/// concurrency cap bounds how many are charged and waiting): a previous process whose
+/// last recorded call is older than this plus a window cannot share a window with us.
+const LONGEST_TURN: std::time::Duration = std::time::Duration::from_secs(120);
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use wiremock::matchers::path;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    use super::*;
+    use crate::config::{Limits, Timeouts};
+    use crate::http::{ApiRequest, DefaultClassifier};
+
+    /// How long after the client is built its first call reaches the server, when the
+    /// previous process's last call was `ago`.
+    async fn first_call_delay(ago: chrono::Duration) -> Duration {
+        let server = MockServer::start().await;
+        Mock::given(path("/c"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&server)
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("s.redb")).unwrap());
+        let tx = store.begin_write().unwrap();
+        let last = Cursor(serde_json::json!((Utc::now() - ago).timestamp_millis()));
+        tx.put_cursor(&last_call_key("rally"), &last).unwrap();
+        tx.commit().unwrap();
+        let common = CommonConnectorConfig {
+            base_url: url::Url::parse(&server.uri()).unwrap(),
+            poll_interval: Duration::from_secs(1),
+            batch_size: 100,
+            timeouts: Timeouts {
+                connect: Duration::from_secs(2),
+                read: Duration::from_secs(5),
+                write: Duration::from_secs(5),
+            },
+            limits: Limits {
+                requests_per_second: Some(10.0),
+                requests_per_window: None,
+                max_concurrent: 4,
+                daily_quota: None,
+                daily_share: 1.0,
+            },
+            enabled: true,
+        };
+        let built = Instant::now();
+        let client = http_client("rally", &common, QuotaReset::UtcMidnight, &store).unwrap();
+        let url = url::Url::parse(&format!("{}/c", server.uri())).unwrap();
+        client
+            .send(ApiRequest::get("GET c", url), &DefaultClassifier)
+            .await
+            .expect("call succeeds");
+        built.elapsed()
+    }
+
+    #[tokio::test]
+    async fn a_restart_soon_after_the_last_call_waits_a_window_and_the_assumed_delay() {
+        // 10/s: a window of 1 s, calls assumed to reach the vendor within 100 ms. Five
+        // seconds ago is more than a window, but the previous process may have admitted
+        // calls that waited for their turn after that.
+        let waited = first_call_delay(chrono::Duration::seconds(5)).await;
+        assert!(
+            waited >= Duration::from_millis(1100),
+            "first call after {waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restart_long_after_the_last_call_does_not_wait() {
+        let waited = first_call_delay(chrono::Duration::minutes(10)).await;
+        assert!(
+            waited < Duration::from_millis(900),
+            "first call after {waited:?}"
+        );
+    }
 }
