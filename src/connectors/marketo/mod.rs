@@ -28,7 +28,7 @@
 //! cycle, behind the scan position, is read by the next one. The cursor (stored with each
 //! page) is [`poll::ScanCursor`]:
 //! `{"scan_from", "cycle_start", "began_at", "since", "max_id", "min_id", "empty_run",
-//! "cycle_calls", "not_before", "probed", "descend_from", "descend_empty"}`. The first
+//! "cycle_calls", "not_before", "probed", "descend_from", "descend_empty", "hint_tried"}`. The first
 //! cycle emits everything. A first discovery starts at id 1; after 40 empty windows with
 //! nothing found at all it *probes* one window at each round id an instance may start its
 //! sequence at ([`poll::PROBE_IDS`]: 20,000, 50,000, 100,000, … 2·10⁹) and at the lowest id
@@ -49,7 +49,10 @@
 //! 12,500) a 10k-company cycle may start every ~4 min, a 100k one every ~39 min. The daily
 //! budget itself is enforced by the HTTP client: spent → `Suspended` until the reset.
 //!
-//! An empty instance therefore costs 40 + 16 calls per cycle (paced like any other).
+//! An empty instance therefore costs 40 + 16 calls per cycle (paced like any other) —
+//! except that once a push of ours has been answered with an id while no company was
+//! found yet, the next cycle starts at once instead of after its pause (once per such id),
+//! so companies we create in an empty instance are scanned from the start.
 //! **What it sees**: every company, including companies without leads (Adobe's
 //! lead-activity route misses those, and its history is pruned after 90 days); creations
 //! and updates, with a latency of one cycle period. **What it cannot see**: deletions

@@ -95,6 +95,9 @@ pub struct ScanCursor {
     /// Consecutive empty windows of the running descent.
     #[serde(default)]
     pub descend_empty: u32,
+    /// The pushed-id hint a cycle last started early for (see [`ScanCursor::not_before`]).
+    #[serde(default)]
+    pub hint_tried: Option<i64>,
 }
 
 impl ScanCursor {
@@ -131,7 +134,16 @@ impl MarketoConnector {
             PollMode::Incremental => None,
         };
         if c.scan_from.is_none() {
+            // No company found yet, but a push of ours has since been answered with an
+            // id: the instance is not empty after all, and the next cycle would find it
+            // only after the pause an empty scan earned. Start it now, once per hint.
+            let hint = self.pushed_id_hint();
+            let early = c.max_id.is_none() && hint.is_some() && hint != c.hint_tried;
+            if early {
+                c.hint_tried = hint;
+            }
             if full_since.is_none()
+                && !early
                 && let Some(nb) = c.not_before
                 && now < nb
             {

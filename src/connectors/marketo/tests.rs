@@ -251,16 +251,24 @@ async fn ids_no_probe_reaches_are_found_from_an_id_a_push_was_answered_with() {
     // 50 companies from id 12,345,678: no probe hits them. A push creates one more (the
     // next id); the next cycle probes there and descends to the 50, although they were
     // last updated long before the cycle's `since`.
+    // With a daily budget, so that the empty cycle earns a pause of minutes.
     let s = setup(
         50,
         fast_sim(12_345_678),
-        limits(5000, Duration::from_secs(20), None, 1.0),
+        limits(5000, Duration::from_secs(20), Some(50_000), 1.0),
         far_id_opts(),
     )
     .await;
     let mut seen = HashMap::new();
     let cursor = cycle(&s.conn, Cursor::start(), &mut seen, &|| {}).await;
     assert!(seen.is_empty(), "nothing found yet: {:?}", seen.keys());
+    let paused = super::poll::ScanCursor::from_cursor(&cursor).unwrap();
+    assert!(paused.not_before.is_some_and(|t| t > chrono::Utc::now()));
+    let page = s.conn.poll(&cursor, &PollMode::Incremental).await.unwrap();
+    assert!(
+        page.records.is_empty() && !page.more,
+        "paced: no new cycle yet"
+    );
 
     let out = s
         .conn
@@ -275,13 +283,59 @@ async fn ids_no_probe_reaches_are_found_from_an_id_a_push_was_answered_with() {
         matches!(&out[0], PushOutcome::Written { vendor_id, created: true } if vendor_id == "12345728"),
         "{out:?}"
     );
-    let cursor = super::poll::ScanCursor {
-        not_before: None,
-        ..super::poll::ScanCursor::from_cursor(&cursor).unwrap()
-    }
-    .to_cursor();
-    cycle(&s.conn, cursor, &mut seen, &|| {}).await;
+    // The pushed id starts the next cycle at once, pause or not.
+    let cursor = cycle(&s.conn, cursor, &mut seen, &|| {}).await;
     assert_eq!(seen.len(), 51, "the 50 and ours: {:?}", seen.keys());
+    // Once only: the next cycle keeps to its pause.
+    let before = s.sim.stats().total_requests();
+    let page = s.conn.poll(&cursor, &PollMode::Incremental).await.unwrap();
+    assert!(page.records.is_empty() && !page.more);
+    assert_eq!(
+        s.sim.stats().total_requests(),
+        before,
+        "no call while paced"
+    );
+}
+
+#[tokio::test]
+async fn a_pushed_id_that_leads_nowhere_starts_one_early_cycle_only() {
+    let s = setup(
+        0,
+        fast_sim(12_345_678),
+        limits(5000, Duration::from_secs(20), Some(50_000), 1.0),
+        far_id_opts(),
+    )
+    .await;
+    let mut seen = HashMap::new();
+    let cursor = cycle(&s.conn, Cursor::start(), &mut seen, &|| {}).await;
+    let out = s
+        .conn
+        .push(&[item(1, None, json!({"company": "Gone Soon"}))])
+        .await
+        .expect("push");
+    assert!(matches!(
+        &out[0],
+        PushOutcome::Written { created: true, .. }
+    ));
+    assert!(
+        s.sim.delete(12_345_678),
+        "the created company is deleted again"
+    );
+    let calls = || s.sim.stats().total_requests();
+
+    let before = calls();
+    let cursor = cycle(&s.conn, cursor, &mut seen, &|| {}).await;
+    assert!(calls() > before, "the hint started a cycle at once");
+    assert!(seen.is_empty());
+
+    let before = calls();
+    let page = s.conn.poll(&cursor, &PollMode::Incremental).await.unwrap();
+    assert!(page.records.is_empty() && !page.more);
+    assert_eq!(
+        calls(),
+        before,
+        "the same hint does not start another cycle"
+    );
 }
 
 #[tokio::test]
