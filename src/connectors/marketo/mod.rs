@@ -28,8 +28,8 @@
 //! cycle, behind the scan position, is read by the next one. The cursor (stored with each
 //! page) is [`poll::ScanCursor`]:
 //! `{"scan_from", "cycle_start", "began_at", "since", "max_id", "min_id", "empty_run",
-//! "cycle_calls", "not_before", "probed", "descend_from", "descend_empty", "hint_tried"}`. The first
-//! cycle emits everything. A first discovery starts at id 1; after 40 empty windows with
+//! "cycle_calls", "not_before", "probed", "descend_from", "descend_empty",
+//! "hint_tried"}`. The first cycle emits everything. A first discovery starts at id 1; after 40 empty windows with
 //! nothing found at all it *probes* one window at each round id an instance may start its
 //! sequence at ([`poll::PROBE_IDS`]: 20,000, 50,000, 100,000, … 2·10⁹) and at the lowest id
 //! a push of ours was answered with, if any. From the lowest hit the cycle goes on upwards,
