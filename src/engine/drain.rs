@@ -192,7 +192,7 @@ impl Engine {
     /// [`Engine::drain_all`] again while it makes progress and entries asked for a retry,
     /// so a one-shot run (backfill) does not leave behind what a second attempt would
     /// push. Stops when a call writes, rejects and skips nothing, on an error or shutdown,
-    /// or after [`MAX_PUSH_ATTEMPTS`] calls.
+    /// or after `MAX_PUSH_ATTEMPTS` calls.
     pub async fn drain_settled(
         self: &Arc<Self>,
         target: &str,

@@ -110,7 +110,7 @@ pub struct Engine {
     endpoints: BTreeMap<String, Arc<Endpoint>>,
     settings: EngineSettings,
     metrics: Arc<Metrics>,
-    /// Per loop ("poll:<name>", "drain:<name>"), when its current unit of work began;
+    /// Per loop (`"poll:<name>"`, `"drain:<name>"`), when its current unit of work began;
     /// `None` while idle. The systemd watchdog is fed only while none is stuck.
     busy_since: std::sync::Mutex<BTreeMap<String, Option<std::time::Instant>>>,
     /// Outbox entries in a batch of this process right now (see `drain`).

@@ -8,7 +8,7 @@
 //! cursor after it and the outbox entries it causes as one step.
 //!
 //! Companies, ledger and outbox entries, written for every record ingested, use the
-//! compact binary encoding of [`codec`]; the rarely written rest (cursors, dead letters,
+//! compact binary encoding of the `codec` module; the rarely written rest (cursors, dead letters,
 //! tokens) is JSON (serde_json). Counters and ids use redb's fixed-width integers;
 //! composite keys are redb tuples such as `(connector, vendor_id)`.
 
@@ -48,7 +48,7 @@ pub use types::{
 /// [`Store::open`]) whenever a table's key or value encoding changes.
 ///
 /// - 1: every value JSON.
-/// - 2: companies, ledger and outbox entries in the binary encoding of [`codec`]; ledger
+/// - 2: companies, ledger and outbox entries in the binary encoding of `codec`; ledger
 ///   hashes are those of the hand-written [`crate::model::content_hash`].
 /// - 3: a record's link and ledger entry share one row (`records`, replacing `links` and
 ///   `ledger`), and a company's pending outbox entries for all targets share one row

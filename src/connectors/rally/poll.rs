@@ -24,7 +24,7 @@ pub struct CursorState {
     pub cycle_start: Option<DateTime<Utc>>,
     /// The offset of the next list call.
     pub offset: usize,
-    /// Keys ([`anchor_key`]) of the last rows returned, oldest first; the next page must
+    /// Keys (`anchor_key`) of the last rows returned, oldest first; the next page must
     /// contain one of them (unless it starts at offset 0).
     pub tail: Vec<String>,
     /// True when `offset` is a back-up probe after a page that did not contain the tail.
