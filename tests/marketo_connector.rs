@@ -607,3 +607,36 @@ async fn identity_calls_do_not_count_against_the_daily_budget() {
         "{fourth:?}"
     );
 }
+
+#[tokio::test]
+async fn a_query_answered_object_not_found_is_an_empty_window() {
+    // Some instances answer a query that matches nothing with 1013 instead of an empty
+    // `result`: the scan goes on (here: an empty instance, so discovery and probes end it).
+    let server = MockServer::start().await;
+    mount_token(&server, TOKEN).await;
+    mount_describe(&server).await;
+    query()
+        .respond_with(json_resp(
+            r#"{"requestId":"x","success":false,"errors":[{"code":"1013","message":"Object not found"}]}"#,
+        ))
+        .mount(&server)
+        .await;
+    let c = connector(&server);
+    let mut cursor = Cursor::start();
+    let mut polls = 0;
+    loop {
+        let page = c
+            .conn
+            .poll(&cursor, &PollMode::Incremental)
+            .await
+            .expect("1013 is not an error of the scan");
+        assert!(page.records.is_empty() && page.malformed.is_empty());
+        cursor = page.next;
+        polls += 1;
+        if !page.more {
+            break;
+        }
+        assert!(polls < 100, "the scan never ends");
+    }
+    assert_eq!(requests_to(&server, COMPANIES_PATH).await.len(), 40 + 16);
+}

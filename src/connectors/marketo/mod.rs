@@ -20,8 +20,10 @@
 //! answers 414 is queried as `POST …?_method=GET` with a form body from then on), from the
 //! lowest id ever seen upwards, asking for explicit `fields=` (the standard company fields
 //! and the mapped keys, intersected with what `describe` reported), following
-//! `nextPageToken` if one comes back. It emits every company whose `updatedAt` is at or
-//! after `since − overlap` (5 min by default, for clock skew between us and Marketo) and
+//! `nextPageToken` if one comes back (an instance answering "1013 Object not found" for
+//! a window without companies is read as an empty window). It emits every company whose
+//! `updatedAt` is at or after `since − overlap` (5 min by default, for clock skew between
+//! us and Marketo) and
 //! keeps going past the highest id it knows until 2 consecutive windows are empty, which
 //! discovers companies created since. At the end of a cycle `since` becomes the time the
 //! cycle *began* (minus 2 s: `updatedAt` has whole seconds), so a change made during a

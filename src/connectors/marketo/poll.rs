@@ -420,6 +420,12 @@ impl MarketoConnector {
                     self.query_by_post.store(true, Ordering::Relaxed);
                     continue;
                 }
+                // Some instances answer a query that matches nothing with "1013 Object
+                // not found" instead of an empty `result`.
+                Err(HttpError::Rejected { class: "1013", .. }) => {
+                    calls += 1;
+                    break;
+                }
                 other => other?,
             };
             calls += 1;
