@@ -197,6 +197,18 @@ fn fast_sim(first_id: i64) -> MarketoSimConfig {
     }
 }
 
+/// `companies` companies with ids from 12,345,678, which no probe reaches, and a daily
+/// budget, so that an empty cycle earns a pause of minutes.
+async fn far_id_setup(companies: usize) -> Setup {
+    setup(
+        companies,
+        fast_sim(12_345_678),
+        limits(5000, Duration::from_secs(20), Some(50_000), 1.0),
+        far_id_opts(),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn ids_starting_just_below_a_round_number_are_found_by_a_probe_and_a_descent() {
     // 500 companies with ids 99,900..=100,399: nothing in the first 3 windows from id 1;
@@ -251,14 +263,7 @@ async fn ids_no_probe_reaches_are_found_from_an_id_a_push_was_answered_with() {
     // 50 companies from id 12,345,678: no probe hits them. A push creates one more (the
     // next id); the next cycle probes there and descends to the 50, although they were
     // last updated long before the cycle's `since`.
-    // With a daily budget, so that the empty cycle earns a pause of minutes.
-    let s = setup(
-        50,
-        fast_sim(12_345_678),
-        limits(5000, Duration::from_secs(20), Some(50_000), 1.0),
-        far_id_opts(),
-    )
-    .await;
+    let s = far_id_setup(50).await;
     let mut seen = HashMap::new();
     let cursor = cycle(&s.conn, Cursor::start(), &mut seen, &|| {}).await;
     assert!(seen.is_empty(), "nothing found yet: {:?}", seen.keys());
@@ -299,13 +304,7 @@ async fn ids_no_probe_reaches_are_found_from_an_id_a_push_was_answered_with() {
 
 #[tokio::test]
 async fn a_pushed_id_that_leads_nowhere_starts_one_early_cycle_only() {
-    let s = setup(
-        0,
-        fast_sim(12_345_678),
-        limits(5000, Duration::from_secs(20), Some(50_000), 1.0),
-        far_id_opts(),
-    )
-    .await;
+    let s = far_id_setup(0).await;
     let mut seen = HashMap::new();
     let cursor = cycle(&s.conn, Cursor::start(), &mut seen, &|| {}).await;
     let out = s
