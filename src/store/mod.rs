@@ -1289,6 +1289,28 @@ macro_rules! getters {
                 Ok(out)
             }
 
+            /// The lowest of `connector`'s record ids that are integers (Marketo's), if any.
+            /// Reads every record id of the connector: for rare look-ups only.
+            pub fn lowest_numeric_vendor_id(
+                &self,
+                connector: &str,
+            ) -> Result<Option<i64>, StoreError> {
+                let t = self.table(RECORDS)?;
+                let range = t.range((connector, "")..).at(RECORDS.name, "range")?;
+                let mut lowest: Option<i64> = None;
+                for item in range {
+                    let (k, _) = item.at(RECORDS.name, "range")?;
+                    let (c, vendor_id) = k.value();
+                    if c != connector {
+                        break;
+                    }
+                    if let Ok(id) = vendor_id.parse::<i64>() {
+                        lowest = Some(lowest.map_or(id, |l| l.min(id)));
+                    }
+                }
+                Ok(lowest)
+            }
+
             /// The company a match key points at.
             pub fn match_key(&self, key: &str) -> Result<Option<CanonicalId>, StoreError> {
                 Ok(self

@@ -34,7 +34,8 @@
 //! "hint_tried"}`. The first cycle emits everything. A first discovery starts at id 1; after 40 empty windows with
 //! nothing found at all it *probes* one window at each round id an instance may start its
 //! sequence at ([`poll::PROBE_IDS`]: 20,000, 50,000, 100,000, … 2·10⁹) and at the lowest id
-//! a push of ours was answered with, if any. From the lowest hit the cycle goes on upwards,
+//! a push of ours was answered with (after a restart: the lowest id the store links), if
+//! any. From the lowest hit the cycle goes on upwards,
 //! and a *descent* then reads the windows below it until 40 empty ones in a row (or id 1):
 //! an instance whose ids begin at 99,900 or 1,000,001 is found in full. Whatever a probe or
 //! a descent finds is emitted whatever its `updatedAt` (none of it was seen before).
@@ -168,6 +169,8 @@ pub struct MarketoConnector {
     /// The lowest company id a push was answered with (`i64::MAX`: none yet), where a
     /// scan that finds no company from the first id on also looks.
     lowest_pushed_id: std::sync::atomic::AtomicI64,
+    /// The store, for the ids of companies linked before a restart (a probe hint).
+    store: Arc<crate::store::Store>,
 }
 
 impl std::fmt::Debug for MarketoConnector {
@@ -244,6 +247,7 @@ impl MarketoConnector {
             start_lock: tokio::sync::Mutex::new(()),
             query_by_post: std::sync::atomic::AtomicBool::new(false),
             lowest_pushed_id: std::sync::atomic::AtomicI64::new(i64::MAX),
+            store: ctx.store.clone(),
         })
     }
 

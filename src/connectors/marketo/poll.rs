@@ -237,7 +237,7 @@ impl MarketoConnector {
     }
 
     /// Queries one window at each of [`PROBE_IDS`] (and at the lowest id a push was
-    /// answered with) above the scan position. On a hit the cycle goes on upwards from the
+    /// answered with, or else the lowest the store links) above the scan position. On a hit the cycle goes on upwards from the
     /// lowest hit, emitting everything (none of it was seen before), and a descent below
     /// it is queued. Returns whether anything was found.
     async fn probe(
@@ -250,7 +250,7 @@ impl MarketoConnector {
         let mut starts: Vec<i64> = PROBE_IDS
             .iter()
             .copied()
-            .chain(self.pushed_id_hint())
+            .chain(self.pushed_id_hint().or_else(|| self.stored_id_hint()))
             .filter(|lo| *lo >= above)
             .collect();
         starts.sort_unstable();
@@ -330,6 +330,19 @@ impl MarketoConnector {
     fn pushed_id_hint(&self) -> Option<i64> {
         let id = self.lowest_pushed_id.load(Ordering::Relaxed);
         (id != i64::MAX).then_some(id)
+    }
+
+    /// The lowest id of a record of this instance the store knows (linked before a
+    /// restart, when the pushed-id hint was lost), if any.
+    fn stored_id_hint(&self) -> Option<i64> {
+        self.store
+            .begin_read()
+            .and_then(|tx| tx.lowest_numeric_vendor_id(&self.name))
+            .inspect_err(|e| {
+                tracing::warn!(connector = %self.name, error = %e, "cannot read known company ids")
+            })
+            .ok()
+            .flatten()
     }
 
     /// When the next cycle may start so that reads spread evenly over the day and stay

@@ -20,6 +20,7 @@ use crate::store::Store;
 struct Setup {
     sim: MarketoSim,
     conn: MarketoConnector,
+    store: Arc<Store>,
     _dir: tempfile::TempDir,
 }
 
@@ -51,7 +52,7 @@ async fn setup(
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("s.redb")).unwrap());
     let ctx = BuildContext {
-        store,
+        store: store.clone(),
         metrics: Arc::new(Metrics::new()),
     };
     let common = CommonConnectorConfig {
@@ -80,6 +81,7 @@ async fn setup(
     Setup {
         sim,
         conn,
+        store,
         _dir: dir,
     }
 }
@@ -299,6 +301,24 @@ async fn ids_no_probe_reaches_are_found_from_an_id_a_push_was_answered_with() {
         s.sim.stats().total_requests(),
         before,
         "no call while paced"
+    );
+}
+
+#[tokio::test]
+async fn after_a_restart_the_ids_the_store_links_are_probed() {
+    // The pushed-id hint is gone with the process; the store still links a company of
+    // this instance (created by us before the restart), and the probe uses its id.
+    let s = far_id_setup(50).await;
+    let tx = s.store.begin_write().unwrap();
+    tx.put_link("marketo", "12345700", "canon-1").unwrap();
+    tx.commit().unwrap();
+    let mut seen = HashMap::new();
+    cycle(&s.conn, Cursor::start(), &mut seen, &|| {}).await;
+    assert_eq!(
+        seen.len(),
+        50,
+        "found from the linked id: {:?}",
+        seen.keys()
     );
 }
 
