@@ -31,14 +31,15 @@
 //! page) is [`poll::ScanCursor`]:
 //! `{"scan_from", "cycle_start", "began_at", "since", "max_id", "min_id", "empty_run",
 //! "cycle_calls", "not_before", "probed", "descend_from", "descend_empty",
-//! "hint_tried"}`. The first cycle emits everything. A first discovery starts at id 1; after 40 empty windows with
-//! nothing found at all it *probes* one window at each round id an instance may start its
-//! sequence at ([`poll::PROBE_IDS`]: 20,000, 50,000, 100,000, … 2·10⁹) and at the lowest id
-//! a push of ours was answered with (after a restart: the lowest id the store links), if
-//! any. From the lowest hit the cycle goes on upwards,
-//! and a *descent* then reads the windows below it until 40 empty ones in a row (or id 1):
-//! an instance whose ids begin at 99,900 or 1,000,001 is found in full. Whatever a probe or
-//! a descent finds is emitted whatever its `updatedAt` (none of it was seen before).
+//! "hint_tried"}`. The first cycle emits everything. A first discovery starts at id 1;
+//! after 40 empty windows with nothing found at all it *probes* one window at each round
+//! id an instance may start its sequence at ([`poll::PROBE_IDS`]: 20,000, 50,000,
+//! 100,000, … 2·10⁹) and at the lowest id a push of ours was answered with (after a
+//! restart: the lowest id the store links), lowest first, up to the first hit. From there
+//! the cycle goes on upwards, and a *descent* then reads the windows below it until 40
+//! empty ones in a row (or id 1): an instance whose ids begin at 99,900 or 1,000,001 is
+//! found in full. Whatever a probe or a descent finds is emitted whatever its `updatedAt`
+//! (none of it was seen before).
 //! `PollMode::Full { since }` runs one cycle emitting everything updated since `since`.
 //!
 //! **Cost**: `ceil((max_id − min_id + 1) / 300) + 2` calls per cycle (one more per page

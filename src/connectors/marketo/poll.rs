@@ -237,9 +237,10 @@ impl MarketoConnector {
     }
 
     /// Queries one window at each of [`PROBE_IDS`] (and at the lowest id a push was
-    /// answered with, or else the lowest the store links) above the scan position. On a hit the cycle goes on upwards from the
-    /// lowest hit, emitting everything (none of it was seen before), and a descent below
-    /// it is queued. Returns whether anything was found.
+    /// answered with, or else the lowest the store links) above the scan position, lowest
+    /// first, up to the first that holds companies. From that hit the cycle goes on
+    /// upwards, emitting everything (none of it was seen before), and a descent below it
+    /// is queued. Returns whether anything was found.
     async fn probe(
         &self,
         c: &mut ScanCursor,
@@ -255,18 +256,19 @@ impl MarketoConnector {
             .collect();
         starts.sort_unstable();
         starts.dedup();
-        let fetched =
-            futures::future::join_all(starts.iter().map(|lo| self.fetch_window(*lo, fields))).await;
-        let mut lowest_hit = None;
-        for (lo, result) in starts.iter().zip(fetched) {
-            let (rows, calls) = result?;
+        // One at a time, lowest first, up to the first hit: a hit far above it (an
+        // outlier id) would stretch every later cycle over the whole span between them.
+        let mut hit = None;
+        for lo in starts {
+            let (rows, calls) = self.fetch_window(lo, fields).await?;
             c.cycle_calls += calls;
-            if !rows.is_empty() && lowest_hit.is_none() {
-                lowest_hit = Some(*lo);
+            if !rows.is_empty() {
+                take_rows(c, rows, None, page);
+                hit = Some(lo);
+                break;
             }
-            take_rows(c, rows, None, page);
         }
-        let Some(lo) = lowest_hit else {
+        let Some(lo) = hit else {
             return Ok(false);
         };
         tracing::warn!(
