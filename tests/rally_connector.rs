@@ -185,30 +185,6 @@ async fn a_short_page_ends_the_cycle_and_the_next_since_is_the_cycle_start() {
 }
 
 #[tokio::test]
-async fn a_server_wrapping_its_lists_in_an_envelope_is_read() {
-    // The documented answer is a bare array; a server answering `{"data": [...]}` is read
-    // all the same instead of failing every poll.
-    let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/api/v1/companies"))
-        .respond_with(ok_json(fixture!("list_enveloped_two.json")))
-        .mount(&server)
-        .await;
-    let f = connector(&server, 3);
-    f.conn
-        .start()
-        .await
-        .expect("an enveloped list is a Rally API");
-    let page = f
-        .conn
-        .poll(&Cursor::start(), &PollMode::Incremental)
-        .await
-        .expect("poll");
-    assert_eq!(ids(&page), ["\"Company A\"", "\"Company B\""]);
-    assert!(!page.more, "a short page by raw count ends the cycle");
-}
-
-#[tokio::test]
 async fn full_pages_are_requested_with_one_row_of_overlap() {
     let server = MockServer::start().await;
     mount_list(&server, "0", fixture!("list_a_b_c.json")).await;

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde_json::{Map, Value};
 
 use super::RallyConnector;
-use super::wire::{self, RecordVerdictClassifier, error_message, wire_time};
+use super::wire::{RecordVerdictClassifier, error_message, wire_time};
 use crate::connector::{ConnectorError, PushItem, PushOutcome};
 use crate::http::{ApiRequest, ApiResponse, HttpError};
 
@@ -343,7 +343,7 @@ impl RallyConnector {
                 .await?;
             // An unreadable answer must not read as "no such record": that would create
             // the duplicate this look-up exists to prevent.
-            let Some(rows) = resp.json.as_ref().and_then(wire::list_rows) else {
+            let Some(rows) = resp.json.as_ref().and_then(Value::as_array) else {
                 return Err(HttpError::Decode {
                     connector: self.name.clone(),
                     endpoint: "GET companies",

@@ -158,20 +158,6 @@ fn is_text_field(key: &str) -> bool {
             && !matches!(key, "employeeCount" | "annualRevenue" | "tags"))
 }
 
-/// The rows of a list answer: the documented bare JSON array, or the array an object
-/// wraps it in under one of the usual envelope keys (`data`, `companies`, `items`,
-/// `results`, `records`) — a server that wraps its lists is still read, not refused.
-pub fn list_rows(v: &Value) -> Option<&[Value]> {
-    match v {
-        Value::Array(rows) => Some(rows),
-        Value::Object(o) => ["data", "companies", "items", "results", "records"]
-            .iter()
-            .find_map(|k| o.get(*k).and_then(Value::as_array))
-            .map(Vec::as_slice),
-        _ => None,
-    }
-}
-
 /// A JSON value's kind, for reasons.
 pub fn kind(v: &Value) -> &'static str {
     match v {
@@ -243,17 +229,6 @@ impl Classifier for RecordVerdictClassifier {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn list_rows_are_a_bare_array_or_an_enveloped_one() {
-        let rows = json!([{"id": "a"}]);
-        assert_eq!(list_rows(&rows).map(<[Value]>::len), Some(1));
-        let wrapped = json!({"data": [{"id": "a"}, {"id": "b"}], "total": 2});
-        assert_eq!(list_rows(&wrapped).map(<[Value]>::len), Some(2));
-        assert_eq!(list_rows(&json!({"error": "Invalid API key"})), None);
-        assert_eq!(list_rows(&json!({"data": "nope"})), None);
-        assert_eq!(list_rows(&json!("text")), None);
-    }
 
     fn row() -> Value {
         json!({
