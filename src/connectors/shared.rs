@@ -108,8 +108,7 @@ pub fn http_client(
         .flatten()
         .and_then(|c| c.0.as_i64())
         .and_then(chrono::DateTime::from_timestamp_millis);
-    if let (Some(last), Some(window)) = (last, client.rate_window()) {
-        let hold = window + window.mul_f64(rate_safety_margin);
+    if let (Some(last), Some(hold)) = (last, client.window_with_delay()) {
         let since = (Utc::now() - last).to_std().unwrap_or_default();
         if since < hold + LONGEST_TURN {
             client.hold_until(tokio::time::Instant::now() + hold);

@@ -648,13 +648,7 @@ impl HttpClient {
         }
         cfg.check_margin(cfg.rate_safety_margin)?;
         let pacing = match (build_limiter(&cfg, 0.0)?, cfg.calls_per_window()?) {
-            (Some((limiter, period)), Some((calls, window_len))) => {
-                Some((limiter, period, calls, window_len))
-            }
-            _ => None,
-        };
-        let pacing = pacing.map(|(limiter, period, calls, window_len)| {
-            Mutex::new(Pacing {
+            (Some((limiter, period)), Some((calls, window_len))) => Some(Mutex::new(Pacing {
                 limiter,
                 window: CallWindow::new(
                     calls as usize,
@@ -667,8 +661,9 @@ impl HttpClient {
                 wanted: 0,
                 since: Instant::now(),
                 generation: 0,
-            })
-        });
+            })),
+            _ => None,
+        };
         let user_agent = HeaderValue::from_str(&cfg.user_agent)
             .map_err(|_| config_err("user_agent is not a valid header value".into()))?;
         let mut default_headers = HeaderMap::new();
@@ -763,13 +758,17 @@ impl HttpClient {
         }
     }
 
-    /// The length of the window the vendor counts calls in (1 s for per-second limits).
-    pub fn rate_window(&self) -> Option<Duration> {
-        match self.inner.cfg.rate {
-            RateLimit::Unlimited => None,
-            RateLimit::PerSecond(_) => Some(Duration::from_secs(1)),
-            RateLimit::PerWindow { window, .. } => Some(window),
-        }
+    /// How long after its admission a call can still weigh in one of the vendor's windows:
+    /// the window plus the delay the call log assumes for reaching the vendor. A restarted
+    /// daemon holds its first call this long; `None` when unlimited.
+    pub fn window_with_delay(&self) -> Option<Duration> {
+        let p = self
+            .inner
+            .pacing
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Some(p.window_len + p.window.delay())
     }
 
     /// When the open circuit (ban, vendor quota) closes; `None` when calls may go out.

@@ -140,7 +140,8 @@ impl CallWindow {
     }
 
     /// Calls holding a slot now (in flight or within their last window).
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         let now = Instant::now();
         let s = self.lock();
         s.slots
