@@ -25,7 +25,7 @@ use std::mem::ManuallyDrop;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
 use redb::{
@@ -59,39 +59,47 @@ pub const SCHEMA_VERSION: u32 = 3;
 /// Bytes of redb page cache (the default would be 1 GiB).
 const STORE_CACHE_BYTES: usize = 32 << 20;
 
+/// A [`Tbl`] named `$name` whose open handles live in the `$field` slot of
+/// [`OpenTables`] and [`ReadTables`].
+macro_rules! tbl {
+    ($name:literal, $field:ident) => {
+        Tbl::new($name, |t| &t.$field, |t| &t.$field)
+    };
+}
+
 // The meta table's types must never change: it is read before the version is known.
-const META: Tbl<&str, u32> = Tbl::new("meta", |t| &t.meta);
+const META: Tbl<&str, u32> = tbl!("meta", meta);
 const SCHEMA_KEY: &str = "schema_version";
 /// Monotonic counters (outbox seq, dead-letter id), so ids are never reused.
-const SEQUENCES: Tbl<&str, u64> = Tbl::new("sequences", |t| &t.sequences);
+const SEQUENCES: Tbl<&str, u64> = tbl!("sequences", sequences);
 const OUTBOX_SEQ: &str = "outbox";
 const DEAD_LETTER_SEQ: &str = "dead_letter";
 
-const COMPANIES: Tbl<&str, &[u8]> = Tbl::new("companies", |t| &t.companies);
+const COMPANIES: Tbl<&str, &[u8]> = tbl!("companies", companies);
 /// (connector, vendor_id) → the record's link and ledger entry ([`codec::RecordRow`]).
-const RECORDS: Tbl<(&str, &str), &[u8]> = Tbl::new("records", |t| &t.records);
+const RECORDS: Tbl<(&str, &str), &[u8]> = tbl!("records", records);
 /// (canonical id, connector) → vendor_id.
-const REVERSE_LINKS: Tbl<(&str, &str), &str> = Tbl::new("reverse_links", |t| &t.reverse_links);
-const MATCH_KEYS: Tbl<&str, &str> = Tbl::new("match_keys", |t| &t.match_keys);
-const CURSORS: Tbl<&str, &[u8]> = Tbl::new("cursors", |t| &t.cursors);
+const REVERSE_LINKS: Tbl<(&str, &str), &str> = tbl!("reverse_links", reverse_links);
+const MATCH_KEYS: Tbl<&str, &str> = tbl!("match_keys", match_keys);
+const CURSORS: Tbl<&str, &[u8]> = tbl!("cursors", cursors);
 /// (target, seq) → OutboxEntry.
-const OUTBOX: Tbl<(&str, u64), &[u8]> = Tbl::new("outbox", |t| &t.outbox);
+const OUTBOX: Tbl<(&str, u64), &[u8]> = tbl!("outbox", outbox);
 /// canonical id → `(target, seq)` of its one pending entry per target
 /// ([`codec::encode_pending`]).
-const OUTBOX_PENDING: Tbl<&str, &[u8]> = Tbl::new("outbox_pending", |t| &t.outbox_pending);
+const OUTBOX_PENDING: Tbl<&str, &[u8]> = tbl!("outbox_pending", outbox_pending);
 /// target → number of entries, so lengths are O(1) and not a scan.
-const OUTBOX_COUNTS: Tbl<&str, u64> = Tbl::new("outbox_counts", |t| &t.outbox_counts);
-const DEAD_LETTERS: Tbl<u64, &[u8]> = Tbl::new("dead_letters", |t| &t.dead_letters);
+const OUTBOX_COUNTS: Tbl<&str, u64> = tbl!("outbox_counts", outbox_counts);
+const DEAD_LETTERS: Tbl<u64, &[u8]> = tbl!("dead_letters", dead_letters);
 // Tables of schema 2 and before, read only by the migrations (which then delete them).
 /// (connector, vendor_id) → canonical id.
-const V2_LINKS: Tbl<(&str, &str), &str> = Tbl::new("links", |t| &t.v2_links);
+const V2_LINKS: Tbl<(&str, &str), &str> = tbl!("links", v2_links);
 /// (connector, vendor_id) → LedgerEntry.
-const V2_LEDGER: Tbl<(&str, &str), &[u8]> = Tbl::new("ledger", |t| &t.v2_ledger);
+const V2_LEDGER: Tbl<(&str, &str), &[u8]> = tbl!("ledger", v2_ledger);
 /// (target, canonical id) → seq of its one pending entry.
-const V2_OUTBOX_INDEX: Tbl<(&str, &str), u64> = Tbl::new("outbox_index", |t| &t.v2_outbox_index);
-const TOKENS: Tbl<&str, &[u8]> = Tbl::new("tokens", |t| &t.tokens);
+const V2_OUTBOX_INDEX: Tbl<(&str, &str), u64> = tbl!("outbox_index", v2_outbox_index);
+const TOKENS: Tbl<&str, &[u8]> = tbl!("tokens", tokens);
 /// (connector, "YYYY-MM-DD") → calls made that day.
-const QUOTA: Tbl<(&str, &str), u64> = Tbl::new("quota", |t| &t.quota);
+const QUOTA: Tbl<(&str, &str), u64> = tbl!("quota", quota);
 
 /// A table's name and key/value types. Unlike redb's `TableDefinition`, its name is
 /// `&'static str`, so errors can carry it without allocating.
@@ -99,6 +107,8 @@ struct Tbl<K: redb::Key + 'static, V: redb::Value + 'static> {
     name: &'static str,
     /// Where a write transaction caches this table's open handle.
     slot: fn(&OpenTables) -> &Slot<K, V>,
+    /// Where a read transaction caches it.
+    read_slot: fn(&ReadTables) -> &ReadSlot<K, V>,
 }
 
 impl<K: redb::Key + 'static, V: redb::Value + 'static> Clone for Tbl<K, V> {
@@ -110,8 +120,16 @@ impl<K: redb::Key + 'static, V: redb::Value + 'static> Clone for Tbl<K, V> {
 impl<K: redb::Key + 'static, V: redb::Value + 'static> Copy for Tbl<K, V> {}
 
 impl<K: redb::Key + 'static, V: redb::Value + 'static> Tbl<K, V> {
-    const fn new(name: &'static str, slot: fn(&OpenTables) -> &Slot<K, V>) -> Self {
-        Tbl { name, slot }
+    const fn new(
+        name: &'static str,
+        slot: fn(&OpenTables) -> &Slot<K, V>,
+        read_slot: fn(&ReadTables) -> &ReadSlot<K, V>,
+    ) -> Self {
+        Tbl {
+            name,
+            slot,
+            read_slot,
+        }
     }
 
     fn def(self) -> TableDefinition<'static, K, V> {
@@ -291,7 +309,10 @@ impl Store {
             kind: "read",
             source,
         })?;
-        Ok(ReadTx { txn })
+        Ok(ReadTx {
+            tables: ReadTables::default(),
+            txn,
+        })
     }
 }
 
@@ -409,20 +430,30 @@ fn migrate_from_v2(tx: &WriteTx) -> Result<(), StoreError> {
 
 /// A read-only snapshot. Sees exactly what was committed when it began.
 pub struct ReadTx {
+    tables: ReadTables,
     txn: redb::ReadTransaction,
 }
 
 impl ReadTx {
+    /// The open handle of `def`, opened on first use in this transaction (opening costs
+    /// a catalogue look-up, about as much as the `get` that follows; see [`OpenTables`]).
     fn table<K: redb::Key + 'static, V: redb::Value + 'static>(
         &self,
         def: Tbl<K, V>,
-    ) -> Result<ReadOnlyTable<K, V>, StoreError> {
-        self.txn
+    ) -> Result<&ReadOnlyTable<K, V>, StoreError> {
+        let slot = (def.read_slot)(&self.tables);
+        if let Some(table) = slot.get() {
+            return Ok(table);
+        }
+        let table = self
+            .txn
             .open_table(def.def())
             .map_err(|source| StoreError::Table {
                 table: def.name,
                 source,
-            })
+            })?;
+        // Another thread may have filled the slot meanwhile: both handles are equal.
+        Ok(slot.get_or_init(|| table))
     }
 }
 
@@ -481,6 +512,31 @@ struct OpenTables {
     v2_outbox_index: Slot<(&'static str, &'static str), u64>,
     tokens: Slot<&'static str, &'static [u8]>,
     quota: Slot<(&'static str, &'static str), u64>,
+}
+
+/// A cached open table of a read transaction (see [`ReadTables`]).
+type ReadSlot<K, V> = OnceLock<ReadOnlyTable<K, V>>;
+
+/// Table handles opened once per read transaction and reused by every call (the
+/// prepare thread of an ingest page looks up several tables per record).
+#[derive(Default)]
+struct ReadTables {
+    meta: ReadSlot<&'static str, u32>,
+    sequences: ReadSlot<&'static str, u64>,
+    companies: ReadSlot<&'static str, &'static [u8]>,
+    records: ReadSlot<(&'static str, &'static str), &'static [u8]>,
+    reverse_links: ReadSlot<(&'static str, &'static str), &'static str>,
+    match_keys: ReadSlot<&'static str, &'static str>,
+    cursors: ReadSlot<&'static str, &'static [u8]>,
+    outbox: ReadSlot<(&'static str, u64), &'static [u8]>,
+    outbox_pending: ReadSlot<&'static str, &'static [u8]>,
+    outbox_counts: ReadSlot<&'static str, u64>,
+    dead_letters: ReadSlot<u64, &'static [u8]>,
+    v2_links: ReadSlot<(&'static str, &'static str), &'static str>,
+    v2_ledger: ReadSlot<(&'static str, &'static str), &'static [u8]>,
+    v2_outbox_index: ReadSlot<(&'static str, &'static str), u64>,
+    tokens: ReadSlot<&'static str, &'static [u8]>,
+    quota: ReadSlot<(&'static str, &'static str), u64>,
 }
 
 /// The heap-allocated redb transaction the cached tables point into. A raw pointer rather
