@@ -118,11 +118,14 @@ async fn check(path: PathBuf, online: bool) -> ExitCode {
         return match crate::connectors::check_online(&cfg).await {
             Ok(lines) => {
                 let mut failed = false;
-                for (connector, problems) in lines {
-                    if problems.is_empty() {
+                for (connector, found) in lines {
+                    for n in &found.notes {
+                        println!("{connector}: note: {n}");
+                    }
+                    if found.problems.is_empty() {
                         println!("{connector}: online check passed");
                     }
-                    for p in problems {
+                    for p in found.problems {
                         failed = true;
                         // Connector errors already name their connector.
                         if p.starts_with(&format!("{connector}:")) {

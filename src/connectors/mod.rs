@@ -36,9 +36,20 @@ pub fn build(
     }
 }
 
-/// `check --online`: per connector, the problems found by talking to the instance
-/// (credentials, mapped fields missing, read-only APIs). Empty lists mean all is well.
-pub async fn check_online(config: &Config) -> Result<Vec<(String, Vec<String>)>, String> {
+/// What `check --online` found out about one connector's instance.
+#[derive(Debug, Default)]
+pub struct OnlineFindings {
+    /// Problems that make the configuration unusable as written: credentials, read-only
+    /// APIs, fields the user's own mapping rules name that the instance lacks.
+    pub problems: Vec<String>,
+    /// Things the daemon copes with on its own: built-in mapping rules whose vendor
+    /// field the instance lacks (the daemon skips them at start, with a warning).
+    pub notes: Vec<String>,
+}
+
+/// `check --online`: per connector, what talking to the instance revealed (credentials,
+/// mapped fields missing, read-only APIs). Empty problem lists mean all is well.
+pub async fn check_online(config: &Config) -> Result<Vec<(String, OnlineFindings)>, String> {
     let store_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     // A scratch store: the check must not need (or lock) the daemon's store.
     let store =
@@ -49,27 +60,99 @@ pub async fn check_online(config: &Config) -> Result<Vec<(String, Vec<String>)>,
     };
     let mut out = Vec::new();
     for (name, cfg) in config.connectors.iter().filter(|(_, c)| c.common().enabled) {
-        let mut problems = Vec::new();
+        let mut found = OnlineFindings::default();
         match build(name, cfg, &ctx) {
-            Err(e) => problems.push(e.to_string()),
+            Err(e) => found.problems.push(e.to_string()),
             Ok(conn) => match conn.start().await {
-                Err(e) => problems.push(e.to_string()),
+                Err(e) => found.problems.push(e.to_string()),
                 Ok(()) => {
                     match crate::mapping::Mapping::compile(cfg.kind(), cfg.mapping()) {
                         Ok(m) => {
-                            for key in conn.unavailable_fields(&m.vendor_keys()) {
-                                problems.push(format!(
-                                    "mapped vendor field {key:?} does not exist on this instance"
-                                ));
-                            }
+                            let missing = conn.unavailable_fields(&m.vendor_keys());
+                            sort_missing_fields(cfg, &m, missing, &mut found);
                         }
-                        Err(errs) => problems.extend(errs.iter().map(|e| e.to_string())),
+                        Err(errs) => found.problems.extend(errs.iter().map(|e| e.to_string())),
                     }
-                    problems.extend(conn.online_problems().await);
+                    found.problems.extend(conn.online_problems().await);
                 }
             },
         }
-        out.push((name.clone(), problems));
+        out.push((name.clone(), found));
     }
     Ok(out)
+}
+
+/// Files each mapped vendor key the instance lacks: a problem when the config's own rules
+/// name it (most likely a typo or the wrong instance), a note when only a built-in rule
+/// does (accounts differ; the daemon skips such rules at start).
+fn sort_missing_fields(
+    cfg: &ConnectorConfig,
+    mapping: &crate::mapping::Mapping,
+    missing: Vec<String>,
+    found: &mut OnlineFindings,
+) {
+    let own = crate::mapping::MappingRules {
+        use_defaults: false,
+        ignore: Vec::new(),
+        fields: cfg.mapping().fields.clone(),
+    };
+    let own = crate::mapping::Mapping::compile(cfg.kind(), &own)
+        .map(|m| m.vendor_keys())
+        .unwrap_or_default();
+    for key in missing {
+        if own.contains(&key) {
+            found.problems.push(format!(
+                "mapped vendor field {key:?} does not exist on this instance"
+            ));
+        } else {
+            let (_, fields) = mapping.without_vendor_keys(std::slice::from_ref(&key));
+            found.notes.push(format!(
+                "built-in mapping field {key:?} does not exist on this instance; the daemon \
+                 skips its rule, so {} is not synced here (`ignore = {fields:?}` in this \
+                 connector's [mapping] says so explicitly)",
+                fields.join(", "),
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_fields_of_own_rules_are_problems_and_of_built_in_rules_notes() {
+        let toml = r#"
+flows = []
+[store]
+path = "x.redb"
+[connectors.amo]
+kind = "amocrm"
+base_url = "http://127.0.0.1:1"
+[connectors.amo.auth]
+type = "long_lived"
+token = { env = "UNUSED_TOKEN" }
+[[connectors.amo.mapping.fields]]
+canonical = "industry"
+field_name = "Sector"
+"#;
+        let config = crate::config::Config::parse(toml, std::path::Path::new("t.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let cfg = &config.connectors["amo"];
+        let mapping = crate::mapping::Mapping::compile(cfg.kind(), cfg.mapping()).unwrap();
+        let mut found = OnlineFindings::default();
+        let missing = vec!["cf.name.Sector".to_string(), "cf.name.Domain".to_string()];
+        sort_missing_fields(cfg, &mapping, missing, &mut found);
+        assert_eq!(
+            found.problems,
+            ["mapped vendor field \"cf.name.Sector\" does not exist on this instance"]
+        );
+        assert_eq!(found.notes.len(), 1, "{:?}", found.notes);
+        assert!(
+            found.notes[0].contains("\"cf.name.Domain\"")
+                && found.notes[0].contains("ignore = [\"domain\"]"),
+            "{:?}",
+            found.notes
+        );
+    }
 }
