@@ -492,8 +492,78 @@ async fn an_unreadable_bulk_answer_leaves_the_items_to_retry() {
 }
 
 #[tokio::test]
-async fn records_without_a_domain_are_created_one_by_one() {
+async fn records_without_a_domain_are_created_in_one_bulk_on_their_first_attempt() {
     let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/companies/bulk"))
+        .and(body_json(
+            json!([{"name": "First Ltd"}, {"name": "Second Ltd"}]),
+        ))
+        .respond_with(ok_json(fixture!("bulk_created_two.json")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/companies"))
+        .respond_with(status_json(201, fixture!("company_created.json")))
+        .expect(0)
+        .mount(&server)
+        .await;
+    let out = connector(&server, 3)
+        .conn
+        .push(&[
+            item(None, json!({"name": "First Ltd"}), 0),
+            item(None, json!({"name": "Second Ltd"}), 0),
+        ])
+        .await
+        .unwrap();
+    let written = |id: &str| PushOutcome::Written {
+        vendor_id: id.into(),
+        created: true,
+    };
+    assert_eq!(
+        out,
+        vec![
+            written("30000000-0000-4000-8000-000000000001"),
+            written("30000000-0000-4000-8000-000000000002"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_bulk_create_of_unknown_outcome_leaves_records_without_a_domain_unconfirmed() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/companies/bulk"))
+        .respond_with(ok_json(fixture!("bulk_truncated.txt")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let out = connector(&server, 3)
+        .conn
+        .push(&[
+            item(None, json!({"name": "First Ltd"}), 0),
+            item(None, json!({"name": "Second Ltd"}), 0),
+        ])
+        .await
+        .unwrap();
+    // Never `Retry`: a blind resend of a create without a domain could duplicate it.
+    assert!(
+        out.iter()
+            .all(|o| matches!(o, PushOutcome::Unconfirmed { .. })),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_bulk_refused_as_a_whole_is_sent_one_by_one() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/companies/bulk"))
+        .respond_with(status_json(400, fixture!("error_400.json")))
+        .expect(2)
+        .mount(&server)
+        .await;
     Mock::given(method("POST"))
         .and(path("/api/v1/companies"))
         .and(body_json(json!({"name": "Nameless Ltd"})))
@@ -508,11 +578,19 @@ async fn records_without_a_domain_are_created_one_by_one() {
         .expect(1)
         .mount(&server)
         .await;
+    Mock::given(method("PUT"))
+        .and(path("/api/v1/companies/upsert"))
+        .and(body_json(json!({"name": "N", "domain": "x.example.com"})))
+        .respond_with(ok_json(fixture!("upsert_x_updated.json")))
+        .expect(1)
+        .mount(&server)
+        .await;
     let out = connector(&server, 3)
         .conn
         .push(&[
             item(None, json!({"name": "Nameless Ltd"}), 0),
             item(None, json!({"city": "Paris"}), 0),
+            item(None, json!({"name": "N", "domain": "x.example.com"}), 0),
         ])
         .await
         .unwrap();
@@ -525,7 +603,11 @@ async fn records_without_a_domain_are_created_one_by_one() {
             },
             PushOutcome::Rejected {
                 reason: "Company name is required".into()
-            }
+            },
+            PushOutcome::Written {
+                vendor_id: "10000000-0000-4000-8000-000000000001".into(),
+                created: false
+            },
         ]
     );
 }

@@ -502,6 +502,49 @@ impl Engine {
                         vendor_id, created, ..
                     },
                 ) => {
+                    // A create the target resolved to a record that belongs to another
+                    // company (both have the domain a Rally upsert matches, a replay found
+                    // the other's record): the target holds one record for the two. Moving
+                    // the link would leave that record flipping between two companies, so
+                    // this item is a dead letter and the owner's content goes back.
+                    if let Some(owner) = tx
+                        .link_of(target, vendor_id)?
+                        .filter(|owner| *owner != item.canonical_id)
+                    {
+                        let reason = format!(
+                            "{target} resolved this new company to its record {vendor_id}, which \
+                             belongs to another company ({owner}); {target} keeps one record for \
+                             both (e.g. one per domain), so this one is not synced there and \
+                             that record gets its own company's content back"
+                        );
+                        warn!(vendor_id = %vendor_id, owner = %owner, "created onto another company's record; dead-lettered");
+                        tx.add_dead_letter(DeadLetterNew {
+                            connector: target.to_string(),
+                            direction: Direction::Push,
+                            canonical_id: Some(item.canonical_id.clone()),
+                            vendor_id: None,
+                            record: serde_json::Value::Object(item.fields.clone()),
+                            reason,
+                            attempts: item.prior_attempts + 1,
+                            first_at: now,
+                            last_at: now,
+                        })?;
+                        // The record holds this item's content now: recorded so, reading it
+                        // back is an echo (not a change of the owner), and the owner's push
+                        // is not skipped as already there.
+                        tx.put_ledger(
+                            target,
+                            vendor_id,
+                            &LedgerEntry {
+                                hash: hash.clone(),
+                                at: now,
+                            },
+                        )?;
+                        tx.outbox_remove(target, *seq)?;
+                        tx.enqueue(target, &owner, now)?;
+                        stats.rejected += 1;
+                        continue;
+                    }
                     tx.put_link(target, vendor_id, &item.canonical_id)?;
                     tx.put_ledger(
                         target,

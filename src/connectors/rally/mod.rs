@@ -77,9 +77,16 @@
 //!   Otherwise some matched an existing domain and the answer does not say whose id is
 //!   whose: each successful item is sent again to `PUT /upsert` (same body, so no
 //!   change), which answers its id (`created` = the id is among `createdIds`).
-//! - **without an id or domain**: `POST /api/v1/companies`, one by one, never retried
-//!   automatically after it may have landed (the item is then `Unconfirmed`). When the
-//!   item comes back with `unconfirmed_since`, a record of the
+//! - **without an id or domain, first attempt**: `POST /api/v1/companies/bulk` in calls of
+//!   ≤ 100, never retried automatically after it may have landed (nothing matches these
+//!   rows, so a resend would create them twice): an unknown outcome, or an answer whose
+//!   `createdIds` cannot be paired with the items, makes every item `Unconfirmed`.
+//! - A bulk answered with a 4xx as a whole (no per-index errors: nothing was stored) is
+//!   sent again item by item — upsert for items with a domain, `POST` for the others — so
+//!   one record Rally refuses does not turn a hundred into dead letters.
+//! - **without an id or domain, a replay**: `POST /api/v1/companies`, one by one, never
+//!   retried automatically after it may have landed (the item is then `Unconfirmed`).
+//!   Since the item comes back with `unconfirmed_since`, a record of the
 //!   same name updated within `lookup_window` (1 h) is linked instead of creating again
 //!   (the one agreeing on most pushed fields, then the newest). Residual risk: an earlier
 //!   attempt that landed more than `lookup_window` ago, or was renamed since, is created

@@ -1,6 +1,8 @@
 //! Writing to Rally: partial updates by id, bulk upserts by domain (with an upsert
-//! fallback to learn the ids of matched records), and guarded one-by-one creates for
-//! records without a domain. One outcome per item; per-record verdicts become `Rejected`.
+//! fallback to learn the ids of matched records), bulk creates of records without a domain
+//! on their first attempt, and guarded one-by-one creates for their replays. A bulk Rally
+//! refuses as a whole is sent again item by item, so one bad record cannot sink a hundred.
+//! One outcome per item; per-record verdicts become `Rejected`.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -26,6 +28,10 @@ enum Job {
     Update(usize),
     /// `POST /companies/bulk` for these items (all with a domain).
     Bulk(Vec<usize>),
+    /// `POST /companies/bulk` for these items, all without a domain and never sent before
+    /// (a bulk create is not idempotent without a domain: an unknown outcome makes each
+    /// item a replay, which looks for its twin before creating it alone).
+    BulkNew(Vec<usize>),
     /// `POST /companies` for the item at this index (no domain).
     Create(usize),
 }
@@ -68,18 +74,21 @@ impl RallyConnector {
     ) -> Result<Vec<PushOutcome>, ConnectorError> {
         let mut jobs = Vec::new();
         let mut bulk: Vec<usize> = Vec::new();
+        let mut fresh: Vec<usize> = Vec::new();
         for (i, item) in items.iter().enumerate() {
             if item.vendor_id.is_some() {
                 jobs.push(Job::Update(i));
             } else if domain_of(&item.fields).is_some() {
                 bulk.push(i);
+            } else if item.unconfirmed_since.is_none() {
+                fresh.push(i);
             } else {
                 jobs.push(Job::Create(i));
             }
         }
-        for chunk in bulk.chunks(BULK_MAX.min(self.max_batch)) {
-            jobs.push(Job::Bulk(chunk.to_vec()));
-        }
+        let size = BULK_MAX.min(self.max_batch).max(1);
+        jobs.extend(bulk.chunks(size).map(|c| Job::Bulk(c.to_vec())));
+        jobs.extend(fresh.chunks(size).map(|c| Job::BulkNew(c.to_vec())));
         let results: Vec<Vec<(usize, ItemResult)>> = futures::stream::iter(jobs)
             .map(|job| self.run_job(job, items))
             .buffer_unordered(self.max_concurrent)
@@ -121,7 +130,98 @@ impl RallyConnector {
             Job::Update(i) => vec![(i, self.update_one(&items[i]).await)],
             Job::Create(i) => vec![(i, self.create_guarded(&items[i]).await)],
             Job::Bulk(idx) => self.bulk(&idx, items).await,
+            Job::BulkNew(idx) => self.bulk_new(&idx, items).await,
         }
+    }
+
+    /// Each item on its own, after Rally refused their bulk as a whole (a 4xx naming no
+    /// index): upserts for items with a domain, creates for the others (the refusal
+    /// stored nothing, so these are first attempts).
+    async fn one_by_one(&self, idx: &[usize], items: &[PushItem]) -> Vec<(usize, ItemResult)> {
+        futures::stream::iter(idx.iter().copied())
+            .map(|i| async move {
+                let r = match domain_of(&items[i].fields) {
+                    Some(_) => self.upsert_one(&items[i].fields, None).await,
+                    None => self.create_guarded(&items[i]).await,
+                };
+                (i, r)
+            })
+            .buffer_unordered(self.max_concurrent)
+            .collect()
+            .await
+    }
+
+    /// `POST /companies/bulk` creating items without a domain (see [`Job::BulkNew`]).
+    async fn bulk_new(&self, idx: &[usize], items: &[PushItem]) -> Vec<(usize, ItemResult)> {
+        let body: Vec<Value> = idx
+            .iter()
+            .map(|&i| Value::Object(items[i].fields.clone()))
+            .collect();
+        let req = ApiRequest::post("POST companies/bulk", self.url("api/v1/companies/bulk"))
+            .auth(self.auth.clone())
+            .json(Value::Array(body));
+        let unknown = |why: String| -> Vec<(usize, ItemResult)> {
+            idx.iter()
+                .map(|&i| {
+                    (
+                        i,
+                        Ok(PushOutcome::Unconfirmed {
+                            reason: format!(
+                                "{why}; the companies may have been created: each replay looks \
+                                 for its twin first"
+                            ),
+                        }),
+                    )
+                })
+                .collect()
+        };
+        let resp = match self.client.send(req, &RecordVerdictClassifier).await {
+            Ok(r) => r,
+            Err(e) if e.may_have_applied() => return unknown(e.to_string()),
+            Err(e) => {
+                let r = item_error(e);
+                return idx.iter().map(|&i| (i, dup(&r))).collect();
+            }
+        };
+        if !resp.status.is_success() {
+            return self.one_by_one(idx, items).await;
+        }
+        let Some(answer) = resp.json.as_ref().and_then(BulkAnswer::parse) else {
+            return unknown(format!("bulk answer unreadable: {}", resp.text_snippet()));
+        };
+        let mut out = Vec::with_capacity(idx.len());
+        let mut ok = Vec::new();
+        for (pos, &i) in idx.iter().enumerate() {
+            match answer.errors.get(&pos) {
+                Some(reason) => out.push((
+                    i,
+                    Ok(PushOutcome::Rejected {
+                        reason: reason.clone(),
+                    }),
+                )),
+                None => ok.push(i),
+            }
+        }
+        if answer.created as usize == ok.len() && answer.created_ids.len() == ok.len() {
+            out.extend(ok.iter().zip(&answer.created_ids).map(|(&i, id)| {
+                (
+                    i,
+                    Ok(PushOutcome::Written {
+                        vendor_id: id.clone(),
+                        created: true,
+                    }),
+                )
+            }));
+            return out;
+        }
+        // Created, but which id is whose is unclear: the replays find each by its twin.
+        let why = format!(
+            "bulk created {} of {} without saying which ids are whose",
+            answer.created,
+            ok.len()
+        );
+        out.extend(unknown(why).into_iter().filter(|(i, _)| ok.contains(i)));
+        out
     }
 
     /// `PUT /companies/{id}` with the item's fields (a partial update).
@@ -221,7 +321,7 @@ impl RallyConnector {
             Err(e) => return all(item_error(e)),
         };
         if !resp.status.is_success() {
-            return all(Ok(rejected(&resp)));
+            return self.one_by_one(idx, items).await;
         }
         let Some(answer) = resp.json.as_ref().and_then(BulkAnswer::parse) else {
             return all(Ok(PushOutcome::Retry {

@@ -58,6 +58,9 @@ struct FakeTarget {
     unconfirmed_once: Mutex<HashSet<String>>,
     /// Every poll fails with a transient error.
     poll_fails: bool,
+    /// Every create lands on one and the same record (as a Rally bulk upsert of two
+    /// companies with one domain does).
+    one_record: bool,
     /// Pushes completed, for hooks that wait on other batches.
     done: tokio::sync::watch::Sender<usize>,
 }
@@ -74,6 +77,7 @@ impl FakeTarget {
             retry_once: Mutex::default(),
             unconfirmed_once: Mutex::default(),
             poll_fails: false,
+            one_record: false,
             done: tokio::sync::watch::channel(0).0,
         }
     }
@@ -163,6 +167,11 @@ impl Connector for FakeTarget {
                 {
                     PushOutcome::Unconfirmed {
                         reason: "timed out after sending".into(),
+                    }
+                } else if self.one_record {
+                    PushOutcome::Written {
+                        vendor_id: it.vendor_id.clone().unwrap_or("v-shared".into()),
+                        created: it.vendor_id.is_none(),
                     }
                 } else {
                     PushOutcome::Written {
@@ -552,4 +561,41 @@ async fn a_backfill_pushes_to_a_crm_it_read() {
     assert!(report.failures.is_empty(), "{:?}", report.failures);
     assert_eq!(report.pending.get(TARGET), Some(&0), "{:?}", report.pending);
     assert_eq!(f.outbox_len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_landing_on_another_companys_record_is_a_dead_letter_and_the_owner_is_restored() {
+    let mut target = FakeTarget::new(10, 1, Duration::ZERO);
+    target.one_record = true;
+    let f = fixture(target, 2);
+    f.engine
+        .drain_all(TARGET, &CancellationToken::new())
+        .await
+        .expect("drain");
+    let rx = f.engine.store.begin_read().unwrap();
+    assert_eq!(
+        rx.vendor_id_of("c0000", TARGET).unwrap().as_deref(),
+        Some("v-shared")
+    );
+    assert_eq!(
+        rx.vendor_id_of("c0001", TARGET).unwrap(),
+        None,
+        "the link must not move"
+    );
+    let dead = rx.dead_letters(10, 0).unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].canonical_id.as_deref(), Some("c0001"));
+    assert!(
+        dead[0]
+            .reason
+            .contains("belongs to another company (c0000)"),
+        "{}",
+        dead[0].reason
+    );
+    drop(rx);
+    assert_eq!(f.outbox_len(), 0);
+    let seen = f.target.seen.lock().unwrap();
+    // The owner's content went back to the record the other create overwrote.
+    assert_eq!(seen.names["c0000"].len(), 2, "{seen:?}");
+    assert_eq!(seen.names["c0001"].len(), 1, "{seen:?}");
 }
