@@ -66,11 +66,11 @@ pub async fn check_online(config: &Config) -> Result<Vec<(String, OnlineFindings
             Ok(conn) => match conn.start().await {
                 Err(e) => found.problems.push(e.to_string()),
                 Ok(()) => {
-                    match crate::mapping::Mapping::compile(cfg.kind(), cfg.mapping()) {
-                        Ok(m) => {
-                            let missing = conn.unavailable_fields(&m.vendor_keys());
-                            sort_missing_fields(cfg, &m, missing, &mut found);
-                        }
+                    let fitted = crate::mapping::Mapping::fit(cfg.kind(), cfg.mapping(), |k| {
+                        conn.unavailable_fields(k)
+                    });
+                    match fitted {
+                        Ok(f) => sort_missing_fields(cfg, &f, &mut found),
                         Err(errs) => found.problems.extend(errs.iter().map(|e| e.to_string())),
                     }
                     found.problems.extend(conn.online_problems().await);
@@ -87,8 +87,7 @@ pub async fn check_online(config: &Config) -> Result<Vec<(String, OnlineFindings
 /// does (accounts differ; the daemon skips such rules at start).
 fn sort_missing_fields(
     cfg: &ConnectorConfig,
-    mapping: &crate::mapping::Mapping,
-    missing: Vec<String>,
+    fitted: &crate::mapping::Fitted,
     found: &mut OnlineFindings,
 ) {
     let own = crate::mapping::MappingRules {
@@ -99,21 +98,45 @@ fn sort_missing_fields(
     let own = crate::mapping::Mapping::compile(cfg.kind(), &own)
         .map(|m| m.vendor_keys())
         .unwrap_or_default();
-    for key in missing {
-        if own.contains(&key) {
+    let full = crate::mapping::Mapping::compile(cfg.kind(), cfg.mapping());
+    for key in &fitted.missing {
+        if own.contains(key) {
             found.problems.push(format!(
                 "mapped vendor field {key:?} does not exist on this instance"
             ));
         } else {
-            let (_, fields) = mapping.without_vendor_keys(std::slice::from_ref(&key));
-            found.notes.push(format!(
-                "built-in mapping field {key:?} does not exist on this instance; the daemon \
-                 skips its rule, so {} is not synced here (`ignore = {fields:?}` in this \
-                 connector's [mapping] says so explicitly)",
-                fields.join(", "),
-            ));
+            let fields = full
+                .as_ref()
+                .map(|m| m.without_vendor_keys(std::slice::from_ref(key)).1)
+                .unwrap_or_default();
+            let (stood_in, skipped): (Vec<&String>, Vec<&String>) =
+                fields.iter().partition(|f| fitted.stand_ins.contains(f));
+            if !stood_in.is_empty() {
+                found.notes.push(format!(
+                    "built-in mapping field {key:?} does not exist on this instance; {} is \
+                     synced through its stand-in rule instead (e.g. amoCRM's domain read \
+                     from the Web field)",
+                    join(&stood_in),
+                ));
+            }
+            if !skipped.is_empty() {
+                found.notes.push(format!(
+                    "built-in mapping field {key:?} does not exist on this instance; the \
+                     daemon skips its rule, so {} is not synced here (`ignore = {skipped:?}` \
+                     in this connector's [mapping] says so explicitly)",
+                    join(&skipped),
+                ));
+            }
         }
     }
+}
+
+fn join(names: &[&String]) -> String {
+    names
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -139,20 +162,37 @@ field_name = "Sector"
         let config = crate::config::Config::parse(toml, std::path::Path::new("t.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
         let cfg = &config.connectors["amo"];
-        let mapping = crate::mapping::Mapping::compile(cfg.kind(), cfg.mapping()).unwrap();
-        let mut found = OnlineFindings::default();
-        let missing = vec!["cf.name.Sector".to_string(), "cf.name.Domain".to_string()];
-        sort_missing_fields(cfg, &mapping, missing, &mut found);
-        assert_eq!(
-            found.problems,
-            ["mapped vendor field \"cf.name.Sector\" does not exist on this instance"]
-        );
-        assert_eq!(found.notes.len(), 1, "{:?}", found.notes);
-        assert!(
-            found.notes[0].contains("\"cf.name.Domain\"")
-                && found.notes[0].contains("ignore = [\"domain\"]"),
-            "{:?}",
+        let notes_when_absent = |absent: &[&str]| {
+            let fitted = crate::mapping::Mapping::fit(cfg.kind(), cfg.mapping(), |keys| {
+                keys.iter()
+                    .filter(|k| absent.contains(&k.as_str()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap();
+            let mut found = OnlineFindings::default();
+            sort_missing_fields(cfg, &fitted, &mut found);
+            assert_eq!(
+                found.problems,
+                ["mapped vendor field \"cf.name.Sector\" does not exist on this instance"]
+            );
             found.notes
+        };
+        // No "Domain" field: the domain is read from Web instead.
+        let notes = notes_when_absent(&["cf.name.Sector", "cf.name.Domain"]);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains("\"cf.name.Domain\"") && notes[0].contains("stand-in"),
+            "{notes:?}"
+        );
+        // Not even Web: domain and website are not synced.
+        let notes = notes_when_absent(&["cf.name.Sector", "cf.name.Domain", "cf.code.WEB"]);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("\"cf.name.Domain\"") && n.contains("ignore = [\"domain\"]")),
+            "{notes:?}"
         );
     }
 }

@@ -158,24 +158,23 @@ pub async fn build_engine(
                 detail: e.to_string(),
             })?;
         start_with_patience(name, connector.as_ref()).await?;
-        let mapping =
-            Mapping::compile(cfg.kind(), cfg.mapping()).map_err(|errs| DaemonError::Mapping {
-                connector: name.clone(),
-                detail: errs
-                    .iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            })?;
-        let missing = connector.unavailable_fields(&mapping.vendor_keys());
-        let mapping = if missing.is_empty() {
-            mapping
-        } else {
-            let (m, dropped) = mapping.without_vendor_keys(&missing);
-            warn!(connector = %name, missing = ?missing, dropped = ?dropped,
+        let fitted = Mapping::fit(cfg.kind(), cfg.mapping(), |keys| {
+            connector.unavailable_fields(keys)
+        })
+        .map_err(|errs| DaemonError::Mapping {
+            connector: name.clone(),
+            detail: errs
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        })?;
+        if !fitted.missing.is_empty() {
+            warn!(connector = %name, missing = ?fitted.missing, dropped = ?fitted.dropped,
+                stand_ins = ?fitted.stand_ins,
                 "vendor fields missing on this instance; those mapping rules are skipped");
-            m
-        };
+        }
+        let mapping = fitted.mapping;
         endpoints.push(Endpoint {
             name: name.clone(),
             connector,

@@ -161,6 +161,19 @@ fn null_like(value: &Value) -> bool {
     matches!(value, Value::Null | Value::Json(Json::Null))
 }
 
+/// A mapping fitted to an instance ([`Mapping::fit`]).
+#[derive(Debug, Clone)]
+pub struct Fitted {
+    /// The rules the instance can serve.
+    pub mapping: Mapping,
+    /// Vendor keys of the full mapping the instance lacks.
+    pub missing: Vec<String>,
+    /// Canonical fields whose rule was dropped for that.
+    pub dropped: Vec<String>,
+    /// Of those, the fields synced through a stand-in rule instead.
+    pub stand_ins: Vec<String>,
+}
+
 impl Mapping {
     /// Compiles the mapping of a connector of `kind`: the built-in rules (when
     /// `use_defaults`) minus the `ignore`d fields, with a rule in `rules.fields` replacing
@@ -332,6 +345,57 @@ impl Mapping {
     pub fn vendor_keys(&self) -> Vec<String> {
         let set: BTreeSet<&str> = self.rules.iter().map(|r| r.key.as_str()).collect();
         set.into_iter().map(String::from).collect()
+    }
+
+    /// The mapping of `rules` fitted to one instance: rules whose vendor key the instance
+    /// lacks (`unavailable` names them, given every vendor key) are dropped, and a dropped
+    /// built-in rule is replaced by its stand-in from
+    /// [`fallback_rules`](super::defaults::fallback_rules) when the instance has that
+    /// one's field and the config does not say otherwise for the canonical field.
+    pub fn fit(
+        kind: CrmKind,
+        rules: &MappingRules,
+        unavailable: impl Fn(&[String]) -> Vec<String>,
+    ) -> Result<Fitted, Vec<MappingError>> {
+        let full = Mapping::compile(kind, rules)?;
+        let missing = unavailable(&full.vendor_keys());
+        let (mapping, dropped) = full.without_vendor_keys(&missing);
+        let stand_ins: Vec<FieldRule> = if rules.use_defaults {
+            super::defaults::fallback_rules(kind)
+                .into_iter()
+                .filter(|f| {
+                    dropped.contains(&f.canonical)
+                        && !rules.ignore.contains(&f.canonical)
+                        && !rules.fields.iter().any(|r| r.canonical == f.canonical)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if stand_ins.is_empty() {
+            return Ok(Fitted {
+                mapping,
+                missing,
+                dropped,
+                stand_ins: Vec::new(),
+            });
+        }
+        let mut with = rules.clone();
+        with.fields.extend(stand_ins.iter().cloned());
+        let full = Mapping::compile(kind, &with)?;
+        let missing_now = unavailable(&full.vendor_keys());
+        let (mapping, dropped_now) = full.without_vendor_keys(&missing_now);
+        let stand_ins = stand_ins
+            .into_iter()
+            .filter(|f| !dropped_now.contains(&f.canonical))
+            .map(|f| f.canonical)
+            .collect();
+        Ok(Fitted {
+            mapping,
+            missing,
+            dropped,
+            stand_ins,
+        })
     }
 
     /// This mapping without the rules whose vendor key is in `missing` (keys as

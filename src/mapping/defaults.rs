@@ -102,7 +102,8 @@ pub fn default_rules(kind: CrmKind) -> Vec<FieldRule> {
             code_rule("website", "WEB"),
             code_rule("address", "ADDRESS"),
             // Account-specific fields: a connector drops these at start when the account
-            // lacks them (`Mapping::without_vendor_keys`).
+            // lacks them (`Mapping::fit`; the domain then comes from Web, see
+            // `fallback_rules`).
             name_rule("domain", "Domain"),
             name_rule("industry", "Industry"),
             name_rule("employeeCount", "Employees"),
@@ -110,6 +111,22 @@ pub fn default_rules(kind: CrmKind) -> Vec<FieldRule> {
             name_rule("city", "City"),
             name_rule("country", "Country"),
         ],
+    }
+}
+
+/// Rules that stand in for a built-in rule whose vendor field the instance lacks (see
+/// [`Mapping::fit`](super::Mapping::fit)). amoCRM has no domain field of its own: the
+/// built-in rule reads an account field named "Domain" where one exists, and otherwise the
+/// domain is taken from the standard Web field (as Marketo's is from `website`), so that
+/// companies still match across CRMs by domain.
+pub fn fallback_rules(kind: CrmKind) -> Vec<FieldRule> {
+    match kind {
+        CrmKind::Amocrm => vec![FieldRule {
+            direction: Direction::ReadOnly,
+            transforms: vec![Transform::DomainFromUrl],
+            ..code_rule("domain", "WEB")
+        }],
+        CrmKind::Rally | CrmKind::Marketo => Vec::new(),
     }
 }
 

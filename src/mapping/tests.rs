@@ -504,6 +504,58 @@ fn without_vendor_keys_drops_rules_and_names_their_fields() {
 }
 
 #[test]
+fn an_amocrm_account_without_a_domain_field_reads_the_domain_from_web() {
+    let lacking = |absent: &'static [&'static str]| {
+        move |keys: &[String]| -> Vec<String> {
+            keys.iter()
+                .filter(|k| absent.contains(&k.as_str()))
+                .cloned()
+                .collect()
+        }
+    };
+    let fitted = Mapping::fit(
+        CrmKind::Amocrm,
+        &MappingRules::default(),
+        lacking(&["cf.name.Domain"]),
+    )
+    .unwrap();
+    assert_eq!(fitted.dropped, ["domain"]);
+    assert_eq!(fitted.stand_ins, ["domain"]);
+    let got = fitted
+        .mapping
+        .read(&obj(
+            json!({"name": "Acme", "cf.code.WEB": "https://www.Acme.com/about"}),
+        ))
+        .unwrap();
+    assert_eq!(got.get("domain"), Some(&text("acme.com")));
+    assert_eq!(
+        got.get("website"),
+        Some(&text("https://www.Acme.com/about"))
+    );
+    // Read only: the domain is never written into Web.
+    let written = fitted
+        .mapping
+        .write(&fields(&[
+            ("name", text("Acme")),
+            ("domain", text("acme.com")),
+        ]))
+        .unwrap();
+    assert!(!written.keys().any(|k| k.contains("WEB")), "{written:?}");
+
+    // An account with a Domain field keeps it; a config that maps or ignores the domain
+    // itself gets no stand-in.
+    let with = Mapping::fit(CrmKind::Amocrm, &MappingRules::default(), lacking(&[])).unwrap();
+    assert!(with.stand_ins.is_empty() && with.missing.is_empty());
+    let ignoring = MappingRules {
+        ignore: vec!["domain".into()],
+        ..MappingRules::default()
+    };
+    let fitted = Mapping::fit(CrmKind::Amocrm, &ignoring, lacking(&["cf.name.Domain"])).unwrap();
+    assert!(fitted.stand_ins.is_empty(), "{fitted:?}");
+    assert!(!fitted.mapping.read_fields().contains(&"domain".to_string()));
+}
+
+#[test]
 fn decimal_survives_exactly_both_ways() {
     let m = defaults(CrmKind::Rally);
     let raw: Map<String, Json> =
