@@ -428,6 +428,50 @@ async fn bulk_maps_per_index_errors_and_created_ids_in_order() {
 }
 
 #[tokio::test]
+async fn bulk_with_updated_items_finds_their_ids_by_domain_in_one_list_call() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/companies/bulk"))
+        .respond_with(ok_json(fixture!("bulk_one_created_one_updated.json")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/v1/companies"))
+        .and(query_param("offset", "0"))
+        .respond_with(ok_json(fixture!("list_after_bulk_x_y.json")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("PUT"))
+        .respond_with(ok_json(fixture!("upsert_x_updated.json")))
+        .expect(0)
+        .mount(&server)
+        .await;
+    let out = connector(&server, 3)
+        .conn
+        .push(&[
+            item(None, json!({"name": "N", "domain": "x.example.com"}), 0),
+            item(None, json!({"name": "N", "domain": "y.example.com"}), 0),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            PushOutcome::Written {
+                vendor_id: "10000000-0000-4000-8000-000000000001".into(),
+                created: true
+            },
+            PushOutcome::Written {
+                vendor_id: "20000000-0000-4000-8000-000000000002".into(),
+                created: false
+            },
+        ]
+    );
+}
+
+#[tokio::test]
 async fn bulk_with_updated_items_resolves_their_ids_by_upsert() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))

@@ -4,7 +4,7 @@
 //! refuses as a whole is sent again item by item, so one bad record cannot sink a hundred.
 //! One outcome per item; per-record verdicts become `Rejected`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::Utc;
 use futures::StreamExt;
@@ -17,6 +17,19 @@ use crate::http::{ApiRequest, ApiResponse, HttpError};
 
 /// Most records one `POST /companies/bulk` takes (Rally's documented limit).
 pub const BULK_MAX: usize = 100;
+
+/// How far before a bulk's answer the look-up of the records it touched starts: covers a
+/// slow call and a server clock that stamps rows a little before its `Date` header.
+const BULK_LOOKUP_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(2);
+
+/// The time a response's `Date` header gives, if it gives one.
+fn response_date(resp: &ApiResponse) -> Option<chrono::DateTime<Utc>> {
+    resp.headers
+        .get(reqwest::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| chrono::DateTime::parse_from_rfc2822(s).ok())
+        .map(|d| d.with_timezone(&Utc))
+}
 
 /// What happened to one item: a definite outcome, or an error that concerns the whole
 /// connector (credentials, suspension, misconfiguration).
@@ -355,8 +368,25 @@ impl RallyConnector {
             return out;
         }
         // Some matched an existing domain and were updated: the answer does not say which
-        // ids belong to whom. Upsert each again (same body, idempotent) to learn its id.
+        // ids belong to whom. Rally keeps one company per domain, so the records the bulk
+        // touched, listed by `updatedSince`, name each item's id by its domain; an item
+        // the list does not settle is upserted again (same body, idempotent) to learn it.
         let created: HashSet<String> = answer.created_ids.iter().cloned().collect();
+        let since = response_date(&resp).unwrap_or_else(Utc::now) - BULK_LOOKUP_MARGIN;
+        let by_domain = self.ids_by_domain(&ok, items, since).await;
+        let (known, ok): (Vec<usize>, Vec<usize>) =
+            ok.into_iter().partition(|i| by_domain.contains_key(i));
+        out.extend(known.into_iter().map(|i| {
+            let id = by_domain[&i].clone();
+            let was_created = created.contains(&id);
+            (
+                i,
+                Ok(PushOutcome::Written {
+                    vendor_id: id,
+                    created: was_created,
+                }),
+            )
+        }));
         let resolved: Vec<(usize, ItemResult)> = futures::stream::iter(ok)
             .map(|i| {
                 let created = &created;
@@ -366,6 +396,76 @@ impl RallyConnector {
             .collect()
             .await;
         out.extend(resolved);
+        out
+    }
+
+    /// The ids of bulk items `idx` by their domain, among the records updated since
+    /// `since` (paged, at most a few pages more than the items need). Best effort: a
+    /// failed or unreadable call ends the look-up, and a domain two records share is left
+    /// out, so those items fall back to an upsert.
+    async fn ids_by_domain(
+        &self,
+        idx: &[usize],
+        items: &[PushItem],
+        since: chrono::DateTime<Utc>,
+    ) -> HashMap<usize, String> {
+        let key = |d: &str| d.trim().to_lowercase();
+        let mut wanted: HashMap<String, Vec<usize>> = HashMap::new();
+        for &i in idx {
+            if let Some(d) = domain_of(&items[i].fields) {
+                wanted.entry(key(d)).or_default().push(i);
+            }
+        }
+        // Domain → the one id seen with it (None once two ids were).
+        let mut seen: HashMap<String, Option<String>> = HashMap::new();
+        let page_size = self.page_size.get();
+        let since = wire_time(&since);
+        let pages = idx.len().div_ceil(page_size) + 2;
+        for page in 0..pages {
+            let req = ApiRequest::get("GET companies", self.url("api/v1/companies"))
+                .auth(self.auth.clone())
+                .query("limit", page_size.to_string())
+                .query("offset", (page * page_size).to_string())
+                .query("updatedSince", since.clone());
+            let Ok(resp) = self.client.send(req, &crate::http::DefaultClassifier).await else {
+                break;
+            };
+            let Some(rows) = resp.json.as_ref().and_then(Value::as_array) else {
+                break;
+            };
+            for row in rows {
+                let (Some(d), Some(id)) = (
+                    row.get("domain").and_then(Value::as_str),
+                    row.get("id").and_then(Value::as_str),
+                ) else {
+                    continue;
+                };
+                let d = key(d);
+                if !wanted.contains_key(&d) {
+                    continue;
+                }
+                match seen.get(&d) {
+                    None => {
+                        seen.insert(d, Some(id.to_string()));
+                    }
+                    Some(Some(other)) if other != id => {
+                        seen.insert(d, None);
+                    }
+                    Some(_) => {}
+                }
+            }
+            if rows.len() < page_size || seen.len() == wanted.len() {
+                break;
+            }
+        }
+        let mut out = HashMap::new();
+        for (d, id) in seen {
+            if let Some(id) = id {
+                for &i in &wanted[&d] {
+                    out.insert(i, id.clone());
+                }
+            }
+        }
         out
     }
 
