@@ -76,10 +76,11 @@
 //!   `createdIds.len()`), `createdIds` map to the successful items in request order.
 //!   Otherwise some matched an existing domain and the answer does not say whose id is
 //!   whose. Rally keeps one company per domain, so the records updated since the bulk
-//!   (`updatedSince` = its `Date` − 2 min, a page or two) name each item's id by domain
-//!   (case-insensitive); an item that look-up leaves open (a failed call, a domain two
-//!   records share) is sent again to `PUT /upsert` (same body, so no change), which
-//!   answers its id. `created` = the id is among `createdIds`.
+//!   began (`updatedSince` = its `Date` − its duration − 2 s, all on the server's clock;
+//!   a few pages) name each item's id by domain (case-insensitive); an item that look-up
+//!   leaves open (a failed call, a domain two records share) is sent again to
+//!   `PUT /upsert` (same body, so no change), which answers its id. `created` = the id is
+//!   among `createdIds`.
 //! - **without an id or domain, first attempt**: `POST /api/v1/companies/bulk` in calls of
 //!   ≤ 100, never retried automatically after it may have landed (nothing matches these
 //!   rows, so a resend would create them twice): an unknown outcome, or an answer whose

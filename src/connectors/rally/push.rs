@@ -18,9 +18,11 @@ use crate::http::{ApiRequest, ApiResponse, HttpError};
 /// Most records one `POST /companies/bulk` takes (Rally's documented limit).
 pub const BULK_MAX: usize = 100;
 
-/// How far before a bulk's answer the look-up of the records it touched starts: covers a
-/// slow call and a server clock that stamps rows a little before its `Date` header.
-const BULK_LOOKUP_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(2);
+/// How far before the start of a bulk (on the server's clock: its `Date` minus the call's
+/// duration) the look-up of the records it touched starts: `Date` has whole seconds.
+/// Kept short, since the rows a busy backfill updated in a wider window would push the
+/// bulk's own rows (the newest: the list is ordered by creation) pages further.
+const BULK_LOOKUP_SLACK: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 
 /// The time a response's `Date` header gives, if it gives one.
 fn response_date(resp: &ApiResponse) -> Option<chrono::DateTime<Utc>> {
@@ -329,6 +331,7 @@ impl RallyConnector {
         let all = |r: ItemResult| -> Vec<(usize, ItemResult)> {
             idx.iter().map(|&i| (i, dup(&r))).collect()
         };
+        let sent = std::time::Instant::now();
         let resp = match self.client.send(req, &RecordVerdictClassifier).await {
             Ok(r) => r,
             Err(e) => return all(item_error(e)),
@@ -372,7 +375,13 @@ impl RallyConnector {
         // touched, listed by `updatedSince`, name each item's id by its domain; an item
         // the list does not settle is upserted again (same body, idempotent) to learn it.
         let created: HashSet<String> = answer.created_ids.iter().cloned().collect();
-        let since = response_date(&resp).unwrap_or_else(Utc::now) - BULK_LOOKUP_MARGIN;
+        // Rally stamped the rows between receiving the call and its `Date`: both on its
+        // clock, so the window needs no allowance for skew between the clocks.
+        let took = chrono::TimeDelta::from_std(sent.elapsed()).unwrap_or_default();
+        let since = match response_date(&resp) {
+            Some(date) => date - took - BULK_LOOKUP_SLACK,
+            None => Utc::now() - took - BULK_LOOKUP_SLACK * 5,
+        };
         let by_domain = self.ids_by_domain(&ok, items, since).await;
         let (known, ok): (Vec<usize>, Vec<usize>) =
             ok.into_iter().partition(|i| by_domain.contains_key(i));
@@ -420,7 +429,8 @@ impl RallyConnector {
         let mut seen: HashMap<String, Option<String>> = HashMap::new();
         let page_size = self.page_size.get();
         let since = wire_time(&since);
-        let pages = idx.len().div_ceil(page_size) + 2;
+        // Other bulks in flight at once touched rows in the same window.
+        let pages = idx.len().div_ceil(page_size) * self.max_concurrent.max(1) + 2;
         for page in 0..pages {
             let req = ApiRequest::get("GET companies", self.url("api/v1/companies"))
                 .auth(self.auth.clone())
