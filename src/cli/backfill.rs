@@ -156,8 +156,8 @@ fn print_report(r: &BackfillReport, dry_run: bool) {
         for (t, s) in &r.pushed {
             let pending = r.pending.get(t).copied().unwrap_or(0);
             println!(
-                "  {t:<12} {:>8} written ({} created, {} without some fields), {:>6} unchanged, {:>5} rejected, {:>5} pending",
-                s.written, s.created, s.partial, s.skipped, s.rejected, pending
+                "  {t:<12} {:>8} written ({} created), {:>6} unchanged, {:>5} rejected, {:>5} pending",
+                s.written, s.created, s.skipped, s.rejected, pending
             );
         }
     }

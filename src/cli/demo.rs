@@ -177,8 +177,8 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     }
     for (t, s) in &report.pushed {
         println!(
-            "  wrote {t:<7} {:>5} records ({} created, {} without some fields, {} rejected)",
-            s.written, s.created, s.partial, s.rejected
+            "  wrote {t:<7} {:>5} records ({} created, {} rejected)",
+            s.written, s.created, s.rejected
         );
     }
 
@@ -236,9 +236,8 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     println!(
         "\nNotes: the simulators' mutators also delete companies; deletes are not propagated \
          (propagate_deletes = false), so a company deleted in one CRM during the live phase \
-         stays in the others. A record a CRM rejects is a dead letter with the vendor's reason, \
-         and so is one written without a field the CRM cannot hold (e.g. an industry that is \
-         not an option of amoCRM's select field); the rest goes on."
+         stays in the others. A record a CRM rejects (e.g. an industry that is not an option of \
+         amoCRM's select field) is a dead letter with the vendor's reason; the rest goes on."
     );
     cluster.shutdown().await;
     Ok(rejections == 0)

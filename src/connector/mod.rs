@@ -107,19 +107,6 @@ pub enum PushOutcome {
         /// True if the vendor created it.
         created: bool,
     },
-    /// Stored by the vendor under `vendor_id`, but without some fields whose values it
-    /// cannot hold as they are (e.g. a value that is not an option of a select field):
-    /// the company is there, those fields keep the vendor's value (empty for a new
-    /// record), and the drain dead-letters the item with `omitted` as the reason, so
-    /// that a fixed mapping can be retried.
-    WrittenPartly {
-        /// The vendor's id of the record.
-        vendor_id: String,
-        /// True if the vendor created it.
-        created: bool,
-        /// Which fields were left out, and why.
-        omitted: String,
-    },
     /// The vendor refused this record for a reason retrying will not fix.
     Rejected {
         /// The vendor's reason, verbatim where possible.

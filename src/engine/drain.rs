@@ -135,7 +135,6 @@ fn add_drain(total: &mut DrainStats, s: &DrainStats) {
     total.created += s.created;
     total.skipped += s.skipped;
     total.rejected += s.rejected;
-    total.partial += s.partial;
     total.retried += s.retried;
 }
 
@@ -491,17 +490,8 @@ impl Engine {
         for (i, (item, (seq, hash))) in items.iter().zip(&planned).enumerate() {
             let _span =
                 info_span!("push", connector = target, canonical_id = %item.canonical_id).entered();
-            let omitted = match outcomes.get(i) {
-                Some(PushOutcome::WrittenPartly { omitted, .. }) => Some(omitted),
-                _ => None,
-            };
             match outcomes.get(i) {
-                Some(
-                    PushOutcome::Written { vendor_id, created }
-                    | PushOutcome::WrittenPartly {
-                        vendor_id, created, ..
-                    },
-                ) => {
+                Some(PushOutcome::Written { vendor_id, created }) => {
                     // A create the target resolved to a record that belongs to another
                     // company (both have the domain a Rally upsert matches, a replay found
                     // the other's record): the target holds one record for the two. Moving
@@ -569,21 +559,6 @@ impl Engine {
                         stats.created += 1;
                     }
                     debug!(vendor_id = %vendor_id, created, "written");
-                    if let Some(omitted) = omitted {
-                        warn!(vendor_id = %vendor_id, reason = %omitted, "written without some fields; dead-lettered");
-                        tx.add_dead_letter(DeadLetterNew {
-                            connector: target.to_string(),
-                            direction: Direction::Push,
-                            canonical_id: Some(item.canonical_id.clone()),
-                            vendor_id: Some(vendor_id.clone()),
-                            record: serde_json::Value::Object(item.fields.clone()),
-                            reason: format!("written without some fields: {omitted}"),
-                            attempts: item.prior_attempts + 1,
-                            first_at: now,
-                            last_at: now,
-                        })?;
-                        stats.partial += 1;
-                    }
                 }
                 Some(PushOutcome::Rejected { reason }) => {
                     warn!(vendor_id = ?item.vendor_id, reason = %reason, "rejected by target; dead-lettered");

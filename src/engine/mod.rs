@@ -100,8 +100,6 @@ pub struct DrainStats {
     pub skipped: usize,
     /// Records the target rejected (now dead letters).
     pub rejected: usize,
-    /// Of the written records, those written without some fields (also dead letters).
-    pub partial: usize,
     /// Entries kept for a later attempt.
     pub retried: usize,
 }

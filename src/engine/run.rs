@@ -82,13 +82,10 @@ pub struct BackfillReport {
 }
 
 impl BackfillReport {
-    /// True when nothing failed, nothing was rejected and nothing written only in part.
+    /// True when nothing failed and nothing was rejected.
     pub fn ok(&self) -> bool {
         self.failures.is_empty()
-            && self
-                .pushed
-                .values()
-                .all(|s| s.rejected == 0 && s.partial == 0)
+            && self.pushed.values().all(|s| s.rejected == 0)
             && self.read.values().all(|s| s.dead == 0)
     }
 }
@@ -316,7 +313,7 @@ impl Engine {
                         let wait = match me.drain_all(&name, &sd).await {
                             Ok(s) => {
                                 if s.taken > 0 {
-                                    info!(connector = %name, written = s.written, created = s.created, skipped = s.skipped, rejected = s.rejected, partial = s.partial, retried = s.retried, "drained");
+                                    info!(connector = %name, written = s.written, created = s.created, skipped = s.skipped, rejected = s.rejected, retried = s.retried, "drained");
                                 }
                                 if s.retried > 0 { interval.min(MAX_ERROR_PAUSE) } else { interval }
                             }

@@ -104,13 +104,9 @@ fn cf_values(field: &CustomField, v: &Value, enum_code: Option<&str>) -> Result<
 }
 
 /// The minimal API body of one item: only the keys it carries, never read-only fields.
-/// A custom field whose value the account cannot hold (not an option of a select field,
-/// not a number for a numeric one) is left out, with the reason added to `omitted`: one
-/// unmappable value must not keep the whole company out of amoCRM.
 pub(crate) fn build_body(
     fields: &Map<String, Value>,
     catalogue: &Catalogue,
-    omitted: &mut Vec<String>,
 ) -> Result<Map<String, Value>, String> {
     let mut body = Map::new();
     // One entry per field id, in first-seen order; a later key for the same field wins.
@@ -168,13 +164,7 @@ pub(crate) fn build_body(
                 let field = catalogue
                     .resolve(k)
                     .ok_or_else(|| format!("custom field {k:?} does not exist on this account"))?;
-                let values = match cf_values(field, v, enum_code) {
-                    Ok(values) => values,
-                    Err(reason) => {
-                        omitted.push(reason);
-                        continue;
-                    }
-                };
+                let values = cf_values(field, v, enum_code)?;
                 match cfs.iter_mut().find(|(id, _)| *id == field.id) {
                     Some(slot) => slot.1 = values,
                     None => cfs.push((field.id, values)),
@@ -246,9 +236,8 @@ impl AmocrmConnector {
         let mut updates = Vec::new();
         let mut creates = Vec::new();
         let mut replays = Vec::new();
-        let mut omitted: Vec<Vec<String>> = vec![Vec::new(); items.len()];
         for (idx, item) in items.iter().enumerate() {
-            let body = match build_body(&item.fields, &catalogue, &mut omitted[idx]) {
+            let body = match build_body(&item.fields, &catalogue) {
                 Ok(b) => b,
                 Err(reason) => {
                     out[idx] = Some(PushOutcome::Rejected { reason });
@@ -306,20 +295,10 @@ impl AmocrmConnector {
         }
         Ok(out
             .into_iter()
-            .zip(omitted)
-            .map(|(o, omitted)| {
-                match o.unwrap_or(PushOutcome::Retry {
+            .map(|o| {
+                o.unwrap_or(PushOutcome::Retry {
                     reason: "not sent".into(),
-                }) {
-                    PushOutcome::Written { vendor_id, created } if !omitted.is_empty() => {
-                        PushOutcome::WrittenPartly {
-                            vendor_id,
-                            created,
-                            omitted: omitted.join("; "),
-                        }
-                    }
-                    o => o,
-                }
+                })
             })
             .collect())
     }
@@ -601,7 +580,6 @@ mod tests {
                 "cf.name.Industry": "Retail", "cf.id.5": "1234567.50", "cf.name.City": null,
                 "tags": ["a", "b"], "updated_at": 5})),
             &catalogue(),
-            &mut Vec::new(),
         )
         .unwrap();
         assert_eq!(
@@ -620,7 +598,6 @@ mod tests {
         let body = build_body(
             &fields(json!({"cf.code.PHONE": "+1", "tags": []})),
             &catalogue(),
-            &mut Vec::new(),
         )
         .unwrap();
         assert_eq!(
@@ -631,27 +608,11 @@ mod tests {
     }
 
     #[test]
-    fn unknown_select_options_are_left_out_and_unknown_fields_refused() {
-        let mut omitted = Vec::new();
-        let body = build_body(
-            &fields(json!({"name": "Acme", "cf.name.Industry": "Mining", "cf.id.5": "lots"})),
-            &catalogue(),
-            &mut omitted,
-        )
-        .unwrap();
-        assert_eq!(Value::Object(body), json!({"name": "Acme"}));
-        assert_eq!(omitted.len(), 2, "{omitted:?}");
-        assert!(
-            omitted[0].contains("Mining") && omitted[0].contains("Retail"),
-            "{omitted:?}"
-        );
-        assert!(omitted[1].contains("lots"), "{omitted:?}");
-        let e = build_body(
-            &fields(json!({"cf.name.Nope": "x"})),
-            &catalogue(),
-            &mut Vec::new(),
-        )
-        .unwrap_err();
+    fn unknown_select_options_and_fields_are_refused() {
+        let e =
+            build_body(&fields(json!({"cf.name.Industry": "Mining"})), &catalogue()).unwrap_err();
+        assert!(e.contains("Mining") && e.contains("Retail"), "{e}");
+        let e = build_body(&fields(json!({"cf.name.Nope": "x"})), &catalogue()).unwrap_err();
         assert!(e.contains("cf.name.Nope"), "{e}");
     }
 

@@ -287,8 +287,7 @@ async fn lost_answers_to_writes_are_replayed_without_duplicates() {
         let mut again = Vec::new();
         for (o, mut it) in out.into_iter().zip(pending) {
             match o {
-                PushOutcome::Written { vendor_id, .. }
-                | PushOutcome::WrittenPartly { vendor_id, .. } => {
+                PushOutcome::Written { vendor_id, .. } => {
                     written.insert(it.fields["name"].to_string(), vendor_id);
                 }
                 PushOutcome::Retry { .. } => {
