@@ -79,7 +79,7 @@ pub fn merge_into(
         match company.fields.get_mut(field) {
             // "No value" for a field we know nothing of is no news: recording it would
             // only make every other CRM write an explicit null.
-            None if value.is_null() => {}
+            None if value.is_nothing() => {}
             None => {
                 company.fields.insert(
                     field.clone(),
@@ -124,7 +124,7 @@ pub fn merge_owned(
         // lets the map be built in bulk rather than by one insert per field.
         company.fields = incoming
             .into_iter()
-            .filter(|(_, v)| !v.is_null())
+            .filter(|(_, v)| !v.is_nothing())
             .map(|(field, value)| {
                 out.changed.push(field.clone());
                 let source = source.clone();
@@ -135,7 +135,7 @@ pub fn merge_owned(
     }
     for (field, value) in incoming {
         match company.fields.get_mut(&field) {
-            None if value.is_null() => {}
+            None if value.is_nothing() => {}
             None => {
                 out.changed.push(field.clone());
                 let source = source.clone();

@@ -122,14 +122,15 @@ pub struct Engine {
 /// own write (or an unchanged re-read) from a real change, and a no-op push from a real one.
 pub fn visible_hash(mapping: &Mapping, fields: &Fields) -> String {
     // Read-only fields (e.g. a domain derived from a website) come back from the write as
-    // well; only what the write carries counts. Null and absent are the same content for a
-    // target (a CRM returns null for what we never wrote), so neither takes part.
+    // well; only what the write carries counts. Null, absent and an empty tag list are the
+    // same content for a target (a CRM returns null or `[]` for what we never wrote), so
+    // none takes part.
     match mapping.visible(fields) {
         Some(round) => content_hash_of(round.iter().map(|(k, v)| (*k, v.as_ref()))),
         None => content_hash_of(
             fields
                 .iter()
-                .filter(|(_, v)| !v.is_null())
+                .filter(|(_, v)| !v.is_nothing())
                 .map(|(k, v)| (k.as_str(), v)),
         ),
     }
@@ -152,14 +153,14 @@ fn visible_hash_by_round_trip(mapping: &Mapping, fields: &Fields) -> String {
         Ok(round) => {
             let writable: Fields = round
                 .into_iter()
-                .filter(|(k, v)| fields.contains_key(k) && !v.is_null())
+                .filter(|(k, v)| fields.contains_key(k) && !v.is_nothing())
                 .collect();
             content_hash(&writable)
         }
         Err(_) => content_hash(
             &fields
                 .iter()
-                .filter(|(_, v)| !v.is_null())
+                .filter(|(_, v)| !v.is_nothing())
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         ),
@@ -892,6 +893,29 @@ mod visible_hash_tests {
     use super::*;
     use crate::mapping::MappingRules;
     use crate::model::{CrmKind, Value};
+
+    #[test]
+    fn an_empty_tag_list_is_no_content_for_the_hash_nor_for_the_merge() {
+        let m = Mapping::compile(CrmKind::Rally, &MappingRules::default()).unwrap();
+        let mut without = Fields::new();
+        without.insert("name".into(), Value::Text("Acme".into()));
+        let mut with = without.clone();
+        with.insert("tags".into(), Value::Tags(Default::default()));
+        // Rally answers `tags: []` for a company we wrote without tags: an echo.
+        assert_eq!(visible_hash(&m, &without), visible_hash(&m, &with));
+        let mut company = Company::new(Company::new_id());
+        merge::merge_owned(
+            &mut company,
+            without,
+            "rally",
+            Utc::now(),
+            &Default::default(),
+        );
+        let outcome =
+            merge::merge_owned(&mut company, with, "rally", Utc::now(), &Default::default());
+        assert!(outcome.is_unchanged(), "{outcome:?}");
+        assert!(company.get("tags").is_none());
+    }
 
     #[test]
     fn an_amocrm_phone_only_change_changes_the_visible_hash() {

@@ -301,7 +301,7 @@ impl Mapping {
                     }
                 }
             };
-            if !read.is_null() {
+            if !read.is_nothing() {
                 out.push((name.as_str(), read));
             }
         }

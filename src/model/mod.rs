@@ -124,6 +124,16 @@ impl Value {
         matches!(self, Value::Null)
     }
 
+    /// True for a value that holds nothing: null, or an empty tag list (CRMs answer `[]`
+    /// for tags never set, so the two mean the same).
+    pub fn is_nothing(&self) -> bool {
+        match self {
+            Value::Null => true,
+            Value::Tags(t) => t.is_empty(),
+            _ => false,
+        }
+    }
+
     /// The value with its representation made unique, so that equal meanings compare and
     /// hash equal: decimals lose trailing zeros (`45.50` → `45.5`).
     pub fn normalized(&self) -> Value {
