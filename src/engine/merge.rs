@@ -113,6 +113,7 @@ pub fn merge_owned(
     connector: &str,
     vendor_ts: DateTime<Utc>,
     policy: &ConflictPolicy,
+    derived: &[String],
 ) -> MergeOutcome {
     let source = Provenance {
         connector: connector.to_string(),
@@ -143,6 +144,10 @@ pub fn merge_owned(
             }
             Some(state) => {
                 if same_meaning(&state.value, &value) {
+                    continue;
+                }
+                // A derived value only fills a gap; the company's own value stands.
+                if !state.value.is_nothing() && derived.contains(&field) {
                     continue;
                 }
                 if policy.incoming_wins(&field, &state.source, &source) {
@@ -343,7 +348,7 @@ mod tests {
         let (mut a, mut b) = (Company::new("c1".into()), Company::new("c1".into()));
         for (f, conn, t) in [(&first, "rally", 1), (&second, "amocrm", 2)] {
             let by_ref = merge_into(&mut a, f, conn, ts(t), &p);
-            let by_value = merge_owned(&mut b, f.clone(), conn, ts(t), &p);
+            let by_value = merge_owned(&mut b, f.clone(), conn, ts(t), &p, &[]);
             assert_eq!(by_ref, by_value, "outcome after {conn}");
             assert_eq!(a, b, "company after {conn}");
         }
@@ -361,5 +366,52 @@ mod tests {
         assert_eq!(match_keys(&f, &kinds), vec!["domain:acme.com", "ext:EXT-1"]);
         let f = fields(&[("domain", Value::Text("  ".into()))]);
         assert!(match_keys(&f, &kinds).is_empty());
+    }
+    #[test]
+    fn a_derived_value_fills_a_gap_but_never_overrides_a_held_one() {
+        let marketo = crate::mapping::Mapping::compile(
+            crate::model::CrmKind::Marketo,
+            &crate::mapping::MappingRules::default(),
+        )
+        .unwrap();
+        assert_eq!(marketo.derived_fields(), ["domain".to_string()]);
+        let p = ConflictPolicy::default();
+        let from_rally = fields(&[("domain", Value::Text("acme.com".into()))]);
+        let from_marketo = fields(&[
+            ("domain", Value::Text("acme-group.io".into())),
+            ("website", Value::Text("https://acme-group.io".into())),
+        ]);
+        let mut c = Company::new("c1".into());
+        merge_owned(&mut c, from_rally, "rally", ts(1), &p, &[]);
+        // Newer, but only derived from Marketo's website: Rally's domain stands.
+        let out = merge_owned(
+            &mut c,
+            from_marketo.clone(),
+            "marketo",
+            ts(2),
+            &p,
+            marketo.derived_fields(),
+        );
+        assert_eq!(out.changed, ["website"]);
+        assert_eq!(c.text("domain"), Some("acme.com"));
+        // A company without a domain takes the derived one.
+        let mut bare = Company::new("c2".into());
+        merge_owned(
+            &mut bare,
+            fields(&[("name", Value::Text("Acme".into()))]),
+            "rally",
+            ts(1),
+            &p,
+            &[],
+        );
+        merge_owned(
+            &mut bare,
+            from_marketo,
+            "marketo",
+            ts(2),
+            &p,
+            marketo.derived_fields(),
+        );
+        assert_eq!(bare.text("domain"), Some("acme-group.io"));
     }
 }

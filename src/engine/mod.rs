@@ -317,7 +317,8 @@ fn look_up(
     // The fields move into the company (and are dropped with it here, off the store
     // thread); should the store step find this stale, it maps the record again.
     let mut company = Company::new(Company::new_id());
-    let outcome = merge::merge_owned(&mut company, fields, source, rec.updated_at, policy);
+    // A new company: nothing for a derived value to defer to.
+    let outcome = merge::merge_owned(&mut company, fields, source, rec.updated_at, policy, &[]);
     seen.fresh = Some(Fresh {
         encoded: EncodedCompany::new(&company),
         id: company.id,
@@ -502,6 +503,7 @@ impl Engine {
         prepared: impl Iterator<Item = Result<Prepared, StoreError>>,
     ) -> Result<IngestStats, EngineError> {
         let targets = self.targets_of(source);
+        let derived = self.endpoint(source)?.mapping.derived_fields();
         let now = Utc::now();
         let mut stats = IngestStats {
             read: page.records.len(),
@@ -647,6 +649,7 @@ impl Engine {
                         source,
                         rec.updated_at,
                         &self.settings.policy,
+                        derived,
                     );
                     if !outcome.is_unchanged() || is_new {
                         tx.put_company(&company)?;
@@ -910,9 +913,16 @@ mod visible_hash_tests {
             "rally",
             Utc::now(),
             &Default::default(),
+            &[],
         );
-        let outcome =
-            merge::merge_owned(&mut company, with, "rally", Utc::now(), &Default::default());
+        let outcome = merge::merge_owned(
+            &mut company,
+            with,
+            "rally",
+            Utc::now(),
+            &Default::default(),
+            &[],
+        );
         assert!(outcome.is_unchanged(), "{outcome:?}");
         assert!(company.get("tags").is_none());
     }

@@ -80,6 +80,10 @@ struct RoundTripPlan {
     /// Per rule: reading what its source writes can fail for some values. Such a reader
     /// makes the whole round trip fail, so `visible` defers to the real one.
     may_fail: Vec<bool>,
+    /// Canonical fields this CRM only derives from another field it holds (a read-only
+    /// rule reading a key that a rule of another field writes, e.g. Marketo's domain from
+    /// `website`): see [`Mapping::derived_fields`].
+    derived: Vec<String>,
 }
 
 impl RoundTripPlan {
@@ -88,6 +92,7 @@ impl RoundTripPlan {
         let mut source = Vec::with_capacity(rules.len());
         let mut identity = Vec::with_capacity(rules.len());
         let mut may_fail = Vec::with_capacity(rules.len());
+        let mut derived = Vec::new();
         for (i, r) in rules.iter().enumerate() {
             let src = r
                 .reads()
@@ -121,6 +126,9 @@ impl RoundTripPlan {
                         )
                 ),
             });
+            if !r.writes() && src.is_some_and(|w| rules[w].canonical != r.canonical) {
+                derived.push(r.canonical.clone());
+            }
             source.push(src);
         }
         RoundTripPlan {
@@ -128,6 +136,7 @@ impl RoundTripPlan {
             source,
             identity,
             may_fail,
+            derived,
         }
     }
 }
@@ -318,6 +327,13 @@ impl Mapping {
             }
         }
         Some(out)
+    }
+
+    /// Canonical fields this CRM does not hold but derives from another field it holds
+    /// (Marketo's domain from `website`). Such a value is a guess: it fills a field the
+    /// company lacks, but never overrides a value a CRM holding the field gave.
+    pub fn derived_fields(&self) -> &[String] {
+        &self.plan.derived
     }
 
     /// Canonical fields this mapping reads, sorted.
