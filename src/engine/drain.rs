@@ -492,6 +492,10 @@ impl Engine {
                 info_span!("push", connector = target, canonical_id = %item.canonical_id).entered();
             match outcomes.get(i) {
                 Some(PushOutcome::Written { vendor_id, created }) => {
+                    let ledger = LedgerEntry {
+                        hash: hash.clone(),
+                        at: now,
+                    };
                     // A create the target resolved to a record that belongs to another
                     // company (both have the domain a Rally upsert matches, a replay found
                     // the other's record): the target holds one record for the two. Moving
@@ -522,28 +526,14 @@ impl Engine {
                         // The record holds this item's content now: recorded so, reading it
                         // back is an echo (not a change of the owner), and the owner's push
                         // is not skipped as already there.
-                        tx.put_ledger(
-                            target,
-                            vendor_id,
-                            &LedgerEntry {
-                                hash: hash.clone(),
-                                at: now,
-                            },
-                        )?;
+                        tx.put_ledger(target, vendor_id, &ledger)?;
                         tx.outbox_remove(target, *seq)?;
                         tx.enqueue(target, &owner, now)?;
                         stats.rejected += 1;
                         continue;
                     }
                     tx.put_link(target, vendor_id, &item.canonical_id)?;
-                    tx.put_ledger(
-                        target,
-                        vendor_id,
-                        &LedgerEntry {
-                            hash: hash.clone(),
-                            at: now,
-                        },
-                    )?;
+                    tx.put_ledger(target, vendor_id, &ledger)?;
                     // The company may have changed while the push was in flight; the entry
                     // then stays so the newer content goes out next time.
                     let current = tx

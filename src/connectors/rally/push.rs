@@ -204,29 +204,8 @@ impl RallyConnector {
         let Some(answer) = resp.json.as_ref().and_then(BulkAnswer::parse) else {
             return unknown(format!("bulk answer unreadable: {}", resp.text_snippet()));
         };
-        let mut out = Vec::with_capacity(idx.len());
-        let mut ok = Vec::new();
-        for (pos, &i) in idx.iter().enumerate() {
-            match answer.errors.get(&pos) {
-                Some(reason) => out.push((
-                    i,
-                    Ok(PushOutcome::Rejected {
-                        reason: reason.clone(),
-                    }),
-                )),
-                None => ok.push(i),
-            }
-        }
-        if answer.created as usize == ok.len() && answer.created_ids.len() == ok.len() {
-            out.extend(ok.iter().zip(&answer.created_ids).map(|(&i, id)| {
-                (
-                    i,
-                    Ok(PushOutcome::Written {
-                        vendor_id: id.clone(),
-                        created: true,
-                    }),
-                )
-            }));
+        let (mut out, ok) = sort_bulk_answer(idx, &answer);
+        if ok.is_empty() {
             return out;
         }
         // Created, but which id is whose is unclear: the replays find each by its twin.
@@ -344,30 +323,8 @@ impl RallyConnector {
                 reason: format!("bulk answer unreadable: {}", resp.text_snippet()),
             }));
         };
-        let mut out = Vec::with_capacity(idx.len());
-        let mut ok = Vec::new();
-        for (pos, &i) in idx.iter().enumerate() {
-            match answer.errors.get(&pos) {
-                Some(reason) => out.push((
-                    i,
-                    Ok(PushOutcome::Rejected {
-                        reason: reason.clone(),
-                    }),
-                )),
-                None => ok.push(i),
-            }
-        }
-        if answer.created as usize == ok.len() && answer.created_ids.len() == ok.len() {
-            // All successes were creations: Rally lists their ids in request order.
-            out.extend(ok.iter().zip(&answer.created_ids).map(|(&i, id)| {
-                (
-                    i,
-                    Ok(PushOutcome::Written {
-                        vendor_id: id.clone(),
-                        created: true,
-                    }),
-                )
-            }));
+        let (mut out, ok) = sort_bulk_answer(idx, &answer);
+        if ok.is_empty() {
             return out;
         }
         // Some matched an existing domain and were updated: the answer does not say which
@@ -589,6 +546,37 @@ impl RallyConnector {
         }
         Ok(best.map(|(_, _, id)| id))
     }
+}
+
+/// A bulk answer's verdicts for items `idx`: per-index errors as `Rejected`, and, when every
+/// success was a creation (Rally then lists their ids in request order), the successes as
+/// `Written`. The successes it cannot pair with ids are handed back, in request order.
+fn sort_bulk_answer(idx: &[usize], answer: &BulkAnswer) -> (Vec<(usize, ItemResult)>, Vec<usize>) {
+    let mut out = Vec::with_capacity(idx.len());
+    let mut ok = Vec::new();
+    for (pos, &i) in idx.iter().enumerate() {
+        match answer.errors.get(&pos) {
+            Some(reason) => out.push((
+                i,
+                Ok(PushOutcome::Rejected {
+                    reason: reason.clone(),
+                }),
+            )),
+            None => ok.push(i),
+        }
+    }
+    if answer.created as usize == ok.len() && answer.created_ids.len() == ok.len() {
+        out.extend(ok.drain(..).zip(&answer.created_ids).map(|(i, id)| {
+            (
+                i,
+                Ok(PushOutcome::Written {
+                    vendor_id: id.clone(),
+                    created: true,
+                }),
+            )
+        }));
+    }
+    (out, ok)
 }
 
 /// A copy of a bulk-wide result for each of its items (`ConnectorError` is not `Clone`).
