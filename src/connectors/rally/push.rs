@@ -166,15 +166,20 @@ impl RallyConnector {
             .await
     }
 
-    /// `POST /companies/bulk` creating items without a domain (see [`Job::BulkNew`]).
-    async fn bulk_new(&self, idx: &[usize], items: &[PushItem]) -> Vec<(usize, ItemResult)> {
+    /// `POST /companies/bulk` with the fields of items `idx`, in that order.
+    fn bulk_request(&self, idx: &[usize], items: &[PushItem]) -> ApiRequest {
         let body: Vec<Value> = idx
             .iter()
             .map(|&i| Value::Object(items[i].fields.clone()))
             .collect();
-        let req = ApiRequest::post("POST companies/bulk", self.url("api/v1/companies/bulk"))
+        ApiRequest::post("POST companies/bulk", self.url("api/v1/companies/bulk"))
             .auth(self.auth.clone())
-            .json(Value::Array(body));
+            .json(Value::Array(body))
+    }
+
+    /// `POST /companies/bulk` creating items without a domain (see [`Job::BulkNew`]).
+    async fn bulk_new(&self, idx: &[usize], items: &[PushItem]) -> Vec<(usize, ItemResult)> {
+        let req = self.bulk_request(idx, items);
         let unknown = |why: String| -> Vec<(usize, ItemResult)> {
             idx.iter()
                 .map(|&i| {
@@ -299,14 +304,7 @@ impl RallyConnector {
     /// `POST /companies/bulk` for items with a domain (matched like upsert, so the call is
     /// idempotent and replayed freely).
     async fn bulk(&self, idx: &[usize], items: &[PushItem]) -> Vec<(usize, ItemResult)> {
-        let body: Vec<Value> = idx
-            .iter()
-            .map(|&i| Value::Object(items[i].fields.clone()))
-            .collect();
-        let req = ApiRequest::post("POST companies/bulk", self.url("api/v1/companies/bulk"))
-            .auth(self.auth.clone())
-            .json(Value::Array(body))
-            .idempotent(true);
+        let req = self.bulk_request(idx, items).idempotent(true);
         let all = |r: ItemResult| -> Vec<(usize, ItemResult)> {
             idx.iter().map(|&i| (i, dup(&r))).collect()
         };
