@@ -109,14 +109,16 @@ fn sort_missing_fields(
                 .as_ref()
                 .map(|m| m.without_vendor_keys(std::slice::from_ref(key)).1)
                 .unwrap_or_default();
-            let (stood_in, skipped): (Vec<&String>, Vec<&String>) =
-                fields.iter().partition(|f| fitted.stand_ins.contains(f));
+            let (stood_in, skipped): (Vec<&str>, Vec<&str>) = fields
+                .iter()
+                .map(String::as_str)
+                .partition(|f| fitted.stand_ins.iter().any(|s| s == f));
             if !stood_in.is_empty() {
                 found.notes.push(format!(
                     "built-in mapping field {key:?} does not exist on this instance; {} is \
                      synced through its stand-in rule instead (e.g. amoCRM's domain read \
                      from the Web field)",
-                    join(&stood_in),
+                    stood_in.join(", "),
                 ));
             }
             if !skipped.is_empty() {
@@ -124,19 +126,11 @@ fn sort_missing_fields(
                     "built-in mapping field {key:?} does not exist on this instance; the \
                      daemon skips its rule, so {} is not synced here (`ignore = {skipped:?}` \
                      in this connector's [mapping] says so explicitly)",
-                    join(&skipped),
+                    skipped.join(", "),
                 ));
             }
         }
     }
-}
-
-fn join(names: &[&String]) -> String {
-    names
-        .iter()
-        .map(|s| s.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 #[cfg(test)]
