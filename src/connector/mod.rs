@@ -77,6 +77,21 @@ pub enum PollMode {
     },
 }
 
+/// How the engine reads a CRM's latest changes right before writing to it, so that a
+/// write carries them instead of overwriting them (a company edited here while another
+/// CRM's change to it was on its way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreWriteRead {
+    /// Run an incremental poll cycle (cheap where the API filters by update time: one
+    /// call when little changed).
+    Poll,
+    /// Read the records about to be written, by id ([`Connector::read_by_ids`]): for an
+    /// API whose incremental poll is expensive (Marketo's scan).
+    ById,
+    /// Nothing: writes may overwrite changes made since the last poll.
+    Nothing,
+}
+
 /// One record to write to a CRM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PushItem {
@@ -204,6 +219,22 @@ pub trait Connector: Send + Sync {
 
     /// Reads the next page of changes after `cursor`.
     async fn poll(&self, cursor: &Cursor, mode: &PollMode) -> Result<Page, ConnectorError>;
+
+    /// How to read this CRM's latest changes before writing to it (see [`PreWriteRead`]).
+    fn pre_write_read(&self) -> PreWriteRead {
+        PreWriteRead::Poll
+    }
+
+    /// The current state of the records `vendor_ids` (at most [`Connector::max_batch`]),
+    /// for [`PreWriteRead::ById`]; records that no longer exist are left out. The page's
+    /// cursor is not stored.
+    async fn read_by_ids(&self, vendor_ids: &[String]) -> Result<Page, ConnectorError> {
+        let _ = vendor_ids;
+        Err(ConnectorError::Fatal {
+            connector: self.name().to_string(),
+            detail: "reading records by id is not supported".into(),
+        })
+    }
 
     /// The largest batch [`Connector::push`] accepts.
     fn max_batch(&self) -> usize;

@@ -93,8 +93,9 @@ impl Drop for ClaimGuard {
 struct Plan {
     stats: DrainStats,
     items: Vec<PushItem>,
-    /// Per item: (outbox seq, visible hash of the content pushed).
-    planned: Vec<(u64, String)>,
+    /// Per item: its outbox seq, and the ledger entry of the content pushed (recorded
+    /// once the target stored it).
+    planned: Vec<(u64, LedgerEntry)>,
     /// Held until the outcome is committed.
     claim: Option<ClaimGuard>,
     /// When the batch was planned: its send starts no earlier.
@@ -113,6 +114,9 @@ struct DrainShared {
     total: Mutex<DrainStats>,
     /// Per worker, when its current batch began.
     started: Mutex<Vec<Option<Instant>>>,
+    /// Read the target's latest changes before planning each batch (the daemon; a
+    /// backfill has just read everything).
+    read_first: bool,
 }
 
 impl DrainShared {
@@ -152,6 +156,26 @@ impl Engine {
         target: &str,
         shutdown: &CancellationToken,
     ) -> Result<DrainStats, EngineError> {
+        self.drain_with(target, shutdown, false).await
+    }
+
+    /// [`Engine::drain_all`] reading the target's latest changes before each batch that
+    /// updates records of it (see [`super::fresh`]), so that a write does not overwrite
+    /// an edit made there since its last poll. The daemon drains this way.
+    pub async fn drain_fresh(
+        self: &Arc<Self>,
+        target: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<DrainStats, EngineError> {
+        self.drain_with(target, shutdown, true).await
+    }
+
+    async fn drain_with(
+        self: &Arc<Self>,
+        target: &str,
+        shutdown: &CancellationToken,
+        read_first: bool,
+    ) -> Result<DrainStats, EngineError> {
         let ep = self.endpoint(target)?.clone();
         let width = ep.connector.max_in_flight().clamp(1, MAX_IN_FLIGHT);
         let batch = ep.connector.max_batch().max(1) as u64;
@@ -164,6 +188,7 @@ impl Engine {
         let workers = (queued.div_ceil(batch) as usize).clamp(1, width);
         let shared = Arc::new(DrainShared {
             started: Mutex::new(vec![None; workers]),
+            read_first,
             ..Default::default()
         });
         let mut set = tokio::task::JoinSet::new();
@@ -237,6 +262,16 @@ impl Engine {
         let busy = format!("drain:{target}");
         while !shutdown.is_cancelled() && !shared.stop.load(Ordering::SeqCst) {
             self.mark_started(&busy, shared, slot, Some(Instant::now()));
+            if shared.read_first
+                && let Err(e) = self
+                    .read_before_write(target, &shared.failed, shutdown)
+                    .await
+            {
+                self.mark_started(&busy, shared, slot, None);
+                self.note_error(target, &e);
+                shared.fail(e);
+                break;
+            }
             let plan = {
                 let (t, failed) = (target.to_string(), shared.failed.clone());
                 self.blocking(move |e| e.plan_batch(&t, &failed)).await
@@ -321,6 +356,49 @@ impl Engine {
         );
     }
 
+    /// How many outbox entries of `target` to read so that the `limit` oldest ones
+    /// neither claimed nor in `skip` are among them.
+    fn batch_window(&self, target: &str, limit: usize, skip: &Mutex<HashSet<u64>>) -> usize {
+        limit + self.claims.count(target) + skip.lock().unwrap().len()
+    }
+
+    /// Of `entries` (oldest first), the first `limit` neither claimed by a batch nor in
+    /// `skip`: what the next batch takes.
+    fn unclaimed<T>(
+        &self,
+        target: &str,
+        limit: usize,
+        skip: &Mutex<HashSet<u64>>,
+        entries: Vec<(u64, T)>,
+    ) -> Vec<(u64, T)> {
+        let skip = skip.lock().unwrap();
+        entries
+            .into_iter()
+            .filter(|(seq, _)| !skip.contains(seq) && !self.claims.contains(target, *seq))
+            .take(limit)
+            .collect()
+    }
+
+    /// The target's ids of the records the next batch of `target` would update (blocking:
+    /// one read transaction); empty when it only creates. Another batch may take some of
+    /// those entries first: then this one is read for nothing, never the other way round.
+    pub(super) fn next_batch_vendor_ids(
+        &self,
+        target: &str,
+        skip: &Mutex<HashSet<u64>>,
+    ) -> Result<Vec<String>, EngineError> {
+        let limit = self.endpoint(target)?.connector.max_batch().max(1);
+        let tx = self.store.begin_read()?;
+        let entries = tx.outbox_batch(target, self.batch_window(target, limit, skip))?;
+        let mut ids = Vec::new();
+        for (_, entry) in self.unclaimed(target, limit, skip, entries) {
+            if let Some(vid) = tx.vendor_id_of(&entry.canonical_id, target)? {
+                ids.push(vid);
+            }
+        }
+        Ok(ids)
+    }
+
     /// Plans the next batch of `target` (blocking: one write transaction): takes up to
     /// `max_batch` entries, oldest first, that are neither claimed by another batch nor
     /// in `skip`; drops no-ops, dead-letters entries that cannot be mapped or failed
@@ -332,16 +410,12 @@ impl Engine {
         let tx = self.store.begin_write()?;
         // Write transactions are serialised, so no other plan runs between reading the
         // claims here and adding ours before the commit.
-        let skipped_len = skip.lock().unwrap().len();
-        let entries = tx.outbox_batch(target, limit + self.claims.count(target) + skipped_len)?;
-        let entries: Vec<_> = {
-            let skip = skip.lock().unwrap();
-            entries
-                .into_iter()
-                .filter(|(seq, _)| !skip.contains(seq) && !self.claims.contains(target, *seq))
-                .take(limit)
-                .collect()
-        };
+        let entries = self.unclaimed(
+            target,
+            limit,
+            skip,
+            tx.outbox_batch(target, self.batch_window(target, limit, skip))?,
+        );
         stats.taken = entries.len();
         if entries.is_empty() {
             tx.abort()?;
@@ -408,13 +482,18 @@ impl Engine {
                 stats.skipped += 1;
                 continue;
             }
-            if let Some(vid) = &vendor_id
-                && tx.ledger(target, vid)?.is_some_and(|l| l.hash == hash)
-            {
+            let before = match &vendor_id {
+                Some(vid) => tx.ledger(target, vid)?,
+                None => None,
+            };
+            if before.as_ref().is_some_and(|l| l.hash == hash) {
                 tx.outbox_remove(target, seq)?;
                 stats.skipped += 1;
                 continue;
             }
+            let prints = ep
+                .mapping
+                .written_prints(&values, before.as_ref().and_then(|l| l.prints.as_ref()));
             // Marking it sending also notes a send left without an outcome by a crash.
             let unconfirmed_since = tx
                 .outbox_mark_sending(target, seq)?
@@ -426,7 +505,9 @@ impl Engine {
                 prior_attempts: entry.attempts,
                 unconfirmed_since,
             });
-            planned.push((seq, hash));
+            // `at` is set when the outcome is recorded.
+            let at = Utc::now();
+            planned.push((seq, LedgerEntry { hash, at, prints }));
         }
         // Claimed before the commit makes them visible as "sending"; a failed commit drops
         // the guard and so releases them.
@@ -487,15 +568,16 @@ impl Engine {
         };
         let now = Utc::now();
         let mut retried = Vec::new();
-        for (i, (item, (seq, hash))) in items.iter().zip(&planned).enumerate() {
+        for (i, (item, (seq, planned_entry))) in items.iter().zip(&planned).enumerate() {
             let _span =
                 info_span!("push", connector = target, canonical_id = %item.canonical_id).entered();
             match outcomes.get(i) {
                 Some(PushOutcome::Written { vendor_id, created }) => {
                     let ledger = LedgerEntry {
-                        hash: hash.clone(),
                         at: now,
+                        ..planned_entry.clone()
                     };
+                    let hash = &ledger.hash;
                     // A create the target resolved to a record that belongs to another
                     // company (both have the domain a Rally upsert matches, a replay found
                     // the other's record): the target holds one record for the two. Moving

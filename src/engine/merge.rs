@@ -162,7 +162,7 @@ pub fn merge_owned(
 }
 
 /// Equal by meaning (decimals compared normalised), without cloning either value.
-fn same_meaning(a: &Value, b: &Value) -> bool {
+pub(crate) fn same_meaning(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Decimal(x), Value::Decimal(y)) => x.normalize() == y.normalize(),
         _ => a == b,

@@ -4,6 +4,9 @@
 
 mod drain;
 #[cfg(test)]
+mod edit_race_tests;
+mod fresh;
+#[cfg(test)]
 mod ingest_tests;
 pub mod merge;
 mod run;
@@ -20,7 +23,7 @@ use crate::daemon::metrics::Metrics;
 use crate::mapping::{Mapping, MappingError};
 #[cfg(test)]
 use crate::model::content_hash;
-use crate::model::{CanonicalId, Company, Fields, content_hash_of};
+use crate::model::{CanonicalId, Company, FieldPrints, Fields, content_hash_of};
 use crate::store::{
     DeadLetterNew, Direction, EncodedCompany, LedgerEntry, ReadTx, Store, StoreError, WriteTx,
 };
@@ -115,6 +118,10 @@ pub struct Engine {
     busy_since: std::sync::Mutex<BTreeMap<String, Option<std::time::Instant>>>,
     /// Outbox entries in a batch of this process right now (see `drain`).
     claims: Arc<drain::Claims>,
+    /// Per connector, wakes its drain loop when entries were queued for it.
+    wake: BTreeMap<String, Arc<tokio::sync::Notify>>,
+    /// Per connector, held through each incremental poll cycle (see `fresh`).
+    poll_gates: fresh::PollGates,
 }
 
 /// The hash of what connector `mapping` can hold of `fields`: the canonical values as they
@@ -174,6 +181,9 @@ const PREPARE_CHUNK: usize = 32;
 
 /// The part of ingesting one record that needs no write: it runs ahead of (and beside)
 /// the write transaction, on a second thread.
+// Boxing `Mapped` would cost an allocation per record read; all but a few records are
+// `Mapped`, so no space is wasted on the small variants.
+#[allow(clippy::large_enum_variant)]
 enum Prepared {
     /// Deleted in the source (not propagated).
     Deleted,
@@ -185,6 +195,7 @@ enum Prepared {
     Mapped {
         fields: Option<Fields>,
         hash: String,
+        prints: FieldPrints,
         keys: Vec<String>,
         seen: Option<Seen>,
     },
@@ -258,6 +269,7 @@ fn prepare(
         Err(e) => return Ok(Prepared::Failed(e)),
     };
     let hash = visible_hash(mapping, &fields);
+    let prints = mapping.read_prints(&fields);
     let keys = merge::match_keys(&fields, kinds);
     let (fields, seen) = match snapshot {
         Some(snap) => {
@@ -269,6 +281,7 @@ fn prepare(
     Ok(Prepared::Mapped {
         fields,
         hash,
+        prints,
         keys,
         seen,
     })
@@ -327,6 +340,35 @@ fn look_up(
     Ok((seen, None))
 }
 
+/// Removes from `fields` (read from a record) the fields whose value the record already
+/// held at `base` (its last read or write): the record did not change them, so they are
+/// no news, however new the record's timestamp — letting them merge would undo a newer
+/// change made elsewhere to the same company. True when one of them differs from the
+/// company's value: the record is stale there and needs the company's value pushed.
+fn drop_unchanged(
+    mapping: &Mapping,
+    fields: &mut Fields,
+    prints: &FieldPrints,
+    base: &FieldPrints,
+    company: &Company,
+) -> bool {
+    let mut stale = false;
+    for (i, name) in mapping.print_fields().enumerate() {
+        if !prints.unchanged_since(base, i) {
+            continue;
+        }
+        if let Some(value) = fields.remove(name) {
+            let held = company.get(name);
+            let same = match held {
+                Some(h) => merge::same_meaning(h, &value) || (h.is_nothing() && value.is_nothing()),
+                None => value.is_nothing(),
+            };
+            stale |= !same;
+        }
+    }
+    stale
+}
+
 /// `rec` mapped again (it mapped once already: the mapping is deterministic).
 fn mapping_of(mapping: &Mapping, rec: &VendorRecord) -> Result<Fields, EngineError> {
     mapping
@@ -352,12 +394,18 @@ impl Engine {
         settings: EngineSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let endpoints: BTreeMap<String, Arc<Endpoint>> = endpoints
+            .into_iter()
+            .map(|e| (e.name.clone(), Arc::new(e)))
+            .collect();
         Engine {
-            store,
-            endpoints: endpoints
-                .into_iter()
-                .map(|e| (e.name.clone(), Arc::new(e)))
+            wake: endpoints
+                .keys()
+                .map(|k| (k.clone(), Arc::default()))
                 .collect(),
+            poll_gates: fresh::PollGates::new(endpoints.keys()),
+            store,
+            endpoints,
             settings,
             metrics,
             busy_since: Default::default(),
@@ -450,6 +498,21 @@ impl Engine {
         page: &Page,
         cursor_key: &str,
     ) -> Result<IngestStats, EngineError> {
+        self.ingest(source, page, Some(cursor_key))
+    }
+
+    /// [`Engine::ingest_page`] for records read outside the change feed (by id, before a
+    /// write): no cursor moves.
+    pub fn ingest_current(&self, source: &str, page: &Page) -> Result<IngestStats, EngineError> {
+        self.ingest(source, page, None)
+    }
+
+    fn ingest(
+        &self,
+        source: &str,
+        page: &Page,
+        cursor_key: Option<&str>,
+    ) -> Result<IngestStats, EngineError> {
         let mapping = &self.endpoint(source)?.mapping;
         let kinds = &self.settings.match_keys;
         let policy = &self.settings.policy;
@@ -499,11 +562,18 @@ impl Engine {
         tx: WriteTx,
         source: &str,
         page: &'p Page,
-        cursor_key: &str,
+        cursor_key: Option<&str>,
         prepared: impl Iterator<Item = Result<Prepared, StoreError>>,
     ) -> Result<IngestStats, EngineError> {
         let targets = self.targets_of(source);
-        let derived = self.endpoint(source)?.mapping.derived_fields();
+        let mapping = &self.endpoint(source)?.mapping;
+        let derived = mapping.derived_fields();
+        let receives_pushes = self
+            .settings
+            .targets
+            .values()
+            .flatten()
+            .any(|t| t == source);
         let now = Utc::now();
         let mut stats = IngestStats {
             read: page.records.len(),
@@ -532,7 +602,7 @@ impl Engine {
                 info_span!("ingest", connector = source, vendor_id = %rec.vendor_id).entered();
             // A record seen twice in one page: its row may have changed since the snapshot.
             let repeated = !written.vendor_ids.insert(rec.vendor_id.as_str());
-            let (fields, hash, keys, seen) = match prep? {
+            let (fields, hash, prints, keys, seen) = match prep? {
                 Prepared::Deleted => {
                     // Deletes are not propagated (see README): the link stays so that a
                     // later push to this record fails loudly instead of silently
@@ -561,9 +631,10 @@ impl Engine {
                 Prepared::Mapped {
                     fields,
                     hash,
+                    prints,
                     keys,
                     seen,
-                } => (fields, hash, keys, seen),
+                } => (fields, hash, prints, keys, seen),
             };
             let seen = seen.filter(|s| !repeated && written.still_holds(s, &keys));
             let fields = match (fields, &seen) {
@@ -578,10 +649,18 @@ impl Engine {
                 Some(s) => (s.link.clone(), s.ledger.clone()),
                 None => tx.link_and_ledger(source, &rec.vendor_id)?,
             };
-            if link.is_some() && ledger.is_some_and(|l| l.hash == hash) {
-                stats.unchanged += 1;
-                continue;
-            }
+            // What the linked record held when last read or written: the base that tells
+            // the fields it changed since from those it merely still holds.
+            let base = match ledger {
+                Some(l) if link.is_some() => {
+                    if l.hash == hash {
+                        stats.unchanged += 1;
+                        continue;
+                    }
+                    l.prints
+                }
+                _ => None,
+            };
             // Match keys looked up for a first-seen record, with what they pointed at:
             // the keys the merged company has are mostly these, and need no second look.
             let mut looked_up: Vec<(&str, bool)> = Vec::new();
@@ -628,6 +707,8 @@ impl Engine {
                 }
             };
             let is_new = existing.is_none();
+            // The record still holds a value another CRM has since replaced.
+            let mut stale_here = false;
             let (company_keys, changed) = match fresh {
                 // Made and merged on the prepare thread: a new company's keys are its
                 // record's, all of them looked up above (none chose a company).
@@ -643,6 +724,10 @@ impl Engine {
                 }
                 None => {
                     let mut company = existing.unwrap_or_else(|| Company::new(cid.clone()));
+                    let mut fields = fields;
+                    if let Some(base) = &base {
+                        stale_here = drop_unchanged(mapping, &mut fields, &prints, base, &company);
+                    }
                     let outcome = merge::merge_owned(
                         &mut company,
                         fields,
@@ -674,7 +759,11 @@ impl Engine {
                     written.keys.insert(k);
                 }
             }
-            let entry = LedgerEntry { hash, at: now };
+            let entry = LedgerEntry {
+                hash,
+                at: now,
+                prints: Some(prints),
+            };
             match &link {
                 Some(linked) => tx.put_ledger_linked(source, &rec.vendor_id, linked, &entry)?,
                 // Neither side is linked yet: the record had no link, and the company is
@@ -685,6 +774,9 @@ impl Engine {
             // read this company may no longer hold.
             if changed || is_new || link.is_none() {
                 written.companies.insert(cid.clone());
+            }
+            if stale_here && receives_pushes && tx.enqueue(source, &cid, now)? {
+                stats.queued += 1;
             }
             if !changed {
                 stats.unchanged += 1;
@@ -711,7 +803,9 @@ impl Engine {
                 page.records.len()
             )));
         }
-        tx.put_cursor(cursor_key, &page.next)?;
+        if let Some(key) = cursor_key {
+            tx.put_cursor(key, &page.next)?;
+        }
         tx.commit()?;
         Ok(stats)
     }
@@ -875,6 +969,30 @@ mod tests {
                     visible_hash_by_round_trip(&m, &f),
                     "mapping {:?}, fields {:?}", m.kind(), f
                 );
+            }
+        }
+
+        #[test]
+        fn written_prints_are_what_the_written_record_reads_back_as(f in typed_fields()) {
+            for m in mappings() {
+                let Some(written) = m.written_prints(&f, None) else { continue };
+                let Ok(w) = m.write(&f) else { continue };
+                let w: serde_json::Map<String, serde_json::Value> = w
+                    .into_iter()
+                    .map(|(k, v)| (crate::mapping::split_enum_suffix(&k).0.to_string(), v))
+                    .collect();
+                let read = m.read_prints(&m.read(&w).unwrap());
+                prop_assert_eq!(written.layout, read.layout);
+                for (i, name) in m.print_fields().enumerate() {
+                    // Unknown: the write leaves the field alone, so the record keeps
+                    // whatever it held.
+                    if written.values[i] != FieldPrints::UNKNOWN {
+                        prop_assert_eq!(
+                            written.values[i], read.values[i],
+                            "mapping {:?}, field {}, fields {:?}", m.kind(), name, f
+                        );
+                    }
+                }
             }
         }
 

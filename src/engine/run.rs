@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use super::{Engine, EngineError, IngestStats, backfill_cursor_key, cursor_key, visible_hash};
+use super::{Engine, EngineError, IngestStats, backfill_cursor_key, visible_hash};
 use crate::connector::{ConnectorError, Cursor, PollMode};
 
 /// Outbox entries that failed this many times are moved to the dead letters.
@@ -240,12 +240,6 @@ impl Engine {
     /// is cancelled, then stop after committing what they hold.
     pub fn start(self: &Arc<Self>, shutdown: CancellationToken) -> RunHandle {
         let tracker = TaskTracker::new();
-        let wake: BTreeMap<String, Arc<Notify>> = self
-            .endpoints
-            .keys()
-            .map(|k| (k.clone(), Arc::new(Notify::new())))
-            .collect();
-        let wake = Arc::new(wake);
         // A target is written to only after it has been read once in this process: until
         // its records are linked, a create could duplicate a company it already holds.
         let first_read: Arc<BTreeMap<String, tokio::sync::watch::Sender<bool>>> = Arc::new(
@@ -259,26 +253,19 @@ impl Engine {
             let interval = ep.poll_interval;
             // Poll loop.
             {
-                let (me, sd, wake, name) =
-                    (self.clone(), shutdown.clone(), wake.clone(), name.clone());
+                let (me, sd, name) = (self.clone(), shutdown.clone(), name.clone());
                 let first_read = first_read.clone();
                 tracker.spawn(async move {
-                    let key = cursor_key(&name);
                     while !sd.is_cancelled() {
-                        let res = me
-                            .poll_cycle(&name, &key, &PollMode::Incremental, &sd, &|_| {})
-                            .await;
+                        let res = me.poll_incremental(&name, None, &sd).await;
                         let wait = match res {
                             Ok(stats) => {
+                                let stats = stats.unwrap_or_default();
                                 if let Some(tx) = first_read.get(&name) {
                                     tx.send_replace(true);
                                 }
                                 if stats.queued > 0 {
-                                    for t in me.targets_of(&name) {
-                                        if let Some(n) = wake.get(t) {
-                                            n.notify_one();
-                                        }
-                                    }
+                                    me.wake_targets_of(&name);
                                 }
                                 if stats.read > 0 {
                                     info!(connector = %name, read = stats.read, merged = stats.merged, created = stats.created, dead = stats.dead, "poll cycle done");
@@ -299,10 +286,10 @@ impl Engine {
             }
             // Drain loop.
             {
-                let (me, sd, wake) = (self.clone(), shutdown.clone(), wake.clone());
+                let (me, sd) = (self.clone(), shutdown.clone());
                 let mut read_once = first_read.get(&name).map(|tx| tx.subscribe());
                 tracker.spawn(async move {
-                    let notify = wake.get(&name).cloned().unwrap_or_default();
+                    let notify: Arc<Notify> = me.wake.get(&name).cloned().unwrap_or_default();
                     if let Some(rx) = read_once.as_mut() {
                         tokio::select! {
                             _ = rx.wait_for(|done| *done) => {}
@@ -310,7 +297,7 @@ impl Engine {
                         }
                     }
                     while !sd.is_cancelled() {
-                        let wait = match me.drain_all(&name, &sd).await {
+                        let wait = match me.drain_fresh(&name, &sd).await {
                             Ok(s) => {
                                 if s.taken > 0 {
                                     info!(connector = %name, written = s.written, created = s.created, skipped = s.skipped, rejected = s.rejected, retried = s.retried, "drained");

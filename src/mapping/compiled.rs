@@ -12,7 +12,8 @@ use rust_decimal::Decimal;
 use serde_json::{Map, Value as Json};
 
 use crate::model::{
-    CrmKind, FieldType, Fields, Value, decimal_to_json, field_type, normalize_domain, parse_decimal,
+    CrmKind, FieldPrints, FieldType, Fields, Value, decimal_to_json, field_print, field_type,
+    normalize_domain, parse_decimal,
 };
 
 use super::defaults::{AMO_CF_CODE, AMO_CF_ID, AMO_CF_NAME, default_rules, split_enum_suffix};
@@ -84,6 +85,9 @@ struct RoundTripPlan {
     /// rule reading a key that a rule of another field writes, e.g. Marketo's domain from
     /// `website`): see [`Mapping::derived_fields`].
     derived: Vec<String>,
+    /// Fingerprint of the read fields' sorted names (the keys of `reader_of`), the
+    /// layout of this mapping's [`FieldPrints`].
+    layout: u32,
 }
 
 impl RoundTripPlan {
@@ -132,6 +136,7 @@ impl RoundTripPlan {
             source.push(src);
         }
         RoundTripPlan {
+            layout: crate::model::layout_print(reader_of.keys().map(String::as_str)),
             reader_of,
             source,
             identity,
@@ -327,6 +332,65 @@ impl Mapping {
             }
         }
         Some(out)
+    }
+
+    /// The canonical fields a read yields, sorted: the fields [`FieldPrints`] follow.
+    pub fn print_fields(&self) -> impl Iterator<Item = &str> {
+        self.plan.reader_of.keys().map(String::as_str)
+    }
+
+    /// The per-field prints of `fields` as read from a record.
+    pub fn read_prints(&self, fields: &Fields) -> FieldPrints {
+        FieldPrints {
+            layout: self.plan.layout,
+            values: self
+                .print_fields()
+                .map(|f| field_print(f, fields.get(f)))
+                .collect(),
+        }
+    }
+
+    /// The per-field prints of a record after `canonical` was written to it: what each
+    /// field reads back as ([`Mapping::visible`]). A field the write leaves alone (read
+    /// only, or its writer's canonical field absent, so the key is not sent) keeps its
+    /// print in `before`, the record's prints until then, or becomes unknown. `None` when
+    /// `canonical` cannot be written (the push fails anyway).
+    pub fn written_prints(
+        &self,
+        canonical: &Fields,
+        before: Option<&FieldPrints>,
+    ) -> Option<FieldPrints> {
+        let round = self.visible(canonical)?;
+        let before = before.filter(|b| b.layout == self.plan.layout);
+        let values = self
+            .plan
+            .reader_of
+            .iter()
+            .enumerate()
+            .map(|(i, (field, &ri))| {
+                let sent = self.plan.source[ri]
+                    .is_some_and(|wi| canonical.contains_key(&self.rules[wi].canonical));
+                if sent && canonical.contains_key(field) {
+                    let value = round
+                        .iter()
+                        .find(|(k, _)| k == field)
+                        .map(|(_, v)| v.as_ref());
+                    field_print(field, value)
+                } else if sent {
+                    // Derived from another field the write sets (`visible` follows only
+                    // the fields it is given): not worked out here.
+                    FieldPrints::UNKNOWN
+                } else {
+                    before
+                        .and_then(|b| b.values.get(i).copied())
+                        .unwrap_or(FieldPrints::UNKNOWN)
+                }
+            })
+            .collect();
+        Some(FieldPrints {
+            layout: self.plan.layout,
+            values,
+        })
     }
 
     /// Canonical fields this CRM does not hold but derives from another field it holds

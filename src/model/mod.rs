@@ -298,6 +298,69 @@ fn hash_value(buf: &mut Vec<u8>, v: &Value) {
     }
 }
 
+/// Per-field fingerprints of one vendor record's content as last read from or written to
+/// it: the *base* a later read is compared with, field by field, to tell the fields that
+/// record changed since from those it merely still holds (stale values a newer change
+/// elsewhere has replaced, which must not win just because the record's timestamp is
+/// newer).
+///
+/// One print per canonical field the connector's mapping reads, in the order of the
+/// mapping's sorted field list, whose own fingerprint is `layout`: after a change of the
+/// mapping, old prints no longer line up and are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldPrints {
+    /// Fingerprint of the sorted list of field names the prints follow.
+    pub layout: u32,
+    /// One per field; [`FieldPrints::UNKNOWN`] where the record's value is not known.
+    pub values: Vec<u32>,
+}
+
+impl FieldPrints {
+    /// The print of a field whose value in the record is not known: it matches nothing.
+    pub const UNKNOWN: u32 = 0;
+
+    /// Whether field `i` holds the same value in `self` and in `base` (a known one).
+    pub fn unchanged_since(&self, base: &FieldPrints, i: usize) -> bool {
+        self.layout == base.layout
+            && matches!((self.values.get(i), base.values.get(i)),
+                (Some(a), Some(b)) if a == b && *a != Self::UNKNOWN)
+    }
+}
+
+/// The fingerprint of field `name` holding `value` (null, absent and an empty tag list are
+/// the same "nothing"): FNV-1a over the same encoding as [`content_hash`], folded to 32
+/// bits. Stable across builds, since it is stored.
+pub fn field_print(name: &str, value: Option<&Value>) -> u32 {
+    let mut buf = Vec::with_capacity(64);
+    put_bytes(&mut buf, name.as_bytes());
+    match value.filter(|v| !v.is_nothing()) {
+        Some(v) => hash_value(&mut buf, v),
+        None => buf.push(0xff),
+    }
+    let print = fnv1a(&buf);
+    // Never the "unknown" print.
+    print.max(1)
+}
+
+/// The fingerprint of a list of names (a [`FieldPrints::layout`]).
+pub fn layout_print<'a>(names: impl IntoIterator<Item = &'a str>) -> u32 {
+    let mut buf = Vec::with_capacity(256);
+    for n in names {
+        put_bytes(&mut buf, n.as_bytes());
+    }
+    fnv1a(&buf)
+}
+
+/// 64-bit FNV-1a folded to 32 bits.
+fn fnv1a(bytes: &[u8]) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h ^ (h >> 32)) as u32
+}
+
 /// Normalises a domain for matching: lowercase, no scheme, no `www.`, no port, path,
 /// query or trailing dot. `None` when nothing domain-like is left.
 ///

@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
-use crate::model::{CanonicalId, Company, FieldState, Provenance, STANDARD_FIELDS, Value};
+use crate::model::{
+    CanonicalId, Company, FieldPrints, FieldState, Provenance, STANDARD_FIELDS, Value,
+};
 
 use super::types::{LedgerEntry, OutboxEntry};
 
@@ -334,7 +336,33 @@ impl Reader<'_> {
             _ => return Err("unknown hash kind"),
         };
         let at = self.time()?;
-        Ok(LedgerEntry { hash, at })
+        Ok(LedgerEntry {
+            hash,
+            at,
+            prints: None,
+        })
+    }
+
+    fn prints(&mut self) -> Result<FieldPrints, DecodeError> {
+        let layout = u32::from_le_bytes(self.bytes(4)?.try_into().map_err(|_| "short prints")?);
+        let n = self.len()?;
+        let mut values = Vec::with_capacity(n.min(256));
+        for _ in 0..n {
+            values.push(u32::from_le_bytes(
+                self.bytes(4)?.try_into().map_err(|_| "short prints")?,
+            ));
+        }
+        Ok(FieldPrints { layout, values })
+    }
+}
+
+impl Writer {
+    fn prints(&mut self, p: &FieldPrints) {
+        self.0.extend_from_slice(&p.layout.to_le_bytes());
+        self.varint(p.values.len() as u128);
+        for v in &p.values {
+            self.0.extend_from_slice(&v.to_le_bytes());
+        }
     }
 }
 
@@ -351,18 +379,25 @@ pub(crate) struct RecordRow {
 
 const LINKED: u8 = 1;
 const HAS_LEDGER: u8 = 2;
+/// The ledger entry carries field prints (rows written before them lack this flag).
+const HAS_PRINTS: u8 = 4;
 
 pub(crate) fn encode_record(canonical_id: Option<&str>, ledger: Option<&LedgerEntry>) -> Vec<u8> {
     let mut w = Writer::with_capacity(96);
     w.u8(FORMAT);
+    let prints = ledger.and_then(|e| e.prints.as_ref());
     let flags = if canonical_id.is_some() { LINKED } else { 0 }
-        | if ledger.is_some() { HAS_LEDGER } else { 0 };
+        | if ledger.is_some() { HAS_LEDGER } else { 0 }
+        | if prints.is_some() { HAS_PRINTS } else { 0 };
     w.u8(flags);
     if let Some(id) = canonical_id {
         w.str(id);
     }
     if let Some(e) = ledger {
         w.ledger(e);
+    }
+    if let Some(p) = prints {
+        w.prints(p);
     }
     w.0
 }
@@ -371,7 +406,9 @@ pub(crate) fn decode_record(bytes: &[u8]) -> Result<RecordRow, DecodeError> {
     let mut r = Reader(bytes);
     r.format()?;
     let flags = r.u8()?;
-    if flags & !(LINKED | HAS_LEDGER) != 0 {
+    if flags & !(LINKED | HAS_LEDGER | HAS_PRINTS) != 0
+        || flags & (HAS_LEDGER | HAS_PRINTS) == HAS_PRINTS
+    {
         return Err("unknown record flags");
     }
     let canonical_id = if flags & LINKED != 0 {
@@ -379,11 +416,16 @@ pub(crate) fn decode_record(bytes: &[u8]) -> Result<RecordRow, DecodeError> {
     } else {
         None
     };
-    let ledger = if flags & HAS_LEDGER != 0 {
+    let mut ledger = if flags & HAS_LEDGER != 0 {
         Some(r.ledger()?)
     } else {
         None
     };
+    if flags & HAS_PRINTS != 0
+        && let Some(e) = ledger.as_mut()
+    {
+        e.prints = Some(r.prints()?);
+    }
     r.end()?;
     Ok(RecordRow {
         canonical_id,
@@ -575,6 +617,7 @@ mod tests {
             let e = LedgerEntry {
                 hash: hash.into(),
                 at: ts(1_700_000_000, 123),
+                prints: None,
             };
             assert_eq!(decode_ledger(&encode_ledger(&e)), Ok(e));
         }
@@ -601,11 +644,21 @@ mod tests {
         let e = LedgerEntry {
             hash: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
             at: ts(1_700_000_000, 9),
+            prints: None,
+        };
+        let with_prints = LedgerEntry {
+            prints: Some(FieldPrints {
+                layout: 0xdead_beef,
+                values: vec![1, 0, u32::MAX, 77],
+            }),
+            ..e.clone()
         };
         for (id, ledger) in [
             (Some("0190-abc"), Some(&e)),
+            (Some("0190-abc"), Some(&with_prints)),
             (Some("0190-abc"), None),
             (None, Some(&e)),
+            (None, Some(&with_prints)),
             (None, None),
         ] {
             let bytes = encode_record(id, ledger);

@@ -118,6 +118,7 @@ fn everything_survives_close_and_reopen() {
     let ledger = LedgerEntry {
         hash: "abc123".to_owned(),
         at: ts(9),
+        prints: None,
     };
     let cursor = Cursor(json!({"updatedAt": "2024-05-01T00:00:00Z", "offset": 200}));
     {
@@ -681,6 +682,7 @@ fn engine_like_throughput() {
                 &LedgerEntry {
                     hash: "0123456789abcdef0123456789abcdef".to_owned(),
                     at: ts(0),
+                    prints: None,
                 },
             )
             .unwrap();
@@ -708,6 +710,7 @@ fn version_1_store_is_migrated_to_the_binary_encoding() {
     let ledger = LedgerEntry {
         hash: "abc".into(),
         at: ts(7),
+        prints: None,
     };
     let entry = OutboxEntry {
         canonical_id: "c1".into(),
@@ -757,10 +760,12 @@ fn version_2_links_ledger_and_outbox_index_are_migrated_to_shared_rows() {
     let linked = LedgerEntry {
         hash: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
         at: ts(7),
+        prints: None,
     };
     let ledger_only = LedgerEntry {
         hash: "pushed".into(),
         at: ts(9),
+        prints: None,
     };
     let entry = |id: &str| OutboxEntry {
         canonical_id: id.into(),
@@ -867,6 +872,7 @@ fn a_removed_link_keeps_the_ledger_entry_and_relinking_keeps_it_too() {
     let e = LedgerEntry {
         hash: "h".into(),
         at: ts(1),
+        prints: None,
     };
     let tx = store.begin_write().unwrap();
     tx.put_link("rally", "r1", "c1").unwrap();

@@ -6,7 +6,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::model::CanonicalId;
+use crate::model::{CanonicalId, FieldPrints};
 
 /// One pending push of a company to a target connector. There is at most one entry per
 /// (target, company): the drain maps the company's state at send time, so one suffices.
@@ -139,6 +139,10 @@ pub struct LedgerEntry {
     pub hash: String,
     /// When it was recorded.
     pub at: DateTime<Utc>,
+    /// Per-field prints of the same content, the base a later read is compared with
+    /// field by field; `None` in entries written before prints existed.
+    #[serde(skip)]
+    pub prints: Option<FieldPrints>,
 }
 
 /// OAuth tokens of one connector, persisted so a restart does not need a new grant

@@ -102,7 +102,9 @@ use self::auth::MarketoTokenSource;
 use self::wire::{Describe, MarketoClassifier};
 use super::BuildContext;
 use crate::config::{CommonConnectorConfig, MarketoConfig};
-use crate::connector::{Connector, ConnectorError, Cursor, Page, PollMode, PushItem, PushOutcome};
+use crate::connector::{
+    Connector, ConnectorError, Cursor, Page, PollMode, PreWriteRead, PushItem, PushOutcome,
+};
 use crate::http::{ApiRequest, BearerAuth, HttpClient, HttpMetrics, QuotaReset};
 use crate::secret::Secret;
 
@@ -389,6 +391,15 @@ impl Connector for MarketoConnector {
 
     async fn poll(&self, cursor: &Cursor, mode: &PollMode) -> Result<Page, ConnectorError> {
         self.scan(cursor, mode).await
+    }
+
+    fn pre_write_read(&self) -> PreWriteRead {
+        // A poll cycle is a scan of every id: read the batch's records instead.
+        PreWriteRead::ById
+    }
+
+    async fn read_by_ids(&self, vendor_ids: &[String]) -> Result<Page, ConnectorError> {
+        self.read_ids(vendor_ids).await
     }
 
     fn max_batch(&self) -> usize {

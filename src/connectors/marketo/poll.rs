@@ -356,6 +356,29 @@ impl MarketoConnector {
         Some(began_at + chrono::Duration::milliseconds((secs * 1000.0) as i64))
     }
 
+    /// The current state of companies `ids` (Marketo ids), 300 per call: the records a
+    /// write is about to overwrite ([`crate::connector::PreWriteRead::ById`]).
+    pub(super) async fn read_ids(&self, ids: &[String]) -> Result<Page, ConnectorError> {
+        let d = self.ensure_described().await?;
+        let fields = self.read_fields(&d);
+        let mut page = Page::default();
+        let mut c = ScanCursor::default();
+        for chunk in ids.chunks(WINDOW as usize) {
+            // Ids are Marketo's integers; anything else cannot be one of its records.
+            let ids: Vec<&str> = chunk
+                .iter()
+                .map(String::as_str)
+                .filter(|id| id.parse::<i64>().is_ok())
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let (rows, _) = self.fetch_ids(ids.join(","), &fields).await?;
+            take_rows(&mut c, rows, None, &mut page);
+        }
+        Ok(page)
+    }
+
     /// The query's `fields=`: the standard list plus mapped keys, as far as describe has them.
     fn read_fields(&self, d: &Describe) -> String {
         let extra = self.extra_read.read().unwrap_or_else(|e| e.into_inner());
@@ -394,6 +417,16 @@ impl MarketoConnector {
             .map(|i| i.to_string())
             .collect::<Vec<_>>()
             .join(",");
+        self.fetch_ids(ids, fields).await
+    }
+
+    /// The companies with the given ids (comma-separated, at most 300), following
+    /// `nextPageToken`; also the number of calls made.
+    async fn fetch_ids(
+        &self,
+        ids: String,
+        fields: &str,
+    ) -> Result<(Vec<Value>, u64), ConnectorError> {
         let url = self.url("rest/v1/companies.json")?;
         let mut post_url = url.clone();
         post_url.set_query(Some("_method=GET"));

@@ -515,3 +515,37 @@ async fn bench_marketo_20k() {
     assert_eq!(written, 20_000);
     assert!(s.sim.stats().rejections.is_empty());
 }
+
+#[tokio::test]
+async fn records_about_to_be_written_are_read_by_id_in_one_call() {
+    let s = setup(
+        20,
+        MarketoSimConfig::default(),
+        limits(100, Duration::from_secs(20), None, 1.0),
+        MarketoOptions::default(),
+    )
+    .await;
+    let all = s.sim.dump();
+    let id_of = |r: &Value| r["id"].as_i64().unwrap().to_string();
+    let wanted = vec![
+        id_of(&all[3]),
+        id_of(&all[11]),
+        // Gone, and not a Marketo id at all: neither is an error.
+        "999999999".to_string(),
+        "not-an-id".to_string(),
+    ];
+    s.sim.update(
+        all[11]["id"].as_i64().unwrap(),
+        json!({"mainPhone": "+1 555 0199"}),
+    );
+    s.sim.reset_stats();
+    let page = s.conn.read_by_ids(&wanted).await.expect("read");
+    let got: Vec<&str> = page.records.iter().map(|r| r.vendor_id.as_str()).collect();
+    assert_eq!(got, [wanted[0].as_str(), wanted[1].as_str()]);
+    assert_eq!(page.records[1].fields["mainPhone"], json!("+1 555 0199"));
+    assert_eq!(s.sim.stats().total_requests(), 1);
+    assert_eq!(
+        s.conn.pre_write_read(),
+        crate::connector::PreWriteRead::ById
+    );
+}

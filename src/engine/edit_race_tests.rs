@@ -1,0 +1,356 @@
+//! A company edited in two CRMs close together: each CRM's change must survive, whatever
+//! the order in which the engine reads the records and writes them back. Two connectors:
+//! "a" (Rally's mapping) and "b" (Marketo's), fed pages directly, with "b" a fake that
+//! records what is written to it and what it is asked to read first.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{TimeZone, Utc};
+use serde_json::{Value as Json, json};
+use tokio_util::sync::CancellationToken;
+
+use super::{Endpoint, Engine, EngineSettings, MatchKeyKind};
+use crate::connector::{
+    Connector, ConnectorError, Cursor, Page, PollMode, PreWriteRead, PushItem, PushOutcome,
+    VendorRecord,
+};
+use crate::daemon::metrics::Metrics;
+use crate::mapping::{Mapping, MappingRules};
+use crate::model::{CrmKind, Value};
+use crate::store::Store;
+
+/// A CRM that stores what is pushed to it (ids `b1`, `b2`, …) and whose records can be
+/// edited behind the engine's back.
+struct FakeCrm {
+    name: String,
+    how: PreWriteRead,
+    /// The records as the CRM holds them, by id.
+    records: Mutex<BTreeMap<String, VendorRecord>>,
+    /// Ids changed behind the engine's back since its last poll.
+    changed: Mutex<Vec<String>>,
+    polls: AtomicUsize,
+    read_ids: Mutex<Vec<Vec<String>>>,
+    pushes: Mutex<Vec<PushItem>>,
+}
+
+impl FakeCrm {
+    fn new(name: &str, how: PreWriteRead) -> Self {
+        FakeCrm {
+            name: name.into(),
+            how,
+            records: Mutex::default(),
+            changed: Mutex::default(),
+            polls: AtomicUsize::new(0),
+            read_ids: Mutex::default(),
+            pushes: Mutex::default(),
+        }
+    }
+
+    /// A user edits record `id` at vendor second `at`.
+    fn edit(&self, id: &str, patch: Json, at: i64) {
+        let mut records = self.records.lock().unwrap();
+        let r = records.get_mut(id).expect("record exists");
+        for (k, v) in patch.as_object().unwrap() {
+            r.fields.insert(k.clone(), v.clone());
+        }
+        r.updated_at = ts(at);
+        self.changed.lock().unwrap().push(id.to_string());
+    }
+
+    fn record(&self, id: &str) -> VendorRecord {
+        self.records.lock().unwrap()[id].clone()
+    }
+}
+
+#[async_trait]
+impl Connector for FakeCrm {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    async fn start(&self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+    async fn poll(&self, _: &Cursor, _: &PollMode) -> Result<Page, ConnectorError> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        let ids = std::mem::take(&mut *self.changed.lock().unwrap());
+        let records = ids.iter().map(|id| self.record(id)).collect();
+        Ok(Page {
+            records,
+            next: Cursor(json!(self.polls.load(Ordering::SeqCst))),
+            ..Default::default()
+        })
+    }
+    fn pre_write_read(&self) -> PreWriteRead {
+        self.how
+    }
+    async fn read_by_ids(&self, ids: &[String]) -> Result<Page, ConnectorError> {
+        self.read_ids.lock().unwrap().push(ids.to_vec());
+        Ok(Page {
+            records: ids.iter().map(|id| self.record(id)).collect(),
+            ..Default::default()
+        })
+    }
+    fn max_batch(&self) -> usize {
+        100
+    }
+    async fn push(&self, items: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
+        let mut records = self.records.lock().unwrap();
+        let mut out = Vec::new();
+        for it in items {
+            self.pushes.lock().unwrap().push(it.clone());
+            let created = it.vendor_id.is_none();
+            let id = it
+                .vendor_id
+                .clone()
+                .unwrap_or_else(|| format!("b{}", records.len() + 1));
+            let rec = records.entry(id.clone()).or_insert_with(|| VendorRecord {
+                vendor_id: id.clone(),
+                updated_at: ts(0),
+                fields: Default::default(),
+                deleted: false,
+            });
+            for (k, v) in &it.fields {
+                rec.fields.insert(k.clone(), v.clone());
+            }
+            // Our write stamps the record "now": later than any edit of these tests.
+            rec.updated_at = ts(10_000);
+            out.push(PushOutcome::Written {
+                vendor_id: id,
+                created,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Connector "a" is never called: its pages are fed to the engine.
+struct FedOnly;
+
+#[async_trait]
+impl Connector for FedOnly {
+    fn name(&self) -> &str {
+        "a"
+    }
+    async fn start(&self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+    async fn poll(&self, _: &Cursor, _: &PollMode) -> Result<Page, ConnectorError> {
+        Ok(Page::default())
+    }
+    fn max_batch(&self) -> usize {
+        100
+    }
+    async fn push(&self, _: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
+        unreachable!("nothing is pushed to a here")
+    }
+}
+
+fn ts(s: i64) -> chrono::DateTime<Utc> {
+    Utc.timestamp_opt(1_700_000_000 + s, 0).unwrap()
+}
+
+fn engine(dir: &tempfile::TempDir, b: Arc<FakeCrm>) -> Arc<Engine> {
+    let store = Arc::new(Store::open(&dir.path().join("race.redb")).unwrap());
+    let endpoint = |name: &str, kind, connector: Arc<dyn Connector>| Endpoint {
+        name: name.into(),
+        connector,
+        mapping: Mapping::compile(kind, &MappingRules::default()).unwrap(),
+        poll_interval: std::time::Duration::from_secs(60),
+    };
+    let endpoints = vec![
+        endpoint("a", CrmKind::Rally, Arc::new(FedOnly)),
+        endpoint("b", CrmKind::Marketo, b),
+    ];
+    let settings = EngineSettings {
+        targets: [
+            ("a".into(), vec!["b".into()]),
+            ("b".into(), vec!["a".into()]),
+        ]
+        .into(),
+        match_keys: vec![MatchKeyKind::Domain],
+        ..Default::default()
+    };
+    Arc::new(Engine::new(
+        store,
+        endpoints,
+        settings,
+        Arc::new(Metrics::new()),
+    ))
+}
+
+/// Rally's record `a1` of acme.example at vendor second `at`.
+fn rally(name: &str, phone: &str, at: i64) -> Page {
+    let fields = json!({"name": name, "domain": "acme.example", "phone": phone});
+    Page {
+        records: vec![VendorRecord {
+            vendor_id: "a1".into(),
+            updated_at: ts(at),
+            fields: fields.as_object().unwrap().clone(),
+            deleted: false,
+        }],
+        next: Cursor(json!(at)),
+        ..Default::default()
+    }
+}
+
+/// The one company's name and phone.
+fn company(e: &Engine) -> (Option<Value>, Option<Value>) {
+    let tx = e.store().begin_read().unwrap();
+    let cid = tx.link_of("a", "a1").unwrap().expect("a1 linked");
+    let c = tx.get_company(&cid).unwrap().unwrap();
+    (c.get("name").cloned(), c.get("phone").cloned())
+}
+
+fn text(s: &str) -> Option<Value> {
+    Some(Value::Text(s.into()))
+}
+
+/// Company acme.example created in "a" and written to "b" as `b1`.
+async fn synced(b: &Arc<FakeCrm>, dir: &tempfile::TempDir) -> Arc<Engine> {
+    let e = engine(dir, b.clone());
+    e.ingest_page("a", &rally("Acme", "+1 555 0100", 100), "a")
+        .unwrap();
+    let sd = CancellationToken::new();
+    let s = e.drain_all("b", &sd).await.unwrap();
+    assert_eq!((s.written, s.created), (1, 1));
+    assert_eq!(b.record("b1").fields["company"], json!("Acme"));
+    e
+}
+
+#[tokio::test]
+async fn a_newer_record_does_not_undo_a_change_to_a_field_it_did_not_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(FakeCrm::new("b", PreWriteRead::Nothing));
+    let e = synced(&b, &dir).await;
+    // "a" renames the company; before that reaches "b", a user of "b" changes its phone.
+    e.ingest_page("a", &rally("Acme Renamed", "+1 555 0100", 200), "a")
+        .unwrap();
+    b.edit("b1", json!({"mainPhone": "+1 555 0199"}), 300);
+    // "b" is read first: its record is newer than the rename, but it still holds the old
+    // name only because the rename has not reached it — that must not win.
+    let page = b
+        .poll(&Cursor::start(), &PollMode::Incremental)
+        .await
+        .unwrap();
+    let stats = e.ingest_page("b", &page, "b").unwrap();
+    assert_eq!(stats.merged, 1);
+    assert_eq!(
+        company(&e),
+        (text("Acme Renamed"), text("+1 555 0199")),
+        "each CRM's change survives"
+    );
+    // Both travel on: the phone to "a", the name to "b".
+    let sd = CancellationToken::new();
+    e.drain_all("b", &sd).await.unwrap();
+    let rec = b.record("b1");
+    assert_eq!(rec.fields["company"], json!("Acme Renamed"));
+    assert_eq!(rec.fields["mainPhone"], json!("+1 555 0199"));
+    let tx = e.store().begin_read().unwrap();
+    assert_eq!(tx.outbox_len("a").unwrap(), 1, "the phone goes to a");
+}
+
+#[tokio::test]
+async fn a_record_read_before_its_first_write_keeps_its_untouched_fields_out_too() {
+    // The base is what was read, not only what was written.
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(FakeCrm::new("b", PreWriteRead::Nothing));
+    let e = engine(&dir, b.clone());
+    let b_rec = |name: &str, phone: &str, at: i64| Page {
+        records: vec![VendorRecord {
+            vendor_id: "m7".into(),
+            updated_at: ts(at),
+            fields: json!({"company": name, "website": "https://acme.example", "mainPhone": phone})
+                .as_object()
+                .unwrap()
+                .clone(),
+            deleted: false,
+        }],
+        ..Default::default()
+    };
+    e.ingest_page("a", &rally("Acme", "+1 555 0100", 100), "a")
+        .unwrap();
+    e.ingest_page("b", &b_rec("Acme", "+1 555 0100", 100), "b")
+        .unwrap();
+    e.ingest_page("a", &rally("Acme Renamed", "+1 555 0100", 200), "a")
+        .unwrap();
+    e.ingest_page("b", &b_rec("Acme", "+1 555 0199", 300), "b")
+        .unwrap();
+    assert_eq!(company(&e), (text("Acme Renamed"), text("+1 555 0199")));
+    // "b" still holds the old name: it is queued to get the new one.
+    let tx = e.store().begin_read().unwrap();
+    assert_eq!(tx.outbox_len("b").unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_field_the_record_did_change_still_follows_the_newest_timestamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(FakeCrm::new("b", PreWriteRead::Nothing));
+    let e = synced(&b, &dir).await;
+    e.ingest_page("a", &rally("Acme A", "+1 555 0100", 200), "a")
+        .unwrap();
+    // Both renamed it; "b" did so later: its name wins.
+    b.edit("b1", json!({"company": "Acme B"}), 300);
+    let page = b
+        .poll(&Cursor::start(), &PollMode::Incremental)
+        .await
+        .unwrap();
+    e.ingest_page("b", &page, "b").unwrap();
+    assert_eq!(company(&e).0, text("Acme B"));
+}
+
+/// "a" renames the company while a user of "b" has just changed its phone, unseen: the
+/// daemon's drain reads "b" before writing, so the write carries both.
+async fn push_after_unseen_edit(how: PreWriteRead) -> Arc<FakeCrm> {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(FakeCrm::new("b", how));
+    let e = synced(&b, &dir).await;
+    e.ingest_page("a", &rally("Acme Renamed", "+1 555 0100", 200), "a")
+        .unwrap();
+    b.edit("b1", json!({"mainPhone": "+1 555 0199"}), 300);
+    let sd = CancellationToken::new();
+    let s = e.drain_fresh("b", &sd).await.unwrap();
+    assert_eq!(s.written, 1);
+    let rec = b.record("b1");
+    assert_eq!(rec.fields["company"], json!("Acme Renamed"));
+    assert_eq!(
+        rec.fields["mainPhone"],
+        json!("+1 555 0199"),
+        "the write overwrote an edit made in the target since its last poll"
+    );
+    assert_eq!(company(&e), (text("Acme Renamed"), text("+1 555 0199")));
+    b
+}
+
+#[tokio::test]
+async fn the_daemon_polls_the_target_before_overwriting_its_records() {
+    let b = push_after_unseen_edit(PreWriteRead::Poll).await;
+    assert_eq!(b.polls.load(Ordering::SeqCst), 1);
+    assert!(b.read_ids.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_target_without_a_cheap_poll_has_the_batch_read_by_id() {
+    let b = push_after_unseen_edit(PreWriteRead::ById).await;
+    assert_eq!(*b.read_ids.lock().unwrap(), vec![vec!["b1".to_string()]]);
+    assert_eq!(b.polls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn creates_are_written_without_reading_the_target_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(FakeCrm::new("b", PreWriteRead::Poll));
+    let e = engine(&dir, b.clone());
+    e.ingest_page("a", &rally("Acme", "+1 555 0100", 100), "a")
+        .unwrap();
+    let sd = CancellationToken::new();
+    let s = e.drain_fresh("b", &sd).await.unwrap();
+    assert_eq!(s.created, 1);
+    assert_eq!(
+        b.polls.load(Ordering::SeqCst),
+        0,
+        "nothing there to overwrite"
+    );
+}
