@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use serde_json::{Map, Value as Json};
 
 use crate::model::{
-    CrmKind, FieldPrints, FieldType, Fields, Value, decimal_to_json, field_print, field_type,
+    CrmKind, FieldPrinter, FieldPrints, FieldType, Fields, Value, decimal_to_json, field_type,
     normalize_domain, parse_decimal,
 };
 
@@ -341,11 +341,12 @@ impl Mapping {
 
     /// The per-field prints of `fields` as read from a record.
     pub fn read_prints(&self, fields: &Fields) -> FieldPrints {
+        let mut printer = FieldPrinter::default();
         FieldPrints {
             layout: self.plan.layout,
             values: self
                 .print_fields()
-                .map(|f| field_print(f, fields.get(f)))
+                .map(|f| printer.print(f, fields.get(f)))
                 .collect(),
         }
     }
@@ -362,6 +363,7 @@ impl Mapping {
     ) -> Option<FieldPrints> {
         let round = self.visible(canonical)?;
         let before = before.filter(|b| b.layout == self.plan.layout);
+        let mut printer = FieldPrinter::default();
         let values = self
             .plan
             .reader_of
@@ -375,7 +377,7 @@ impl Mapping {
                         .iter()
                         .find(|(k, _)| k == field)
                         .map(|(_, v)| v.as_ref());
-                    field_print(field, value)
+                    printer.print(field, value)
                 } else if sent {
                     // Derived from another field the write sets (`visible` follows only
                     // the fields it is given): not worked out here.

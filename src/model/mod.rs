@@ -318,6 +318,9 @@ pub struct FieldPrints {
 impl FieldPrints {
     /// The print of a field whose value in the record is not known: it matches nothing.
     pub const UNKNOWN: u32 = 0;
+    /// The print of a field holding nothing (null, absent, an empty tag list), whatever
+    /// its name: the layout check keeps it from matching another field's.
+    pub const NOTHING: u32 = 1;
 
     /// Whether field `i` holds the same value in `self` and in `base` (a known one).
     pub fn unchanged_since(&self, base: &FieldPrints, i: usize) -> bool {
@@ -327,19 +330,30 @@ impl FieldPrints {
     }
 }
 
-/// The fingerprint of field `name` holding `value` (null, absent and an empty tag list are
-/// the same "nothing"): FNV-1a over the same encoding as [`content_hash`], folded to 32
-/// bits. Stable across builds, since it is stored.
-pub fn field_print(name: &str, value: Option<&Value>) -> u32 {
-    let mut buf = Vec::with_capacity(64);
-    put_bytes(&mut buf, name.as_bytes());
-    match value.filter(|v| !v.is_nothing()) {
-        Some(v) => hash_value(&mut buf, v),
-        None => buf.push(0xff),
+/// Computes [`field_print`]s reusing one buffer.
+#[derive(Debug, Default)]
+pub struct FieldPrinter(Vec<u8>);
+
+impl FieldPrinter {
+    /// The fingerprint of field `name` holding `value` (null, absent and an empty tag list
+    /// are the same "nothing", [`FieldPrints::NOTHING`]): FNV-1a over the name and the
+    /// value in the encoding of [`content_hash`], folded to 32 bits. Stable across
+    /// builds, since it is stored.
+    pub fn print(&mut self, name: &str, value: Option<&Value>) -> u32 {
+        let Some(v) = value.filter(|v| !v.is_nothing()) else {
+            return FieldPrints::NOTHING;
+        };
+        self.0.clear();
+        put_bytes(&mut self.0, name.as_bytes());
+        hash_value(&mut self.0, v);
+        // Never one of the reserved prints.
+        fnv1a(&self.0).max(2)
     }
-    let print = fnv1a(&buf);
-    // Never the "unknown" print.
-    print.max(1)
+}
+
+/// [`FieldPrinter::print`] with a buffer of its own.
+pub fn field_print(name: &str, value: Option<&Value>) -> u32 {
+    FieldPrinter::default().print(name, value)
 }
 
 /// The fingerprint of a list of names (a [`FieldPrints::layout`]).

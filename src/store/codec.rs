@@ -344,23 +344,44 @@ impl Reader<'_> {
     }
 
     fn prints(&mut self) -> Result<FieldPrints, DecodeError> {
-        let layout = u32::from_le_bytes(self.bytes(4)?.try_into().map_err(|_| "short prints")?);
-        let n = self.len()?;
+        let layout = self.u32()?;
+        let n = usize::try_from(self.varint()?).map_err(|_| "length out of range")?;
+        // At least one mask bit per field: a count beyond that is corruption.
+        if n.div_ceil(8) > self.0.len() {
+            return Err("length beyond the value");
+        }
+        let mask = self.bytes(n.div_ceil(8))?;
         let mut values = Vec::with_capacity(n.min(256));
-        for _ in 0..n {
-            values.push(u32::from_le_bytes(
-                self.bytes(4)?.try_into().map_err(|_| "short prints")?,
-            ));
+        for i in 0..n {
+            values.push(if mask[i / 8] & (1 << (i % 8)) != 0 {
+                FieldPrints::NOTHING
+            } else {
+                self.u32()?
+            });
         }
         Ok(FieldPrints { layout, values })
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.bytes(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 }
 
 impl Writer {
+    /// Field prints: the layout, the count, a bit per field holding nothing (most records
+    /// leave many fields empty), then the other prints, 4 bytes each.
     fn prints(&mut self, p: &FieldPrints) {
         self.0.extend_from_slice(&p.layout.to_le_bytes());
         self.varint(p.values.len() as u128);
-        for v in &p.values {
+        let mut mask = vec![0u8; p.values.len().div_ceil(8)];
+        for (i, v) in p.values.iter().enumerate() {
+            if *v == FieldPrints::NOTHING {
+                mask[i / 8] |= 1 << (i % 8);
+            }
+        }
+        self.0.extend_from_slice(&mask);
+        for v in p.values.iter().filter(|v| **v != FieldPrints::NOTHING) {
             self.0.extend_from_slice(&v.to_le_bytes());
         }
     }
@@ -649,7 +670,7 @@ mod tests {
         let with_prints = LedgerEntry {
             prints: Some(FieldPrints {
                 layout: 0xdead_beef,
-                values: vec![1, 0, u32::MAX, 77],
+                values: vec![1, 0, u32::MAX, 77, 1, 1, 1, 1, 1, 5],
             }),
             ..e.clone()
         };
@@ -690,6 +711,22 @@ mod tests {
         for n in 0..bytes.len() {
             assert!(
                 decode_company("c", &bytes[..n]).is_err(),
+                "prefix of {n} bytes decoded"
+            );
+        }
+        let e = LedgerEntry {
+            hash: "h".into(),
+            at: ts(1, 0),
+            prints: Some(FieldPrints {
+                layout: 9,
+                values: vec![FieldPrints::NOTHING, 5, 0, FieldPrints::NOTHING, 7],
+            }),
+        };
+        let bytes = encode_record(Some("c"), Some(&e));
+        assert_eq!(decode_record(&bytes).unwrap().ledger, Some(e));
+        for n in 0..bytes.len() {
+            assert!(
+                decode_record(&bytes[..n]).is_err(),
                 "prefix of {n} bytes decoded"
             );
         }
