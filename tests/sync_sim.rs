@@ -7,6 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use common::*;
 use crmbridge::config::Config;
 use crmbridge::daemon::metrics::Metrics;
@@ -184,5 +185,93 @@ async fn a_company_created_anywhere_reaches_the_others_and_comes_back_unchanged(
         after, rally,
         "the source record was modified by its own echo"
     );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_of_one_company_in_three_crms_at_once_all_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster =
+        crmbridge::sim::cluster::SimCluster::start(&crmbridge::sim::cluster::ClusterConfig {
+            companies: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // amoCRM and Marketo are read by their own poll loops once, at the start: after that,
+    // only the read the daemon makes before writing to them can see their users' edits.
+    let text = cluster
+        .sync_config(dir.path(), "1h", None)
+        .unwrap()
+        .replacen("poll_interval = \"1h\"", "poll_interval = \"1s\"", 1);
+    let path = dir.path().join("crmbridge.toml");
+    std::fs::write(&path, text).unwrap();
+    let rally = cluster.rally.create(json!({
+        "name": "Race Ltd",
+        "domain": "race.example",
+        "website": "https://race.example",
+        "phone": "+1 555 0100",
+        "city": "Leeds",
+    }));
+    let cfg = Config::load(&path).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let engine = build_engine(&cfg, open_store(&cfg).unwrap(), metrics.clone())
+        .await
+        .unwrap();
+    let sd = CancellationToken::new();
+    let handle = engine.start(sd.clone());
+    let quiet = Duration::from_millis(1500);
+    settle(&engine, &metrics, quiet, Duration::from_secs(60)).await;
+    let find = |all: Vec<serde_json::Value>, key: &str| {
+        all.into_iter()
+            .find(|r| r[key] == json!("Race Ltd"))
+            .expect("synced")["id"]
+            .as_i64()
+            .unwrap()
+    };
+    let amo_id = find(cluster.amocrm.dump(), "name");
+    let mkto_id = find(cluster.marketo.dump(), "company");
+
+    // Three users, three fields, within a second or two.
+    cluster.amocrm.update(
+        amo_id,
+        json!({"custom_fields_values": [{"field_code": "PHONE",
+            "values": [{"value": "+1 555 0199", "enum_code": "WORK"}]}]}),
+    );
+    cluster
+        .marketo
+        .update(mkto_id, json!({"billingCity": "York"}));
+    // amoCRM stamps whole seconds and is read a second only once it is over: its edit is
+    // in a second that has ended before the rename below reaches it.
+    let ms = Utc::now().timestamp_subsec_millis();
+    tokio::time::sleep(Duration::from_millis(u64::from(1_050 - ms.min(1_000)))).await;
+    cluster.rally.update(
+        rally["id"].as_str().unwrap(),
+        json!({"name": "Race Renamed Ltd"}),
+    );
+    settle(&engine, &metrics, quiet, Duration::from_secs(60)).await;
+    sd.cancel();
+    handle.wait().await;
+
+    let views = crm_views(&path).await;
+    assert_converged(&views);
+    for crm in CRMS {
+        let f = &views[crm]["race.example"][0];
+        assert_eq!(
+            f.get("name"),
+            Some(&Value::Text("Race Renamed Ltd".into())),
+            "{crm}: {f:?}"
+        );
+        assert_eq!(
+            f.get("phone"),
+            Some(&Value::Text("+1 555 0199".into())),
+            "{crm}: {f:?}"
+        );
+        assert_eq!(
+            f.get("city"),
+            Some(&Value::Text("York".into())),
+            "{crm}: {f:?}"
+        );
+    }
     cluster.shutdown().await;
 }

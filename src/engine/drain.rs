@@ -117,6 +117,9 @@ struct DrainShared {
     /// Read the target's latest changes before planning each batch (the daemon; a
     /// backfill has just read everything).
     read_first: bool,
+    /// Held from that read through the plan, so that the batch planned is the one whose
+    /// records were read (two workers would otherwise read the same next batch).
+    read_and_plan: tokio::sync::Mutex<()>,
 }
 
 impl DrainShared {
@@ -262,20 +265,26 @@ impl Engine {
         let busy = format!("drain:{target}");
         while !shutdown.is_cancelled() && !shared.stop.load(Ordering::SeqCst) {
             self.mark_started(&busy, shared, slot, Some(Instant::now()));
-            if shared.read_first
-                && let Err(e) = self
+            let reading = if shared.read_first {
+                let held = shared.read_and_plan.lock().await;
+                if let Err(e) = self
                     .read_before_write(target, &shared.failed, shutdown)
                     .await
-            {
-                self.mark_started(&busy, shared, slot, None);
-                self.note_error(target, &e);
-                shared.fail(e);
-                break;
-            }
+                {
+                    self.mark_started(&busy, shared, slot, None);
+                    self.note_error(target, &e);
+                    shared.fail(e);
+                    break;
+                }
+                Some(held)
+            } else {
+                None
+            };
             let plan = {
                 let (t, failed) = (target.to_string(), shared.failed.clone());
                 self.blocking(move |e| e.plan_batch(&t, &failed)).await
             };
+            drop(reading);
             let plan = match plan {
                 Ok(p) => p,
                 Err(e) => {
