@@ -24,6 +24,7 @@ use tracing::{debug, info_span, warn};
 use super::run::MAX_PUSH_ATTEMPTS;
 use super::{DrainStats, Engine, EngineError, visible_hash};
 use crate::connector::{ConnectorError, PushItem, PushOutcome};
+use crate::mapping::Before;
 use crate::store::{DeadLetterNew, Direction, LedgerEntry};
 
 /// The most batches of one target ever in flight at once, whatever the connector allows:
@@ -500,9 +501,14 @@ impl Engine {
                 stats.skipped += 1;
                 continue;
             }
-            let prints = ep
-                .mapping
-                .written_prints(&values, before.as_ref().and_then(|l| l.prints.as_ref()));
+            let prints = ep.mapping.written_prints(
+                &values,
+                match (&vendor_id, before.as_ref().and_then(|l| l.prints.as_ref())) {
+                    (None, _) => Before::New,
+                    (Some(_), Some(p)) => Before::Record(p),
+                    (Some(_), None) => Before::Unknown,
+                },
+            );
             // Marking it sending also notes a send left without an outcome by a crash.
             let unconfirmed_since = tx
                 .outbox_mark_sending(target, seq)?

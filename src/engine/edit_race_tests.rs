@@ -34,6 +34,9 @@ struct FakeCrm {
     polls: AtomicUsize,
     read_ids: Mutex<Vec<Vec<String>>>,
     pushes: Mutex<Vec<PushItem>>,
+    /// Holds one record per website: a create with a website already held writes onto
+    /// that record (as Rally's upsert by domain does).
+    one_per_website: bool,
 }
 
 impl FakeCrm {
@@ -46,6 +49,7 @@ impl FakeCrm {
             polls: AtomicUsize::new(0),
             read_ids: Mutex::default(),
             pushes: Mutex::default(),
+            one_per_website: false,
         }
     }
 
@@ -102,9 +106,18 @@ impl Connector for FakeCrm {
         for it in items {
             self.pushes.lock().unwrap().push(it.clone());
             let created = it.vendor_id.is_none();
+            let same_site = || {
+                records
+                    .values()
+                    .find(|r| {
+                        self.one_per_website && r.fields.get("website") == it.fields.get("website")
+                    })
+                    .map(|r| r.vendor_id.clone())
+            };
             let id = it
                 .vendor_id
                 .clone()
+                .or_else(same_site)
                 .unwrap_or_else(|| format!("b{}", records.len() + 1));
             let rec = records.entry(id.clone()).or_insert_with(|| VendorRecord {
                 vendor_id: id.clone(),
@@ -353,4 +366,102 @@ async fn creates_are_written_without_reading_the_target_first() {
         0,
         "nothing there to overwrite"
     );
+}
+
+#[tokio::test]
+async fn a_value_another_company_left_in_a_shared_record_is_not_pushed_over_and_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(FakeCrm {
+        one_per_website: true,
+        ..FakeCrm::new("b", PreWriteRead::Nothing)
+    });
+    let e = engine(&dir, b.clone());
+    let rec = |id: &str, name: &str, city: Option<&str>| VendorRecord {
+        vendor_id: id.into(),
+        updated_at: ts(100),
+        fields: json!({"name": name, "domain": "acme.example", "website": "https://acme.example",
+                       "city": city})
+        .as_object()
+        .unwrap()
+        .clone(),
+        deleted: false,
+    };
+    // Two companies of "a" with one website; "b" keeps one record for both.
+    let page = Page {
+        records: vec![rec("a1", "Acme", None), rec("a2", "Acme Two", Some("Oslo"))],
+        ..Default::default()
+    };
+    e.ingest_page("a", &page, "a").unwrap();
+    let sd = CancellationToken::new();
+    let s = e.drain_all("b", &sd).await.unwrap();
+    assert_eq!((s.written, s.rejected), (2, 1), "{s:?}");
+    // b1 holds a1's company, with the city a2's write left in it.
+    assert_eq!(b.record("b1").fields["billingCity"], json!("Oslo"));
+    // A user edits b1's phone: read back, the city is nothing new, and pushing a1's
+    // company (which has no city) would not remove it: nothing is queued for "b".
+    b.edit("b1", json!({"mainPhone": "+1 555 0199"}), 300);
+    let page = b
+        .poll(&Cursor::start(), &PollMode::Incremental)
+        .await
+        .unwrap();
+    e.ingest_page("b", &page, "b").unwrap();
+    let tx = e.store().begin_read().unwrap();
+    assert_eq!(
+        tx.outbox_len("b").unwrap(),
+        0,
+        "b1 would be written again and again"
+    );
+    assert_eq!(tx.outbox_len("a").unwrap(), 1, "the phone goes to a");
+}
+
+#[tokio::test]
+async fn a_field_a_create_left_empty_is_known_empty_when_the_record_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(FakeCrm::new("b", PreWriteRead::Nothing));
+    // Created in "b" without a city (the company had none).
+    let e = synced(&b, &dir).await;
+    // "a" sets the city; before it reaches "b", a user of "b" renames the company, and
+    // "b" answers its empty city as an explicit null.
+    let mut page = rally("Acme", "+1 555 0100", 200);
+    page.records[0].fields.insert("city".into(), json!("York"));
+    e.ingest_page("a", &page, "a").unwrap();
+    b.edit("b1", json!({"company": "Acme B", "billingCity": null}), 300);
+    let page = b
+        .poll(&Cursor::start(), &PollMode::Incremental)
+        .await
+        .unwrap();
+    e.ingest_page("b", &page, "b").unwrap();
+    let tx = e.store().begin_read().unwrap();
+    let cid = tx.link_of("a", "a1").unwrap().unwrap();
+    let c = tx.get_company(&cid).unwrap().unwrap();
+    assert_eq!(c.get("name"), text("Acme B").as_ref());
+    assert_eq!(
+        c.get("city"),
+        text("York").as_ref(),
+        "the empty city of b undid a's"
+    );
+}
+
+#[tokio::test]
+async fn an_unchanged_record_completes_a_base_that_lacks_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(FakeCrm::new("b", PreWriteRead::Nothing));
+    let e = synced(&b, &dir).await;
+    // As a store written before prints existed: the ledger entry has none.
+    let tx = e.store().begin_write().unwrap();
+    let mut entry = tx.ledger("b", "b1").unwrap().unwrap();
+    entry.prints = None;
+    tx.put_ledger("b", "b1", &entry).unwrap();
+    tx.commit().unwrap();
+    // Our own write read back: unchanged, and now a base.
+    b.changed.lock().unwrap().push("b1".into());
+    let page = b
+        .poll(&Cursor::start(), &PollMode::Incremental)
+        .await
+        .unwrap();
+    let stats = e.ingest_page("b", &page, "b").unwrap();
+    assert_eq!(stats.unchanged, 1);
+    let tx = e.store().begin_read().unwrap();
+    let entry = tx.ledger("b", "b1").unwrap().unwrap();
+    assert!(entry.prints.is_some(), "{entry:?}");
 }

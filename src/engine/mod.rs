@@ -343,8 +343,11 @@ fn look_up(
 /// Removes from `fields` (read from a record) the fields whose value the record already
 /// held at `base` (its last read or write): the record did not change them, so they are
 /// no news, however new the record's timestamp — letting them merge would undo a newer
-/// change made elsewhere to the same company. True when one of them differs from the
-/// company's value: the record is stale there and needs the company's value pushed.
+/// change made elsewhere to the same company. True when the company holds another value
+/// for one of them: the record is stale there and needs the company's value pushed. (Not
+/// when the company holds nothing: a write leaves out what the company lacks, so pushing
+/// would change nothing — e.g. a field another company's write left in a record two
+/// companies share.)
 fn drop_unchanged(
     mapping: &Mapping,
     fields: &mut Fields,
@@ -358,12 +361,11 @@ fn drop_unchanged(
             continue;
         }
         if let Some(value) = fields.remove(name) {
-            let held = company.get(name);
-            let same = match held {
-                Some(h) => merge::same_meaning(h, &value) || (h.is_nothing() && value.is_nothing()),
-                None => value.is_nothing(),
-            };
-            stale |= !same;
+            let held = company.get(name).filter(|h| !h.is_nothing());
+            if held.is_some_and(|h| !merge::same_meaning(h, &value)) {
+                debug!(field = name, held = ?held, record = ?value, "record still holds an older value");
+                stale = true;
+            }
         }
     }
     stale
@@ -651,9 +653,21 @@ impl Engine {
             };
             // What the linked record held when last read or written: the base that tells
             // the fields it changed since from those it merely still holds.
-            let base = match ledger {
-                Some(l) if link.is_some() => {
+            let base = match (ledger, &link) {
+                (Some(l), Some(linked)) => {
                     if l.hash == hash {
+                        // Unchanged; a base with gaps (the ledger predates prints, or a
+                        // write left fields unknown) is completed by what was just read.
+                        let gaps = l.prints.as_ref().is_none_or(|p| {
+                            p.layout != prints.layout || p.values.contains(&FieldPrints::UNKNOWN)
+                        });
+                        if gaps {
+                            let entry = LedgerEntry {
+                                prints: Some(prints),
+                                ..l
+                            };
+                            tx.put_ledger_linked(source, &rec.vendor_id, linked, &entry)?;
+                        }
                         stats.unchanged += 1;
                         continue;
                     }
@@ -975,7 +989,7 @@ mod tests {
         #[test]
         fn written_prints_are_what_the_written_record_reads_back_as(f in typed_fields()) {
             for m in mappings() {
-                let Some(written) = m.written_prints(&f, None) else { continue };
+                let Some(written) = m.written_prints(&f, crate::mapping::Before::New) else { continue };
                 let Ok(w) = m.write(&f) else { continue };
                 let w: serde_json::Map<String, serde_json::Value> = w
                     .into_iter()

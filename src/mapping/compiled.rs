@@ -175,6 +175,17 @@ fn null_like(value: &Value) -> bool {
     matches!(value, Value::Null | Value::Json(Json::Null))
 }
 
+/// What a record held before a write, for [`Mapping::written_prints`].
+#[derive(Debug, Clone, Copy)]
+pub enum Before<'a> {
+    /// Its prints as last read or written.
+    Record(&'a FieldPrints),
+    /// Not known.
+    Unknown,
+    /// Nothing: the write creates it.
+    New,
+}
+
 /// A mapping fitted to an instance ([`Mapping::fit`]).
 #[derive(Debug, Clone)]
 pub struct Fitted {
@@ -354,15 +365,16 @@ impl Mapping {
     /// The per-field prints of a record after `canonical` was written to it: what each
     /// field reads back as ([`Mapping::visible`]). A field the write leaves alone (read
     /// only, or its writer's canonical field absent, so the key is not sent) keeps its
-    /// print in `before`, the record's prints until then, or becomes unknown. `None` when
-    /// `canonical` cannot be written (the push fails anyway).
-    pub fn written_prints(
-        &self,
-        canonical: &Fields,
-        before: Option<&FieldPrints>,
-    ) -> Option<FieldPrints> {
+    /// print in `before`, the record's prints until then — nothing for a record the write
+    /// creates, unknown when there are none. `None` when `canonical` cannot be written
+    /// (the push fails anyway).
+    pub fn written_prints(&self, canonical: &Fields, before: Before<'_>) -> Option<FieldPrints> {
         let round = self.visible(canonical)?;
-        let before = before.filter(|b| b.layout == self.plan.layout);
+        let before = match before {
+            Before::Record(b) if b.layout == self.plan.layout => Some(b.values.as_slice()),
+            Before::Record(_) | Before::Unknown => None,
+            Before::New => Some(&[][..]),
+        };
         let mut printer = FieldPrinter::default();
         let values = self
             .plan
@@ -383,9 +395,13 @@ impl Mapping {
                     // the fields it is given): not worked out here.
                     FieldPrints::UNKNOWN
                 } else {
-                    before
-                        .and_then(|b| b.values.get(i).copied())
-                        .unwrap_or(FieldPrints::UNKNOWN)
+                    match before {
+                        // A new record holds nothing it was not given: it reads as the
+                        // rule's default, if any.
+                        Some([]) => printer.print(field, self.rules[ri].default.as_ref()),
+                        Some(b) => b.get(i).copied().unwrap_or(FieldPrints::UNKNOWN),
+                        None => FieldPrints::UNKNOWN,
+                    }
                 }
             })
             .collect();

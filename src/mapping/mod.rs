@@ -7,7 +7,7 @@ pub mod defaults;
 mod error;
 pub mod rules;
 
-pub use compiled::{Fitted, Mapping};
+pub use compiled::{Before, Fitted, Mapping};
 pub use defaults::{default_rules, split_enum_suffix};
 pub use error::MappingError;
 pub use rules::{Direction, FieldRule, MappingRules, Transform};

@@ -1,5 +1,7 @@
 """Live phase against the independent servers: mutations, kill -9 restarts, a fault window,
-then a convergence check by domain (name changes must reach the other two CRMs)."""
+then a convergence check by domain (name changes must reach the other two CRMs). Every
+fifth step also edits another field (the city) of the same company in a second CRM at the
+same moment: both edits must reach every CRM."""
 import json, os, random, signal, subprocess, sys, time, urllib.request, urllib.parse
 
 W = os.environ.get("W", "/tmp/crmbridge-indep")
@@ -58,6 +60,27 @@ def by_domain():
 def name_of(crm, c):
     return c["company"] if crm == "marketo" else c["name"]
 
+AMO_CITY = 874209
+
+def city_of(crm, c):
+    if crm == "rally":
+        return c.get("city")
+    if crm == "marketo":
+        return c.get("billingCity")
+    for f in c.get("custom_fields_values") or []:
+        if f.get("field_id") == AMO_CITY:
+            return f["values"][0]["value"]
+    return None
+
+def set_city(crm, c, city):
+    if crm == "rally":
+        post(9701, "/__admin/mutate", {"id": c["id"], "fields": {"city": city}})
+    elif crm == "marketo":
+        post(9702, "/__admin/mutate", {"id": c["id"], "fields": {"billingCity": city}})
+    else:
+        post(9703, "/__admin/mutate", {"id": c["id"], "custom_fields_values": [
+            {"field_id": AMO_CITY, "values": [{"value": city}]}]})
+
 def start():
     log = open(os.path.join(W, "logs/daemon.log"), "a")
     return subprocess.Popen([BIN, "run", "--config", os.path.join(W, "crmbridge.toml")], env=ENV,
@@ -74,6 +97,7 @@ kills = sorted(random.uniform(10, DURATION - 10) for _ in range(3))
 fault_window = (DURATION * 0.4, DURATION * 0.65)
 faults_on = False
 expected = {}  # domain -> (name, crm)
+expected_city = {}  # domain -> (city, crm), edited together with a name elsewhere
 n = 0
 while time.time() - t0 < DURATION:
     el = time.time() - t0
@@ -100,16 +124,25 @@ while time.time() - t0 < DURATION:
     else:
         post(9703, "/__admin/mutate", {"id": c["id"], "name": new})
     expected[d] = (new, crm)
+    if n % 5 == 0:
+        other = random.choice([x for x in PORTS if x != crm])
+        city = f"City {n}"
+        set_city(other, idx[other][d][0], city)
+        expected_city[d] = (city, other)
     time.sleep(1.0)
 for p in PORTS.values():
     post(p, "/__admin/faults", {"rate": 0.0})
-print(f"{n} mutations on {len(expected)} companies; waiting to settle", flush=True)
+print(f"{n} mutations on {len(expected)} companies ({len(expected_city)} also edited in a "
+      "second CRM at once); waiting to settle", flush=True)
 deadline = time.time() + 240
 while time.time() < deadline:
     idx2 = by_domain()
     bad = [(d, crm2, name_of(crm2, idx2[crm2][d][0]), want)
            for d, (want, crm) in expected.items() for crm2 in PORTS
            if name_of(crm2, idx2[crm2][d][0]) != want]
+    bad += [(d, crm2, city_of(crm2, idx2[crm2][d][0]), want)
+            for d, (want, crm) in expected_city.items() for crm2 in PORTS
+            if city_of(crm2, idx2[crm2][d][0]) != want]
     if not bad:
         break
     time.sleep(5)
