@@ -465,3 +465,37 @@ async fn an_unchanged_record_completes_a_base_that_lacks_prints() {
     let entry = tx.ledger("b", "b1").unwrap().unwrap();
     assert!(entry.prints.is_some(), "{entry:?}");
 }
+
+#[tokio::test]
+async fn a_record_matched_for_the_first_time_does_not_erase_what_it_never_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(FakeCrm::new("b", PreWriteRead::Nothing));
+    let e = engine(&dir, b.clone());
+    let mut page = rally("Acme", "+1 555 0100", 100);
+    page.records[0]
+        .fields
+        .insert("industry".into(), json!("Software"));
+    e.ingest_page("a", &page, "a").unwrap();
+    // The same company, already in "b" without an industry (an explicit null), edited
+    // there later.
+    let b_page = Page {
+        records: vec![VendorRecord {
+            vendor_id: "m9".into(),
+            updated_at: ts(200),
+            fields: json!({"company": "Acme", "website": "https://acme.example",
+                           "industry": null, "mainPhone": "+1 555 0100"})
+            .as_object()
+            .unwrap()
+            .clone(),
+            deleted: false,
+        }],
+        ..Default::default()
+    };
+    e.ingest_page("b", &b_page, "b").unwrap();
+    let tx = e.store().begin_read().unwrap();
+    let cid = tx.link_of("b", "m9").unwrap().expect("matched by domain");
+    assert_eq!(tx.link_of("a", "a1").unwrap(), Some(cid.clone()));
+    let c = tx.get_company(&cid).unwrap().unwrap();
+    assert_eq!(c.get("industry"), text("Software").as_ref());
+    assert_eq!(tx.outbox_len("b").unwrap(), 1, "b gets the industry");
+}

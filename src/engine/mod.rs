@@ -371,6 +371,22 @@ fn drop_unchanged(
     stale
 }
 
+/// Removes from `fields` — a record seen for the first time, matched to a company another
+/// CRM made — the fields it leaves empty: a CRM that never held a value says nothing about
+/// it, and letting its emptiness win by timestamp would erase the other CRM's value
+/// everywhere. True when the company holds a value for one of them (the record needs it).
+fn drop_empty(fields: &mut Fields, company: &Company) -> bool {
+    let mut stale = false;
+    fields.retain(|name, value| {
+        if !value.is_nothing() {
+            return true;
+        }
+        stale |= company.get(name).is_some_and(|h| !h.is_nothing());
+        false
+    });
+    stale
+}
+
 /// `rec` mapped again (it mapped once already: the mapping is deterministic).
 fn mapping_of(mapping: &Mapping, rec: &VendorRecord) -> Result<Fields, EngineError> {
     mapping
@@ -741,6 +757,8 @@ impl Engine {
                     let mut fields = fields;
                     if let Some(base) = &base {
                         stale_here = drop_unchanged(mapping, &mut fields, &prints, base, &company);
+                    } else if link.is_none() && !is_new {
+                        stale_here = drop_empty(&mut fields, &company);
                     }
                     let outcome = merge::merge_owned(
                         &mut company,
