@@ -499,3 +499,75 @@ async fn a_record_matched_for_the_first_time_does_not_erase_what_it_never_held()
     assert_eq!(c.get("industry"), text("Software").as_ref());
     assert_eq!(tx.outbox_len("b").unwrap(), 1, "b gets the industry");
 }
+
+/// A Marketo record crmbridge created, carrying its company's canonical id as
+/// `externalCompanyId`, read before the push's outcome was stored (a crash in between),
+/// in a page of `filler` other new records (a large page takes the snapshot path).
+fn created_before_its_link_was_stored(filler: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(FakeCrm::new("b", PreWriteRead::Nothing));
+    let e = engine(&dir, b);
+    let page = Page {
+        records: vec![VendorRecord {
+            vendor_id: "a1".into(),
+            updated_at: ts(100),
+            fields: json!({"name": "No Domain Ltd"})
+                .as_object()
+                .unwrap()
+                .clone(),
+            deleted: false,
+        }],
+        ..Default::default()
+    };
+    e.ingest_page("a", &page, "a").unwrap();
+    let cid = e
+        .store()
+        .begin_read()
+        .unwrap()
+        .link_of("a", "a1")
+        .unwrap()
+        .unwrap();
+    let mut records: Vec<VendorRecord> = (0..filler)
+        .map(|i| VendorRecord {
+            vendor_id: format!("f{i}"),
+            updated_at: ts(100),
+            fields: json!({"company": format!("Filler {i}"), "website": format!("https://f{i}.example")})
+                .as_object()
+                .unwrap()
+                .clone(),
+            deleted: false,
+        })
+        .collect();
+    records.push(VendorRecord {
+        vendor_id: "m1".into(),
+        updated_at: ts(101),
+        fields: json!({"company": "No Domain Ltd", "externalCompanyId": cid})
+            .as_object()
+            .unwrap()
+            .clone(),
+        deleted: false,
+    });
+    let stats = e
+        .ingest_page(
+            "b",
+            &Page {
+                records,
+                ..Default::default()
+            },
+            "b",
+        )
+        .unwrap();
+    assert_eq!(stats.created, filler, "the record made a second company");
+    let tx = e.store().begin_read().unwrap();
+    assert_eq!(tx.link_of("b", "m1").unwrap(), Some(cid));
+}
+
+#[test]
+fn a_record_naming_its_company_by_canonical_id_is_that_company() {
+    created_before_its_link_was_stored(0);
+}
+
+#[test]
+fn a_record_naming_its_company_by_canonical_id_is_that_company_in_a_large_page() {
+    created_before_its_link_was_stored(40);
+}

@@ -314,6 +314,13 @@ fn look_up(
         }
         return Ok((seen, Some(fields)));
     }
+    if let Some(id) = named_company(&fields)
+        && snap.get_company(id)?.is_some()
+        && snap.vendor_id_of(id, source)?.is_none()
+    {
+        seen.found = Some(id.to_string());
+        return Ok((seen, Some(fields)));
+    }
     for k in keys {
         let hit = snap.match_key(k)?;
         seen.looked_up.push(hit.is_some());
@@ -385,6 +392,19 @@ fn drop_empty(fields: &mut Fields, company: &Company) -> bool {
         false
     });
     stale
+}
+
+/// The company a first-seen record names as its own. A company crmbridge creates in
+/// Marketo without an `externalCompanyId` gets its canonical id as one (the dedupe key of
+/// an idempotent create), so a record carrying a canonical id is that company's — also when
+/// it is read before its link was stored (a crash between the push and its outcome), where
+/// a domainless company would otherwise match nothing and be created twice.
+fn named_company(fields: &Fields) -> Option<&str> {
+    match fields.get("externalCompanyId") {
+        // Canonical ids are 26 characters (36 in stores made before they were shortened).
+        Some(crate::model::Value::Text(t)) if matches!(t.trim().len(), 26 | 36) => Some(t.trim()),
+        _ => None,
+    }
 }
 
 /// `rec` mapped again (it mapped once already: the mapping is deterministic).
@@ -715,7 +735,14 @@ impl Engine {
                 }
                 (None, None) => {
                     let mut found: Option<CanonicalId> = None;
-                    for k in &keys {
+                    if let Some(id) = named_company(&fields)
+                        && tx.get_company(id)?.is_some()
+                        && tx.vendor_id_of(id, source)?.is_none()
+                    {
+                        found = Some(id.to_string());
+                    }
+                    let unnamed = found.is_none();
+                    for k in keys.iter().filter(|_| unnamed) {
                         let hit = tx.match_key(k)?;
                         looked_up.push((k, hit.is_some()));
                         if let Some(cid) = hit {
