@@ -90,6 +90,10 @@ const OUTBOX_PENDING: Tbl<&str, &[u8]> = tbl!("outbox_pending", outbox_pending);
 /// target → number of entries, so lengths are O(1) and not a scan.
 const OUTBOX_COUNTS: Tbl<&str, u64> = tbl!("outbox_counts", outbox_counts);
 const DEAD_LETTERS: Tbl<u64, &[u8]> = tbl!("dead_letters", dead_letters);
+/// (connector, canonical id) → id of the company's push dead letter there: a company
+/// rejected again (queued anew by each of its changes) updates its letter instead of
+/// adding one per attempt.
+const PUSH_DEAD_LETTERS: Tbl<(&str, &str), u64> = tbl!("push_dead_letters", push_dead_letters);
 // Tables of schema 2 and before, read only by the migrations (which then delete them).
 /// (connector, vendor_id) → canonical id.
 const V2_LINKS: Tbl<(&str, &str), &str> = tbl!("links", v2_links);
@@ -274,6 +278,7 @@ impl Store {
         tx.table(OUTBOX_PENDING)?;
         tx.table(OUTBOX_COUNTS)?;
         tx.table(DEAD_LETTERS)?;
+        tx.table(PUSH_DEAD_LETTERS)?;
         tx.table(TOKENS)?;
         tx.table(QUOTA)?;
         tx.commit()
@@ -507,6 +512,7 @@ struct OpenTables {
     outbox_pending: Slot<&'static str, &'static [u8]>,
     outbox_counts: Slot<&'static str, u64>,
     dead_letters: Slot<u64, &'static [u8]>,
+    push_dead_letters: Slot<(&'static str, &'static str), u64>,
     v2_links: Slot<(&'static str, &'static str), &'static str>,
     v2_ledger: Slot<(&'static str, &'static str), &'static [u8]>,
     v2_outbox_index: Slot<(&'static str, &'static str), u64>,
@@ -532,6 +538,7 @@ struct ReadTables {
     outbox_pending: ReadSlot<&'static str, &'static [u8]>,
     outbox_counts: ReadSlot<&'static str, u64>,
     dead_letters: ReadSlot<u64, &'static [u8]>,
+    push_dead_letters: ReadSlot<(&'static str, &'static str), u64>,
     v2_links: ReadSlot<(&'static str, &'static str), &'static str>,
     v2_ledger: ReadSlot<(&'static str, &'static str), &'static [u8]>,
     v2_outbox_index: ReadSlot<(&'static str, &'static str), u64>,
@@ -1140,7 +1147,46 @@ impl WriteTx {
 
     /// Adds a dead letter; returns its id.
     pub fn add_dead_letter(&self, new: DeadLetterNew) -> Result<u64, StoreError> {
+        let push_key = match (&new.direction, &new.canonical_id) {
+            (Direction::Push, Some(cid)) => Some((new.connector.clone(), cid.clone())),
+            _ => None,
+        };
+        if let Some((connector, cid)) = &push_key {
+            let existing = self
+                .table(PUSH_DEAD_LETTERS)?
+                .get((connector.as_str(), cid.as_str()))
+                .at(PUSH_DEAD_LETTERS.name, "get")?
+                .map(|v| v.value());
+            let old = match existing {
+                Some(id) => self
+                    .table(DEAD_LETTERS)?
+                    .get(id)
+                    .at(DEAD_LETTERS.name, "get")?
+                    .map(|v| decode::<DeadLetter>(DEAD_LETTERS.name, id, v.value()))
+                    .transpose()?,
+                None => None,
+            };
+            if let Some(old) = old {
+                // The same company refused again: one letter, with the latest reason and
+                // record, the first failure time and every attempt counted.
+                let letter = DeadLetter {
+                    attempts: old.attempts.saturating_add(new.attempts),
+                    first_at: old.first_at,
+                    ..DeadLetter::from_new(old.id, new)
+                };
+                let bytes = encode(DEAD_LETTERS.name, &letter)?;
+                self.table(DEAD_LETTERS)?
+                    .insert(old.id, bytes.as_slice())
+                    .at(DEAD_LETTERS.name, "insert")?;
+                return Ok(old.id);
+            }
+        }
         let id = self.next_seq(DEAD_LETTER_SEQ)?;
+        if let Some((connector, cid)) = &push_key {
+            self.table(PUSH_DEAD_LETTERS)?
+                .insert((connector.as_str(), cid.as_str()), id)
+                .at(PUSH_DEAD_LETTERS.name, "insert")?;
+        }
         let letter = DeadLetter::from_new(id, new);
         let bytes = encode(DEAD_LETTERS.name, &letter)?;
         self.table(DEAD_LETTERS)?
@@ -1151,11 +1197,27 @@ impl WriteTx {
 
     /// Removes a dead letter (replayed or discarded by an operator); returns it.
     pub fn remove_dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
-        self.table(DEAD_LETTERS)?
+        let letter: Option<DeadLetter> = self
+            .table(DEAD_LETTERS)?
             .remove(id)
             .at(DEAD_LETTERS.name, "remove")?
             .map(|v| decode(DEAD_LETTERS.name, id, v.value()))
-            .transpose()
+            .transpose()?;
+        if let Some(l) = &letter
+            && l.direction == Direction::Push
+            && let Some(cid) = &l.canonical_id
+        {
+            let mut keys = self.table(PUSH_DEAD_LETTERS)?;
+            let points_here = keys
+                .get((l.connector.as_str(), cid.as_str()))
+                .at(PUSH_DEAD_LETTERS.name, "get")?
+                .is_some_and(|v| v.value() == id);
+            if points_here {
+                keys.remove((l.connector.as_str(), cid.as_str()))
+                    .at(PUSH_DEAD_LETTERS.name, "remove")?;
+            }
+        }
+        Ok(letter)
     }
 
     /// Records the content hash last pushed to / read from a vendor record.

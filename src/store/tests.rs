@@ -436,9 +436,17 @@ fn change_during_a_send_keeps_the_entry_queued_after_success() {
 fn dead_letters_are_added_listed_and_removed() {
     let (_dir, store) = temp_store();
     let tx = store.begin_write().unwrap();
+    // Three companies (one company's letters are one letter: see the next test).
     let ids: Vec<u64> = ["first", "second", "third"]
         .iter()
-        .map(|r| tx.add_dead_letter(dead_letter_new(r)).unwrap())
+        .enumerate()
+        .map(|(i, r)| {
+            tx.add_dead_letter(DeadLetterNew {
+                canonical_id: Some(format!("c{i}")),
+                ..dead_letter_new(r)
+            })
+            .unwrap()
+        })
         .collect();
     tx.commit().unwrap();
     assert!(ids.is_sorted() && ids[0] < ids[2], "ids: {ids:?}");
@@ -908,4 +916,53 @@ fn enqueue_new_queues_every_target_once_and_later_enqueues_deduplicate() {
     let r = store.begin_read().unwrap();
     assert_eq!(r.outbox_len("marketo").unwrap(), 1);
     assert_eq!(r.outbox_len("amocrm").unwrap(), 1);
+}
+
+#[test]
+fn a_company_refused_again_by_the_same_crm_keeps_one_dead_letter() {
+    let (_dir, store) = temp_store();
+    let tx = store.begin_write().unwrap();
+    let first = tx
+        .add_dead_letter(dead_letter_new("not an option: Tech"))
+        .unwrap();
+    let again = tx
+        .add_dead_letter(DeadLetterNew {
+            first_at: ts(100),
+            last_at: ts(120),
+            attempts: 1,
+            ..dead_letter_new("not an option: Technology")
+        })
+        .unwrap();
+    // Another CRM, another company, and a read: letters of their own.
+    let other_crm = tx
+        .add_dead_letter(DeadLetterNew {
+            connector: "rally".into(),
+            ..dead_letter_new("x")
+        })
+        .unwrap();
+    let read = tx
+        .add_dead_letter(DeadLetterNew {
+            direction: Direction::Read,
+            ..dead_letter_new("unmappable")
+        })
+        .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(first, again);
+    assert!(other_crm != first && read != first && read != other_crm);
+    let rx = store.begin_read().unwrap();
+    assert_eq!(rx.dead_letter_count().unwrap(), 3);
+    let one = rx.dead_letter(first).unwrap().unwrap();
+    assert_eq!(one.reason, "not an option: Technology");
+    assert_eq!(
+        (one.first_at, one.last_at, one.attempts),
+        (ts(0), ts(120), 4)
+    );
+    drop(rx);
+    // Once removed (retried or dropped), a new refusal is a new letter.
+    let tx = store.begin_write().unwrap();
+    assert!(tx.remove_dead_letter(first).unwrap().is_some());
+    let next = tx.add_dead_letter(dead_letter_new("again")).unwrap();
+    tx.commit().unwrap();
+    assert!(next > read);
+    assert_eq!(store.begin_read().unwrap().dead_letter_count().unwrap(), 3);
 }
