@@ -4,14 +4,11 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use common::*;
-use crmbridge::config::Config;
 use crmbridge::daemon::metrics::Metrics;
-use crmbridge::daemon::service::{build_engine, open_store};
 use crmbridge::engine::{BackfillOptions, Engine};
 use crmbridge::model::Value;
 use serde_json::json;
@@ -52,11 +49,7 @@ async fn settle(engine: &Engine, metrics: &Metrics, quiet: Duration, limit: Dura
 async fn three_crms_converge_under_mutations_and_then_stop_writing() {
     let dir = tempfile::tempdir().unwrap();
     let (cluster, path) = cluster_with_config(24, dir.path(), "1s", None).await;
-    let cfg = Config::load(&path).unwrap();
-    let metrics = Arc::new(Metrics::new());
-    let engine = build_engine(&cfg, open_store(&cfg).unwrap(), metrics.clone())
-        .await
-        .unwrap();
+    let (engine, metrics) = engine_for(&path).await;
     let sd = CancellationToken::new();
     let report = engine
         .backfill(&BackfillOptions::default(), &sd, &|_, _| {})
@@ -144,11 +137,7 @@ async fn a_company_created_anywhere_reaches_the_others_and_comes_back_unchanged(
         "numberOfEmployees": 7,
     }));
 
-    let cfg = Config::load(&path).unwrap();
-    let metrics = Arc::new(Metrics::new());
-    let engine = build_engine(&cfg, open_store(&cfg).unwrap(), metrics.clone())
-        .await
-        .unwrap();
+    let (engine, metrics) = engine_for(&path).await;
     let sd = CancellationToken::new();
     let handle = engine.start(sd.clone());
     settle(
@@ -213,11 +202,7 @@ async fn edits_of_one_company_in_three_crms_at_once_all_survive() {
         "phone": "+1 555 0100",
         "city": "Leeds",
     }));
-    let cfg = Config::load(&path).unwrap();
-    let metrics = Arc::new(Metrics::new());
-    let engine = build_engine(&cfg, open_store(&cfg).unwrap(), metrics.clone())
-        .await
-        .unwrap();
+    let (engine, metrics) = engine_for(&path).await;
     let sd = CancellationToken::new();
     let handle = engine.start(sd.clone());
     let quiet = Duration::from_millis(1500);

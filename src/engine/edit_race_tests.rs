@@ -198,14 +198,28 @@ fn engine(dir: &tempfile::TempDir, b: Arc<FakeCrm>) -> Arc<Engine> {
 fn rally(name: &str, phone: &str, at: i64) -> Page {
     let fields = json!({"name": name, "domain": "acme.example", "phone": phone});
     Page {
-        records: vec![VendorRecord {
-            vendor_id: "a1".into(),
-            updated_at: ts(at),
-            fields: fields.as_object().unwrap().clone(),
-            deleted: false,
-        }],
+        records: vec![vendor_record("a1", at, fields)],
         next: Cursor(json!(at)),
         ..Default::default()
+    }
+}
+
+/// What "b" changed since its last poll, read and stored as the poll loop would.
+async fn read_b(e: &Engine, b: &FakeCrm) -> super::IngestStats {
+    let page = b
+        .poll(&Cursor::start(), &PollMode::Incremental)
+        .await
+        .unwrap();
+    e.ingest_page("b", &page, "b").unwrap()
+}
+
+/// A record `id` of any CRM at vendor second `at`.
+fn vendor_record(id: &str, at: i64, fields: Json) -> VendorRecord {
+    VendorRecord {
+        vendor_id: id.into(),
+        updated_at: ts(at),
+        fields: fields.as_object().unwrap().clone(),
+        deleted: false,
     }
 }
 
@@ -244,11 +258,7 @@ async fn a_newer_record_does_not_undo_a_change_to_a_field_it_did_not_change() {
     b.edit("b1", json!({"mainPhone": "+1 555 0199"}), 300);
     // "b" is read first: its record is newer than the rename, but it still holds the old
     // name only because the rename has not reached it — that must not win.
-    let page = b
-        .poll(&Cursor::start(), &PollMode::Incremental)
-        .await
-        .unwrap();
-    let stats = e.ingest_page("b", &page, "b").unwrap();
+    let stats = read_b(&e, &b).await;
     assert_eq!(stats.merged, 1);
     assert_eq!(
         company(&e),
@@ -272,15 +282,11 @@ async fn a_record_read_before_its_first_write_keeps_its_untouched_fields_out_too
     let b = Arc::new(FakeCrm::new("b", PreWriteRead::Nothing));
     let e = engine(&dir, b.clone());
     let b_rec = |name: &str, phone: &str, at: i64| Page {
-        records: vec![VendorRecord {
-            vendor_id: "m7".into(),
-            updated_at: ts(at),
-            fields: json!({"company": name, "website": "https://acme.example", "mainPhone": phone})
-                .as_object()
-                .unwrap()
-                .clone(),
-            deleted: false,
-        }],
+        records: vec![vendor_record(
+            "m7",
+            at,
+            json!({"company": name, "website": "https://acme.example", "mainPhone": phone}),
+        )],
         ..Default::default()
     };
     e.ingest_page("a", &rally("Acme", "+1 555 0100", 100), "a")
@@ -306,11 +312,7 @@ async fn a_field_the_record_did_change_still_follows_the_newest_timestamp() {
         .unwrap();
     // Both renamed it; "b" did so later: its name wins.
     b.edit("b1", json!({"company": "Acme B"}), 300);
-    let page = b
-        .poll(&Cursor::start(), &PollMode::Incremental)
-        .await
-        .unwrap();
-    e.ingest_page("b", &page, "b").unwrap();
+    read_b(&e, &b).await;
     assert_eq!(company(&e).0, text("Acme B"));
 }
 
@@ -376,15 +378,13 @@ async fn a_value_another_company_left_in_a_shared_record_is_not_pushed_over_and_
         ..FakeCrm::new("b", PreWriteRead::Nothing)
     });
     let e = engine(&dir, b.clone());
-    let rec = |id: &str, name: &str, city: Option<&str>| VendorRecord {
-        vendor_id: id.into(),
-        updated_at: ts(100),
-        fields: json!({"name": name, "domain": "acme.example", "website": "https://acme.example",
-                       "city": city})
-        .as_object()
-        .unwrap()
-        .clone(),
-        deleted: false,
+    let rec = |id: &str, name: &str, city: Option<&str>| {
+        vendor_record(
+            id,
+            100,
+            json!({"name": name, "domain": "acme.example", "website": "https://acme.example",
+                       "city": city}),
+        )
     };
     // Two companies of "a" with one website; "b" keeps one record for both.
     let page = Page {
@@ -400,11 +400,7 @@ async fn a_value_another_company_left_in_a_shared_record_is_not_pushed_over_and_
     // A user edits b1's phone: read back, the city is nothing new, and pushing a1's
     // company (which has no city) would not remove it: nothing is queued for "b".
     b.edit("b1", json!({"mainPhone": "+1 555 0199"}), 300);
-    let page = b
-        .poll(&Cursor::start(), &PollMode::Incremental)
-        .await
-        .unwrap();
-    e.ingest_page("b", &page, "b").unwrap();
+    read_b(&e, &b).await;
     let tx = e.store().begin_read().unwrap();
     assert_eq!(
         tx.outbox_len("b").unwrap(),
@@ -426,11 +422,7 @@ async fn a_field_a_create_left_empty_is_known_empty_when_the_record_comes_back()
     page.records[0].fields.insert("city".into(), json!("York"));
     e.ingest_page("a", &page, "a").unwrap();
     b.edit("b1", json!({"company": "Acme B", "billingCity": null}), 300);
-    let page = b
-        .poll(&Cursor::start(), &PollMode::Incremental)
-        .await
-        .unwrap();
-    e.ingest_page("b", &page, "b").unwrap();
+    read_b(&e, &b).await;
     let tx = e.store().begin_read().unwrap();
     let cid = tx.link_of("a", "a1").unwrap().unwrap();
     let c = tx.get_company(&cid).unwrap().unwrap();
@@ -455,11 +447,7 @@ async fn an_unchanged_record_completes_a_base_that_lacks_prints() {
     tx.commit().unwrap();
     // Our own write read back: unchanged, and now a base.
     b.changed.lock().unwrap().push("b1".into());
-    let page = b
-        .poll(&Cursor::start(), &PollMode::Incremental)
-        .await
-        .unwrap();
-    let stats = e.ingest_page("b", &page, "b").unwrap();
+    let stats = read_b(&e, &b).await;
     assert_eq!(stats.unchanged, 1);
     let tx = e.store().begin_read().unwrap();
     let entry = tx.ledger("b", "b1").unwrap().unwrap();
@@ -479,16 +467,12 @@ async fn a_record_matched_for_the_first_time_does_not_erase_what_it_never_held()
     // The same company, already in "b" without an industry (an explicit null), edited
     // there later.
     let b_page = Page {
-        records: vec![VendorRecord {
-            vendor_id: "m9".into(),
-            updated_at: ts(200),
-            fields: json!({"company": "Acme", "website": "https://acme.example",
-                           "industry": null, "mainPhone": "+1 555 0100"})
-            .as_object()
-            .unwrap()
-            .clone(),
-            deleted: false,
-        }],
+        records: vec![vendor_record(
+            "m9",
+            200,
+            json!({"company": "Acme", "website": "https://acme.example",
+                           "industry": null, "mainPhone": "+1 555 0100"}),
+        )],
         ..Default::default()
     };
     e.ingest_page("b", &b_page, "b").unwrap();
@@ -508,15 +492,7 @@ fn created_before_its_link_was_stored(filler: usize) {
     let b = Arc::new(FakeCrm::new("b", PreWriteRead::Nothing));
     let e = engine(&dir, b);
     let page = Page {
-        records: vec![VendorRecord {
-            vendor_id: "a1".into(),
-            updated_at: ts(100),
-            fields: json!({"name": "No Domain Ltd"})
-                .as_object()
-                .unwrap()
-                .clone(),
-            deleted: false,
-        }],
+        records: vec![vendor_record("a1", 100, json!({"name": "No Domain Ltd"}))],
         ..Default::default()
     };
     e.ingest_page("a", &page, "a").unwrap();
@@ -528,25 +504,20 @@ fn created_before_its_link_was_stored(filler: usize) {
         .unwrap()
         .unwrap();
     let mut records: Vec<VendorRecord> = (0..filler)
-        .map(|i| VendorRecord {
-            vendor_id: format!("f{i}"),
-            updated_at: ts(100),
-            fields: json!({"company": format!("Filler {i}"), "website": format!("https://f{i}.example")})
-                .as_object()
-                .unwrap()
-                .clone(),
-            deleted: false,
+        .map(|i| {
+            let site = format!("https://f{i}.example");
+            vendor_record(
+                &format!("f{i}"),
+                100,
+                json!({"company": format!("Filler {i}"), "website": site}),
+            )
         })
         .collect();
-    records.push(VendorRecord {
-        vendor_id: "m1".into(),
-        updated_at: ts(101),
-        fields: json!({"company": "No Domain Ltd", "externalCompanyId": cid})
-            .as_object()
-            .unwrap()
-            .clone(),
-        deleted: false,
-    });
+    records.push(vendor_record(
+        "m1",
+        101,
+        json!({"company": "No Domain Ltd", "externalCompanyId": cid}),
+    ));
     let stats = e
         .ingest_page(
             "b",

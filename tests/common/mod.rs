@@ -48,6 +48,17 @@ pub async fn cluster_and_config(
     (cluster, path)
 }
 
+/// The product's engine for the config at `path`, on its own store, with its metrics.
+pub async fn engine_for(path: &Path) -> (Arc<crmbridge::engine::Engine>, Arc<Metrics>) {
+    let cfg = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+    let metrics = Arc::new(Metrics::new());
+    let store = crmbridge::daemon::service::open_store(&cfg).unwrap();
+    let engine = build_engine(&cfg, store, metrics.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    (engine, metrics)
+}
+
 /// Per CRM, per normalised domain, every record's canonical fields (more than one entry
 /// for a domain is a duplicate). Read with the product's own connectors and mappings,
 /// into a scratch store, so it never touches the store under test.
