@@ -542,3 +542,31 @@ fn a_record_naming_its_company_by_canonical_id_is_that_company() {
 fn a_record_naming_its_company_by_canonical_id_is_that_company_in_a_large_page() {
     created_before_its_link_was_stored(40);
 }
+
+#[tokio::test]
+async fn a_poll_asked_for_while_another_cycle_ran_is_not_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(FakeCrm::new("b", PreWriteRead::Poll));
+    let e = engine(&dir, b.clone());
+    let sd = CancellationToken::new();
+    let asked = std::time::Instant::now();
+    // Another task's cycle (a drain's read before a write) begins after `asked`…
+    assert!(e.poll_incremental("b", None, &sd).await.unwrap().is_some());
+    // …so the poll loop, which asked at `asked`, has nothing to read that it did not.
+    assert!(
+        e.poll_incremental("b", Some(asked), &sd)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(b.polls.load(Ordering::SeqCst), 1);
+    // Asked after that cycle began: it runs.
+    let later = std::time::Instant::now();
+    assert!(
+        e.poll_incremental("b", Some(later), &sd)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(b.polls.load(Ordering::SeqCst), 2);
+}

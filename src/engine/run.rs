@@ -257,7 +257,11 @@ impl Engine {
                 let first_read = first_read.clone();
                 tracker.spawn(async move {
                     while !sd.is_cancelled() {
-                        let res = me.poll_incremental(&name, None, &sd).await;
+                        // A cycle another task (a drain reading before a write) began while
+                        // this one waited for the gate has read what this one would.
+                        let res = me
+                            .poll_incremental(&name, Some(std::time::Instant::now()), &sd)
+                            .await;
                         let wait = match res {
                             Ok(stats) => {
                                 let stats = stats.unwrap_or_default();
