@@ -366,6 +366,11 @@ impl Engine {
         );
     }
 
+    /// A company's match keys as one line, to tell whether they changed.
+    fn match_keys_line(&self, company: &crate::model::Company) -> String {
+        super::merge::match_keys_of(|n| company.get(n), &self.settings.match_keys).join("\n")
+    }
+
     /// How many outbox entries of `target` to read so that the `limit` oldest ones
     /// neither claimed nor in `skip` are among them.
     fn batch_window(&self, target: &str, limit: usize, skip: &Mutex<HashSet<u64>>) -> usize {
@@ -466,6 +471,18 @@ impl Engine {
             };
             let values = company.values();
             let vendor_id = tx.vendor_id_of(&entry.canonical_id, target)?;
+            // Its create landed on another company's record (a dead letter says so): sent
+            // again with the same keys, it would land there again and overwrite that
+            // record until the owner's content is restored.
+            if vendor_id.is_none()
+                && tx
+                    .blocked_create(target, &entry.canonical_id)?
+                    .is_some_and(|keys| keys == self.match_keys_line(&company))
+            {
+                tx.outbox_remove(target, seq)?;
+                stats.skipped += 1;
+                continue;
+            }
             let fields = match ep.mapping.write(&values) {
                 Ok(f) => f,
                 Err(e) => {
@@ -626,6 +643,9 @@ impl Engine {
                         tx.put_ledger(target, vendor_id, &ledger)?;
                         tx.outbox_remove(target, *seq)?;
                         tx.enqueue(target, &owner, now)?;
+                        if let Some(c) = tx.get_company(&item.canonical_id)? {
+                            tx.block_create(target, &item.canonical_id, &self.match_keys_line(&c))?;
+                        }
                         stats.rejected += 1;
                         continue;
                     }

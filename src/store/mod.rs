@@ -94,6 +94,10 @@ const DEAD_LETTERS: Tbl<u64, &[u8]> = tbl!("dead_letters", dead_letters);
 /// rejected again (queued anew by each of its changes) updates its letter instead of
 /// adding one per attempt.
 const PUSH_DEAD_LETTERS: Tbl<(&str, &str), u64> = tbl!("push_dead_letters", push_dead_letters);
+/// (connector, canonical id) → the company's match keys when its create there landed on
+/// another company's record: not created there again while its keys are the same (until
+/// its dead letter is retried or dropped).
+const BLOCKED_CREATES: Tbl<(&str, &str), &str> = tbl!("blocked_creates", blocked_creates);
 // Tables of schema 2 and before, read only by the migrations (which then delete them).
 /// (connector, vendor_id) → canonical id.
 const V2_LINKS: Tbl<(&str, &str), &str> = tbl!("links", v2_links);
@@ -279,6 +283,7 @@ impl Store {
         tx.table(OUTBOX_COUNTS)?;
         tx.table(DEAD_LETTERS)?;
         tx.table(PUSH_DEAD_LETTERS)?;
+        tx.table(BLOCKED_CREATES)?;
         tx.table(TOKENS)?;
         tx.table(QUOTA)?;
         tx.commit()
@@ -513,6 +518,7 @@ struct OpenTables {
     outbox_counts: Slot<&'static str, u64>,
     dead_letters: Slot<u64, &'static [u8]>,
     push_dead_letters: Slot<(&'static str, &'static str), u64>,
+    blocked_creates: Slot<(&'static str, &'static str), &'static str>,
     v2_links: Slot<(&'static str, &'static str), &'static str>,
     v2_ledger: Slot<(&'static str, &'static str), &'static [u8]>,
     v2_outbox_index: Slot<(&'static str, &'static str), u64>,
@@ -539,6 +545,7 @@ struct ReadTables {
     outbox_counts: ReadSlot<&'static str, u64>,
     dead_letters: ReadSlot<u64, &'static [u8]>,
     push_dead_letters: ReadSlot<(&'static str, &'static str), u64>,
+    blocked_creates: ReadSlot<(&'static str, &'static str), &'static str>,
     v2_links: ReadSlot<(&'static str, &'static str), &'static str>,
     v2_ledger: ReadSlot<(&'static str, &'static str), &'static [u8]>,
     v2_outbox_index: ReadSlot<(&'static str, &'static str), u64>,
@@ -1215,9 +1222,40 @@ impl WriteTx {
             if points_here {
                 keys.remove((l.connector.as_str(), cid.as_str()))
                     .at(PUSH_DEAD_LETTERS.name, "remove")?;
+                self.table(BLOCKED_CREATES)?
+                    .remove((l.connector.as_str(), cid.as_str()))
+                    .at(BLOCKED_CREATES.name, "remove")?;
             }
         }
         Ok(letter)
+    }
+
+    /// Records that creating `canonical_id` in `connector` landed on another company's
+    /// record while the company had match keys `keys` (see [`WriteTx::blocked_create`]).
+    pub fn block_create(
+        &self,
+        connector: &str,
+        canonical_id: &str,
+        keys: &str,
+    ) -> Result<(), StoreError> {
+        self.table(BLOCKED_CREATES)?
+            .insert((connector, canonical_id), keys)
+            .at(BLOCKED_CREATES.name, "insert")?;
+        Ok(())
+    }
+
+    /// The match keys `canonical_id` had when its create in `connector` landed on another
+    /// company's record, if it did (and its dead letter was not retried or dropped since).
+    pub fn blocked_create(
+        &self,
+        connector: &str,
+        canonical_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .table(BLOCKED_CREATES)?
+            .get((connector, canonical_id))
+            .at(BLOCKED_CREATES.name, "get")?
+            .map(|v| v.value().to_string()))
     }
 
     /// Records the content hash last pushed to / read from a vendor record.

@@ -599,3 +599,42 @@ async fn a_create_landing_on_another_companys_record_is_a_dead_letter_and_the_ow
     assert_eq!(seen.names["c0000"].len(), 2, "{seen:?}");
     assert_eq!(seen.names["c0001"].len(), 1, "{seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_company_whose_create_landed_on_anothers_record_is_not_sent_there_again() {
+    let mut target = FakeTarget::new(10, 1, Duration::ZERO);
+    target.one_record = true;
+    let f = fixture(target, 2);
+    let sd = CancellationToken::new();
+    f.engine.drain_all(TARGET, &sd).await.expect("drain");
+    // The refused company changes (same keys) and is queued again: sending it would land
+    // on the owner's record again, and the owner would have to be restored again.
+    let tx = f.engine.store.begin_write().unwrap();
+    tx.put_company(&company("c0001", "c0001 Renamed")).unwrap();
+    tx.enqueue(TARGET, "c0001", Utc::now()).unwrap();
+    tx.commit().unwrap();
+    let s = f.engine.drain_all(TARGET, &sd).await.expect("drain");
+    assert_eq!((s.written, s.skipped), (0, 1), "{s:?}");
+    {
+        let seen = f.target.seen.lock().unwrap();
+        assert_eq!(seen.names["c0001"].len(), 1, "{seen:?}");
+        assert_eq!(seen.names["c0000"].len(), 2, "{seen:?}");
+    }
+    assert_eq!(
+        f.engine
+            .store
+            .begin_read()
+            .unwrap()
+            .dead_letter_count()
+            .unwrap(),
+        1
+    );
+    // An operator retries the dead letter (e.g. after giving it a domain of its own).
+    let tx = f.engine.store.begin_write().unwrap();
+    let id = tx.dead_letters(10, 0).unwrap()[0].id;
+    tx.remove_dead_letter(id).unwrap();
+    tx.enqueue(TARGET, "c0001", Utc::now()).unwrap();
+    tx.commit().unwrap();
+    f.engine.drain_all(TARGET, &sd).await.expect("drain");
+    assert_eq!(f.target.seen.lock().unwrap().names["c0001"].len(), 2);
+}
