@@ -367,7 +367,7 @@ impl Engine {
     }
 
     /// A company's match keys as one line, to tell whether they changed.
-    fn match_keys_line(&self, company: &crate::model::Company) -> String {
+    pub(super) fn match_keys_line(&self, company: &crate::model::Company) -> String {
         super::merge::match_keys_of(|n| company.get(n), &self.settings.match_keys).join("\n")
     }
 

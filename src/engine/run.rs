@@ -62,7 +62,8 @@ pub struct DryRunCounts {
     pub would_update: u64,
     /// Companies the target already holds as they are.
     pub unchanged: u64,
-    /// Companies that cannot be mapped for the target.
+    /// Companies that cannot be mapped for the target, or whose create there landed on
+    /// another company's record (see the dead letters).
     pub invalid: u64,
 }
 
@@ -441,6 +442,14 @@ impl Engine {
                 continue;
             }
             match tx.vendor_id_of(&entry.canonical_id, target)? {
+                // Its create landed on another company's record before, with these keys:
+                // the drain drops it (see `plan_batch`).
+                None if tx
+                    .blocked_create(target, &entry.canonical_id)?
+                    .is_some_and(|keys| keys == self.match_keys_line(&company)) =>
+                {
+                    counts.invalid += 1
+                }
                 None => counts.would_create += 1,
                 Some(vid) => {
                     let hash = visible_hash(&ep.mapping, &values);

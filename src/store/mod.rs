@@ -1244,20 +1244,6 @@ impl WriteTx {
         Ok(())
     }
 
-    /// The match keys `canonical_id` had when its create in `connector` landed on another
-    /// company's record, if it did (and its dead letter was not retried or dropped since).
-    pub fn blocked_create(
-        &self,
-        connector: &str,
-        canonical_id: &str,
-    ) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .table(BLOCKED_CREATES)?
-            .get((connector, canonical_id))
-            .at(BLOCKED_CREATES.name, "get")?
-            .map(|v| v.value().to_string()))
-    }
-
     /// Records the content hash last pushed to / read from a vendor record.
     pub fn put_ledger(
         &self,
@@ -1559,6 +1545,21 @@ macro_rules! getters {
                     .at(DEAD_LETTERS.name, "get")?
                     .map(|v| decode(DEAD_LETTERS.name, id, v.value()))
                     .transpose()
+            }
+
+            /// The match keys `canonical_id` had when its create in `connector` landed on
+            /// another company's record, if it did (and its dead letter was not retried or
+            /// dropped since).
+            pub fn blocked_create(
+                &self,
+                connector: &str,
+                canonical_id: &str,
+            ) -> Result<Option<String>, StoreError> {
+                Ok(self
+                    .table(BLOCKED_CREATES)?
+                    .get((connector, canonical_id))
+                    .at(BLOCKED_CREATES.name, "get")?
+                    .map(|v| v.value().to_string()))
             }
 
             /// How many dead letters there are.

@@ -629,6 +629,21 @@ async fn a_company_whose_create_landed_on_anothers_record_is_not_sent_there_agai
             .unwrap(),
         1
     );
+    // A dry run says so too.
+    let tx = f.engine.store.begin_write().unwrap();
+    tx.enqueue(TARGET, "c0001", Utc::now()).unwrap();
+    tx.commit().unwrap();
+    let opts = crate::engine::BackfillOptions {
+        dry_run: true,
+        ..Default::default()
+    };
+    let report = f.engine.backfill(&opts, &sd, &|_, _| {}).await.unwrap();
+    assert_eq!(report.dry_run[TARGET].invalid, 1, "{:?}", report.dry_run);
+    assert_eq!(
+        report.dry_run[TARGET].would_create, 0,
+        "{:?}",
+        report.dry_run
+    );
     // An operator retries the dead letter (e.g. after giving it a domain of its own).
     let tx = f.engine.store.begin_write().unwrap();
     let id = tx.dead_letters(10, 0).unwrap()[0].id;
