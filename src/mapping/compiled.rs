@@ -370,10 +370,10 @@ impl Mapping {
     /// (the push fails anyway).
     pub fn written_prints(&self, canonical: &Fields, before: Before<'_>) -> Option<FieldPrints> {
         let round = self.visible(canonical)?;
+        // Prints of another field list do not line up with these.
         let before = match before {
-            Before::Record(b) if b.layout == self.plan.layout => Some(b.values.as_slice()),
-            Before::Record(_) | Before::Unknown => None,
-            Before::New => Some(&[][..]),
+            Before::Record(b) if b.layout != self.plan.layout => Before::Unknown,
+            other => other,
         };
         let mut printer = FieldPrinter::default();
         let values = self
@@ -398,9 +398,11 @@ impl Mapping {
                     match before {
                         // A new record holds nothing it was not given: it reads as the
                         // rule's default, if any.
-                        Some([]) => printer.print(field, self.rules[ri].default.as_ref()),
-                        Some(b) => b.get(i).copied().unwrap_or(FieldPrints::UNKNOWN),
-                        None => FieldPrints::UNKNOWN,
+                        Before::New => printer.print(field, self.rules[ri].default.as_ref()),
+                        Before::Record(b) => {
+                            b.values.get(i).copied().unwrap_or(FieldPrints::UNKNOWN)
+                        }
+                        Before::Unknown => FieldPrints::UNKNOWN,
                     }
                 }
             })

@@ -330,7 +330,7 @@ impl FieldPrints {
     }
 }
 
-/// Computes [`field_print`]s reusing one buffer.
+/// Computes field prints ([`FieldPrints::values`]), reusing one buffer.
 #[derive(Debug, Default)]
 pub struct FieldPrinter(Vec<u8>);
 
@@ -349,11 +349,6 @@ impl FieldPrinter {
         // Never one of the reserved prints.
         fnv1a(&self.0).max(2)
     }
-}
-
-/// [`FieldPrinter::print`] with a buffer of its own.
-pub fn field_print(name: &str, value: Option<&Value>) -> u32 {
-    FieldPrinter::default().print(name, value)
 }
 
 /// The fingerprint of a list of names (a [`FieldPrints::layout`]).
