@@ -164,8 +164,8 @@ impl Engine {
     }
 
     /// [`Engine::drain_all`] reading the target's latest changes before each batch that
-    /// updates records of it (see the README, "Read before write"), so that a write does not overwrite
-    /// an edit made there since its last poll. The daemon drains this way.
+    /// updates records of it (README, "Read before write"), so that a write does not
+    /// overwrite an edit made there since its last poll. The daemon drains this way.
     pub async fn drain_fresh(
         self: &Arc<Self>,
         target: &str,
