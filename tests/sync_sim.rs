@@ -260,3 +260,117 @@ async fn edits_of_one_company_in_three_crms_at_once_all_survive() {
     }
     cluster.shutdown().await;
 }
+
+/// A write that goes out before the target's latest edits were read (a backfill's drain
+/// reads nothing first; the daemon's leaves a moment between its read and the write):
+/// amoCRM (`PATCH`) and Marketo (sync) are sent only the fields the record does not hold
+/// yet, so an edit of another field made there meanwhile survives and travels on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_sent_before_the_targets_latest_edit_was_read_keeps_that_edit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster =
+        crmbridge::sim::cluster::SimCluster::start(&crmbridge::sim::cluster::ClusterConfig {
+            companies: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let path = dir.path().join("crmbridge.toml");
+    std::fs::write(&path, cluster.sync_config(dir.path(), "1h", None).unwrap()).unwrap();
+    let rally = cluster.rally.create(json!({
+        "name": "Window Ltd",
+        "domain": "window.example",
+        "website": "https://window.example",
+        "phone": "+1 555 0100",
+        "city": "Leeds",
+    }));
+    let (engine, _metrics) = engine_for(&path).await;
+    let sd = CancellationToken::new();
+    let none = |_: &str, _: &crmbridge::engine::IngestStats| {};
+    engine
+        .backfill(&BackfillOptions::default(), &sd, &none)
+        .await
+        .unwrap();
+    let find = |all: Vec<serde_json::Value>, key: &str| {
+        all.into_iter()
+            .find(|r| r[key] == json!("Window Ltd"))
+            .expect("synced")["id"]
+            .as_i64()
+            .unwrap()
+    };
+    let amo_id = find(cluster.amocrm.dump(), "name");
+    let mkto_id = find(cluster.marketo.dump(), "company");
+
+    // Users of amoCRM and Marketo edit the phone and the city; Rally's user renames it.
+    cluster.amocrm.update(
+        amo_id,
+        json!({"custom_fields_values": [{"field_code": "PHONE",
+            "values": [{"value": "+1 555 0199", "enum_code": "WORK"}]}]}),
+    );
+    cluster
+        .marketo
+        .update(mkto_id, json!({"billingCity": "York"}));
+    cluster.rally.update(
+        rally["id"].as_str().unwrap(),
+        json!({"name": "Window Renamed Ltd"}),
+    );
+    // Only Rally is read; the rename is written to the others without reading them.
+    let key = crmbridge::engine::cursor_key("rally");
+    engine
+        .poll_cycle(
+            "rally",
+            &key,
+            &crmbridge::connector::PollMode::Incremental,
+            &sd,
+            &|_| {},
+        )
+        .await
+        .unwrap();
+    for target in ["amocrm", "marketo"] {
+        let s = engine.drain_all(target, &sd).await.unwrap();
+        assert_eq!(s.written, 1, "{target}: {s:?}");
+    }
+    let views = crm_views(&path).await;
+    let amo = &views["amocrm"]["window.example"][0];
+    let mkto = &views["marketo"]["window.example"][0];
+    assert_eq!(
+        amo.get("name"),
+        Some(&Value::Text("Window Renamed Ltd".into()))
+    );
+    assert_eq!(
+        mkto.get("name"),
+        Some(&Value::Text("Window Renamed Ltd".into()))
+    );
+    assert_eq!(
+        amo.get("phone"),
+        Some(&Value::Text("+1 555 0199".into())),
+        "amoCRM's phone edit was overwritten: {amo:?}"
+    );
+    assert_eq!(
+        mkto.get("city"),
+        Some(&Value::Text("York".into())),
+        "Marketo's city edit was overwritten: {mkto:?}"
+    );
+
+    // Read next, both edits reach every CRM.
+    engine
+        .backfill(&BackfillOptions::default(), &sd, &none)
+        .await
+        .unwrap();
+    let views = crm_views(&path).await;
+    assert_converged(&views);
+    for crm in CRMS {
+        let f = &views[crm]["window.example"][0];
+        assert_eq!(
+            f.get("phone"),
+            Some(&Value::Text("+1 555 0199".into())),
+            "{crm}: {f:?}"
+        );
+        assert_eq!(
+            f.get("city"),
+            Some(&Value::Text("York".into())),
+            "{crm}: {f:?}"
+        );
+    }
+    cluster.shutdown().await;
+}

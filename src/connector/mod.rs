@@ -236,6 +236,16 @@ pub trait Connector: Send + Sync {
         })
     }
 
+    /// True when an update of an existing record changes only the fields it sends, as
+    /// the vendor documents it (amoCRM's `PATCH`, Marketo's sync). The engine then sends
+    /// only the fields whose value the record does not already hold (by its field
+    /// prints), so an edit made in the CRM since it was last read, to another field, is
+    /// not overwritten. False, the default, sends every mapped field: safe whatever the
+    /// API does with a field left out.
+    fn updates_are_partial(&self) -> bool {
+        false
+    }
+
     /// The largest batch [`Connector::push`] accepts.
     fn max_batch(&self) -> usize;
 

@@ -483,7 +483,7 @@ impl Engine {
                 stats.skipped += 1;
                 continue;
             }
-            let fields = match ep.mapping.write(&values) {
+            let mut fields = match ep.mapping.write(&values) {
                 Ok(f) => f,
                 Err(e) => {
                     warn!(connector = target, canonical_id = %entry.canonical_id, error = %e, "cannot map for target");
@@ -518,14 +518,30 @@ impl Engine {
                 stats.skipped += 1;
                 continue;
             }
+            let held = before.as_ref().and_then(|l| l.prints.as_ref());
             let prints = ep.mapping.written_prints(
                 &values,
-                match (&vendor_id, before.as_ref().and_then(|l| l.prints.as_ref())) {
+                match (&vendor_id, held) {
                     (None, _) => Before::New,
                     (Some(_), Some(p)) => Before::Record(p),
                     (Some(_), None) => Before::Unknown,
                 },
             );
+            // Where an update changes only what it sends, leave out what the record
+            // already holds: an edit made there since it was last read, to another
+            // field, then survives the write.
+            if let (Some(_), Some(held), Some(after)) = (&vendor_id, held, &prints)
+                && ep.connector.updates_are_partial()
+            {
+                ep.mapping.drop_held_keys(&mut fields, held, after);
+                if fields.is_empty() {
+                    // It holds every value already (it differs only in fields the
+                    // company lacks, which a write leaves alone).
+                    tx.outbox_remove(target, seq)?;
+                    stats.skipped += 1;
+                    continue;
+                }
+            }
             // Marking it sending also notes a send left without an outcome by a crash.
             let unconfirmed_since = tx
                 .outbox_mark_sending(target, seq)?

@@ -37,6 +37,8 @@ struct FakeCrm {
     /// Holds one record per website: a create with a website already held writes onto
     /// that record (as Rally's upsert by domain does).
     one_per_website: bool,
+    /// Declares its updates partial (it always stores only the fields sent).
+    partial: bool,
 }
 
 impl FakeCrm {
@@ -50,6 +52,7 @@ impl FakeCrm {
             read_ids: Mutex::default(),
             pushes: Mutex::default(),
             one_per_website: false,
+            partial: false,
         }
     }
 
@@ -96,6 +99,9 @@ impl Connector for FakeCrm {
             records: ids.iter().map(|id| self.record(id)).collect(),
             ..Default::default()
         })
+    }
+    fn updates_are_partial(&self) -> bool {
+        self.partial
     }
     fn max_batch(&self) -> usize {
         100
@@ -569,4 +575,103 @@ async fn a_poll_asked_for_while_another_cycle_ran_is_not_run_again() {
             .is_some()
     );
     assert_eq!(b.polls.load(Ordering::SeqCst), 2);
+}
+
+/// "a" renames the company; a user of "b" has just changed its phone, and the write goes
+/// out before "b" is read again (a backfill's drain reads nothing first; the daemon's
+/// leaves a window between its read and the write).
+async fn write_over_unseen_edit(partial: bool) -> (Arc<FakeCrm>, Arc<Engine>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(FakeCrm {
+        partial,
+        ..FakeCrm::new("b", PreWriteRead::Nothing)
+    });
+    let e = synced(&b, &dir).await;
+    e.ingest_page("a", &rally("Acme Renamed", "+1 555 0100", 200), "a")
+        .unwrap();
+    b.edit("b1", json!({"mainPhone": "+1 555 0199"}), 300);
+    let sd = CancellationToken::new();
+    let s = e.drain_all("b", &sd).await.unwrap();
+    assert_eq!(s.written, 1);
+    assert_eq!(b.record("b1").fields["company"], json!("Acme Renamed"));
+    (b, e, dir)
+}
+
+#[tokio::test]
+async fn a_partial_update_leaves_out_what_the_record_holds_so_an_unseen_edit_survives() {
+    let (b, e, _dir) = write_over_unseen_edit(true).await;
+    let sent = b.pushes.lock().unwrap().last().unwrap().fields.clone();
+    assert!(sent.contains_key("company"), "{sent:?}");
+    assert!(
+        !sent.contains_key("mainPhone"),
+        "only the changed field is sent: {sent:?}"
+    );
+    assert_eq!(
+        b.record("b1").fields["mainPhone"],
+        json!("+1 555 0199"),
+        "the edit made in b since its last read survives"
+    );
+    // Read next, the phone travels on to "a".
+    read_b(&e, &b).await;
+    assert_eq!(company(&e), (text("Acme Renamed"), text("+1 555 0199")));
+    let tx = e.store().begin_read().unwrap();
+    assert_eq!(tx.outbox_len("a").unwrap(), 1, "the phone goes to a");
+    assert_eq!(tx.outbox_len("b").unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_crm_whose_updates_may_replace_gets_every_field() {
+    // What an unknown update semantics costs (Rally): the unseen edit is overwritten
+    // unless the read before the write catches it.
+    let (b, _e, _dir) = write_over_unseen_edit(false).await;
+    let sent = b.pushes.lock().unwrap().last().unwrap().fields.clone();
+    assert!(sent.contains_key("mainPhone"), "{sent:?}");
+    assert_eq!(b.record("b1").fields["mainPhone"], json!("+1 555 0100"));
+}
+
+#[tokio::test]
+async fn a_change_the_record_already_holds_in_full_sends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(FakeCrm {
+        one_per_website: true,
+        partial: true,
+        ..FakeCrm::new("b", PreWriteRead::Nothing)
+    });
+    let e = engine(&dir, b.clone());
+    let rec = |id: &str, name: &str, city: Option<&str>, notes: &str| {
+        vendor_record(
+            id,
+            100,
+            json!({"name": name, "domain": "acme.example", "website": "https://acme.example",
+                       "city": city, "notes": notes}),
+        )
+    };
+    // Two companies of "a" with one website: "b" keeps one record for both, b1, which
+    // holds a1's company and the city a2's write left in it.
+    let page = Page {
+        records: vec![
+            rec("a1", "Acme", None, "n1"),
+            rec("a2", "Acme Two", Some("Oslo"), "n1"),
+        ],
+        ..Default::default()
+    };
+    e.ingest_page("a", &page, "a").unwrap();
+    let sd = CancellationToken::new();
+    e.drain_all("b", &sd).await.unwrap();
+    b.edit("b1", json!({"mainPhone": "+1 555 0199"}), 300);
+    read_b(&e, &b).await;
+    let pushes = b.pushes.lock().unwrap().len();
+    // a1 changes a field "b" does not map: b1 differs from a1's company only in the city,
+    // which a write would leave alone — no call.
+    let page = Page {
+        records: vec![rec("a1", "Acme", None, "n2")],
+        ..Default::default()
+    };
+    e.ingest_page("a", &page, "a").unwrap();
+    let tx = e.store().begin_read().unwrap();
+    assert_eq!(tx.outbox_len("b").unwrap(), 1, "queued for b");
+    drop(tx);
+    let s = e.drain_all("b", &sd).await.unwrap();
+    assert_eq!((s.written, s.skipped), (0, 1), "{s:?}");
+    assert_eq!(b.pushes.lock().unwrap().len(), pushes, "nothing sent");
 }

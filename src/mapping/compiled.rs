@@ -413,6 +413,41 @@ impl Mapping {
         })
     }
 
+    /// Removes from `written` (what [`Mapping::write`] made of a company) each vendor key
+    /// the record already holds as the write would leave it: every field read from the
+    /// key has the same print in `before` (the record's prints until now) as in `after`
+    /// ([`Mapping::written_prints`] of that write), and neither is unknown. Keys no field
+    /// reads are kept (what the record holds there is unknown). Nothing is removed when
+    /// the prints' layouts differ. (No two rules write one vendor field: `compile`
+    /// refuses it, so leaving a key out never changes what another key sends.)
+    pub fn drop_held_keys(
+        &self,
+        written: &mut Map<String, Json>,
+        before: &FieldPrints,
+        after: &FieldPrints,
+    ) {
+        let plan = &*self.plan;
+        if before.layout != plan.layout || after.layout != plan.layout {
+            return;
+        }
+        // Per rule: some field reads what it writes / one of those fields differs.
+        let mut read = vec![false; self.rules.len()];
+        let mut differs = vec![false; self.rules.len()];
+        for (i, &ri) in plan.reader_of.values().enumerate() {
+            let Some(w) = plan.source[ri] else { continue };
+            read[w] = true;
+            let (b, a) = (before.values.get(i), after.values.get(i));
+            if b != a || a.is_none_or(|&a| a == FieldPrints::UNKNOWN) {
+                differs[w] = true;
+            }
+        }
+        for (w, rule) in self.rules.iter().enumerate() {
+            if rule.writes() && read[w] && !differs[w] {
+                written.remove(&rule.write_key());
+            }
+        }
+    }
+
     /// Canonical fields this CRM does not hold but derives from another field it holds
     /// (Marketo's domain from `website`). Such a value is a guess: it fills a field the
     /// company lacks, but never overrides a value a CRM holding the field gave.

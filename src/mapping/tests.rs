@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Map, Value as Json, json};
 
 use super::*;
-use crate::model::{CrmKind, Fields, Value, parse_decimal};
+use crate::model::{CrmKind, FieldPrints, Fields, Value, parse_decimal};
 
 fn obj(v: Json) -> Map<String, Json> {
     match v {
@@ -828,4 +828,59 @@ fn lower_case_enum_code_fails_compile() {
         matches!(&errs[..], [MappingError::BadEnumCode { enum_code, .. }] if enum_code == "work"),
         "{errs:?}"
     );
+}
+
+#[test]
+fn keys_the_record_already_holds_are_left_out_of_a_partial_update() {
+    // amoCRM's defaults and a write-only field.
+    let m = Mapping::compile(
+        CrmKind::Amocrm,
+        &MappingRules {
+            use_defaults: true,
+            ignore: vec![],
+            fields: vec![FieldRule {
+                direction: Direction::WriteOnly,
+                ..rule("custom.source", "cf.Source")
+            }],
+        },
+    )
+    .unwrap();
+    let held = obj(json!({
+        "name": "Acme", "cf.code.WEB": "https://acme.example", "cf.code.PHONE": "+1 555 0100",
+        "cf.name.Industry": "Retail",
+    }));
+    let before = m.read_prints(&m.read(&held).unwrap());
+    let mut company = m.read(&held).unwrap();
+    company.insert("name".into(), text("Acme Renamed"));
+    company.insert("custom.source".into(), text("crm"));
+    company.insert("phone".into(), text("+1 555 0111"));
+    let mut written = m.write(&company).unwrap();
+    let after = m.written_prints(&company, Before::Record(&before)).unwrap();
+    m.drop_held_keys(&mut written, &before, &after);
+    let mut keys: Vec<&str> = written.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        // The changed name and phone, and the write-only field (what the record holds
+        // there is unknown); Web and Industry are held already.
+        ["cf.Source", "cf.code.PHONE@WORK", "name"],
+    );
+    // Prints of another layout say nothing about these fields.
+    let mut all = m.write(&company).unwrap();
+    let other = FieldPrints {
+        layout: before.layout ^ 1,
+        ..before.clone()
+    };
+    m.drop_held_keys(&mut all, &other, &after);
+    assert_eq!(all.len(), m.write(&company).unwrap().len());
+    assert!(all.contains_key("cf.code.WEB") && all.contains_key("cf.name.Industry"));
+    // An unknown print (a write left it so) is not a held value.
+    let mut unknown = before.clone();
+    unknown
+        .values
+        .iter_mut()
+        .for_each(|p| *p = FieldPrints::UNKNOWN);
+    let mut all = m.write(&company).unwrap();
+    m.drop_held_keys(&mut all, &unknown, &after);
+    assert_eq!(all.len(), m.write(&company).unwrap().len());
 }

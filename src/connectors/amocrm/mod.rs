@@ -379,6 +379,11 @@ impl Connector for AmocrmConnector {
         self.poll_step(cursor, mode).await
     }
 
+    fn updates_are_partial(&self) -> bool {
+        // `PATCH` changes the keys and custom fields it names, nothing else.
+        true
+    }
+
     fn max_batch(&self) -> usize {
         self.batch_size
     }

@@ -402,6 +402,11 @@ impl Connector for MarketoConnector {
         self.read_ids(vendor_ids).await
     }
 
+    fn updates_are_partial(&self) -> bool {
+        // A sync (`updateOnly` by id) sets the fields it is given, nothing else.
+        true
+    }
+
     fn max_batch(&self) -> usize {
         self.batch_size
     }

@@ -300,6 +300,10 @@ impl Connector for RallyConnector {
         self.poll_page(cursor, mode).await
     }
 
+    // Updates stay whole (`updates_are_partial` is false): the document does not say what
+    // `PUT /companies/{id}` does with a field left out, and a server that cleared it would
+    // lose data, while a whole write only risks an edit made since the pre-write read.
+
     fn max_batch(&self) -> usize {
         self.max_batch
     }
