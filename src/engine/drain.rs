@@ -22,10 +22,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn};
 
 use super::run::MAX_PUSH_ATTEMPTS;
-use super::{DrainStats, Engine, EngineError, visible_hash};
+use super::{DrainStats, Endpoint, Engine, EngineError, visible_hash};
 use crate::connector::{ConnectorError, PushItem, PushOutcome};
 use crate::mapping::Before;
+use crate::model::{FieldPrints, Fields};
 use crate::store::{DeadLetterNew, Direction, LedgerEntry};
+use serde_json::{Map, Value as Json};
 
 /// The most batches of one target ever in flight at once, whatever the connector allows:
 /// every in-flight batch is up to `max_batch` entries marked "sending" that a crash would
@@ -518,29 +520,13 @@ impl Engine {
                 stats.skipped += 1;
                 continue;
             }
-            let held = before.as_ref().and_then(|l| l.prints.as_ref());
-            let prints = ep.mapping.written_prints(
-                &values,
-                match (&vendor_id, held) {
-                    (None, _) => Before::New,
-                    (Some(_), Some(p)) => Before::Record(p),
-                    (Some(_), None) => Before::Unknown,
-                },
-            );
-            // Where an update changes only what it sends, leave out what the record
-            // already holds: an edit made there since it was last read, to another
-            // field, then survives the write.
-            if let (Some(_), Some(held), Some(after)) = (&vendor_id, held, &prints)
-                && ep.connector.updates_are_partial()
-            {
-                ep.mapping.drop_held_keys(&mut fields, held, after);
-                if fields.is_empty() {
-                    // It holds every value already (it differs only in fields the
-                    // company lacks, which a write leaves alone).
-                    tx.outbox_remove(target, seq)?;
-                    stats.skipped += 1;
-                    continue;
-                }
+            let prints = ep.trim_write(&values, &mut fields, vendor_id.is_some(), before.as_ref());
+            if fields.is_empty() {
+                // The record holds every value already (it differs only in fields the
+                // company lacks, which a write leaves alone).
+                tx.outbox_remove(target, seq)?;
+                stats.skipped += 1;
+                continue;
             }
             // Marking it sending also notes a send left without an outcome by a crash.
             let unconfirmed_since = tx
@@ -731,3 +717,35 @@ impl Engine {
 
 #[cfg(test)]
 mod tests;
+
+impl Endpoint {
+    /// Fits `fields` (the company `values` as [`Mapping::write`](crate::mapping::Mapping::write)
+    /// maps them) to the record they go to — an existing one (`linked`) with its ledger
+    /// entry `before`, or a new one — and returns the prints the write leaves there. Where
+    /// this CRM's updates are partial, the fields the record already holds are left out:
+    /// an edit made there since it was last read, to another field, then survives the
+    /// write (empty `fields`: nothing to send).
+    pub(super) fn trim_write(
+        &self,
+        values: &Fields,
+        fields: &mut Map<String, Json>,
+        linked: bool,
+        before: Option<&LedgerEntry>,
+    ) -> Option<FieldPrints> {
+        let held = before.and_then(|l| l.prints.as_ref());
+        let after = self.mapping.written_prints(
+            values,
+            match (linked, held) {
+                (false, _) => Before::New,
+                (true, Some(p)) => Before::Record(p),
+                (true, None) => Before::Unknown,
+            },
+        );
+        if let (true, Some(held), Some(after)) = (linked, held, &after)
+            && self.connector.updates_are_partial()
+        {
+            self.mapping.drop_held_keys(fields, held, after);
+        }
+        after
+    }
+}

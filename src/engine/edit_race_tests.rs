@@ -671,6 +671,8 @@ async fn a_change_the_record_already_holds_in_full_sends_nothing() {
     let tx = e.store().begin_read().unwrap();
     assert_eq!(tx.outbox_len("b").unwrap(), 1, "queued for b");
     drop(tx);
+    let dry = e.dry_run_counts("b").unwrap();
+    assert_eq!((dry.unchanged, dry.would_update), (1, 0), "{dry:?}");
     let s = e.drain_all("b", &sd).await.unwrap();
     assert_eq!((s.written, s.skipped), (0, 1), "{s:?}");
     assert_eq!(b.pushes.lock().unwrap().len(), pushes, "nothing sent");

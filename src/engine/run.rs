@@ -428,7 +428,7 @@ impl Engine {
     }
 
     /// What draining `target`'s outbox would do, without doing it.
-    fn dry_run_counts(&self, target: &str) -> Result<DryRunCounts, EngineError> {
+    pub(super) fn dry_run_counts(&self, target: &str) -> Result<DryRunCounts, EngineError> {
         let ep = self.endpoint(target)?;
         let tx = self.store.begin_read()?;
         let mut counts = DryRunCounts::default();
@@ -437,10 +437,10 @@ impl Engine {
                 continue;
             };
             let values = company.values();
-            if ep.mapping.write(&values).is_err() {
+            let Ok(mut fields) = ep.mapping.write(&values) else {
                 counts.invalid += 1;
                 continue;
-            }
+            };
             match tx.vendor_id_of(&entry.canonical_id, target)? {
                 // Its create landed on another company's record before, with these keys:
                 // the drain drops it (see `plan_batch`).
@@ -453,7 +453,14 @@ impl Engine {
                 None => counts.would_create += 1,
                 Some(vid) => {
                     let hash = visible_hash(&ep.mapping, &values);
-                    if tx.ledger(target, &vid)?.is_some_and(|l| l.hash == hash) {
+                    let before = tx.ledger(target, &vid)?;
+                    if before.as_ref().is_some_and(|l| l.hash == hash) {
+                        counts.unchanged += 1;
+                        continue;
+                    }
+                    // What the drain would send (see `plan_batch`).
+                    ep.trim_write(&values, &mut fields, true, before.as_ref());
+                    if fields.is_empty() {
                         counts.unchanged += 1;
                     } else {
                         counts.would_update += 1;
