@@ -52,7 +52,19 @@ impl MarketoConnector {
         for (i, item) in items.iter().enumerate() {
             match item.vendor_id.as_deref() {
                 Some(v) => match v.trim().parse::<i64>() {
-                    Ok(id) => by_id.push((i, self.update_input(&d, item, id))),
+                    Ok(id) => {
+                        let input = self.update_input(&d, item, id);
+                        if input.as_object().is_some_and(|m| m.len() == 1) {
+                            // Nothing a sync may set is left (an update carries only what
+                            // changed, and never `externalCompanyId`): no call.
+                            outcomes[i] = Some(PushOutcome::Written {
+                                vendor_id: id.to_string(),
+                                created: false,
+                            });
+                        } else {
+                            by_id.push((i, input));
+                        }
+                    }
                     Err(_) => {
                         outcomes[i] = Some(PushOutcome::Rejected {
                             reason: format!("vendor id {v:?} is not a Marketo company id"),

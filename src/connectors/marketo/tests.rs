@@ -549,3 +549,36 @@ async fn records_about_to_be_written_are_read_by_id_in_one_call() {
         crate::connector::PreWriteRead::ById
     );
 }
+
+#[tokio::test]
+async fn an_update_left_with_nothing_a_sync_may_set_makes_no_call() {
+    let s = setup(
+        5,
+        MarketoSimConfig::default(),
+        limits(100, Duration::from_secs(20), None, 1.0),
+        MarketoOptions::default(),
+    )
+    .await;
+    let all = s.sim.dump();
+    let id = all[0]["id"].as_i64().unwrap().to_string();
+    s.sim.reset_stats();
+    // A partial update whose one changed key is externalCompanyId, which an update never
+    // sets.
+    let out = s
+        .conn
+        .push(&[item(
+            1,
+            Some(id.clone()),
+            json!({"externalCompanyId": "x-1"}),
+        )])
+        .await
+        .expect("push");
+    assert_eq!(
+        out,
+        [PushOutcome::Written {
+            vendor_id: id.clone(),
+            created: false
+        }]
+    );
+    assert_eq!(s.sim.stats().total_requests(), 0);
+}
