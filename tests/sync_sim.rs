@@ -11,6 +11,7 @@ use common::*;
 use crmbridge::daemon::metrics::Metrics;
 use crmbridge::engine::{BackfillOptions, Engine};
 use crmbridge::model::Value;
+use crmbridge::sim::cluster::{ClusterConfig, SimCluster};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -177,47 +178,48 @@ async fn a_company_created_anywhere_reaches_the_others_and_comes_back_unchanged(
     cluster.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn edits_of_one_company_in_three_crms_at_once_all_survive() {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster =
-        crmbridge::sim::cluster::SimCluster::start(&crmbridge::sim::cluster::ClusterConfig {
-            companies: 0,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    // amoCRM and Marketo are read by their own poll loops once, at the start: after that,
-    // only the read the daemon makes before writing to them can see their users' edits.
-    let text = cluster
-        .sync_config(dir.path(), "1h", None)
-        .unwrap()
-        .replacen("poll_interval = \"1h\"", "poll_interval = \"1s\"", 1);
-    let path = dir.path().join("crmbridge.toml");
-    std::fs::write(&path, text).unwrap();
+/// Simulators holding one company, created in Rally (domain `<slug>.example`, phone
+/// +1 555 0100, city Leeds), and a config for them (poll interval 1 h) in `dir`.
+async fn one_company_in_rally(
+    dir: &std::path::Path,
+    name: &str,
+    slug: &str,
+) -> (SimCluster, std::path::PathBuf, String) {
+    let cluster = SimCluster::start(&ClusterConfig {
+        companies: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let path = dir.join("crmbridge.toml");
+    std::fs::write(&path, cluster.sync_config(dir, "1h", None).unwrap()).unwrap();
     let rally = cluster.rally.create(json!({
-        "name": "Race Ltd",
-        "domain": "race.example",
-        "website": "https://race.example",
+        "name": name,
+        "domain": format!("{slug}.example"),
+        "website": format!("https://{slug}.example"),
         "phone": "+1 555 0100",
         "city": "Leeds",
     }));
-    let (engine, metrics) = engine_for(&path).await;
-    let sd = CancellationToken::new();
-    let handle = engine.start(sd.clone());
-    let quiet = Duration::from_millis(1500);
-    settle(&engine, &metrics, quiet, Duration::from_secs(60)).await;
+    (cluster, path, rally["id"].as_str().unwrap().to_string())
+}
+
+/// The ids of the company named `name` in amoCRM and in Marketo.
+fn synced_ids(cluster: &SimCluster, name: &str) -> (i64, i64) {
     let find = |all: Vec<serde_json::Value>, key: &str| {
         all.into_iter()
-            .find(|r| r[key] == json!("Race Ltd"))
+            .find(|r| r[key] == json!(name))
             .expect("synced")["id"]
             .as_i64()
             .unwrap()
     };
-    let amo_id = find(cluster.amocrm.dump(), "name");
-    let mkto_id = find(cluster.marketo.dump(), "company");
+    (
+        find(cluster.amocrm.dump(), "name"),
+        find(cluster.marketo.dump(), "company"),
+    )
+}
 
-    // Three users, three fields, within a second or two.
+/// A user of amoCRM sets the phone to +1 555 0199, one of Marketo the city to York.
+fn edit_phone_in_amocrm_and_city_in_marketo(cluster: &SimCluster, amo_id: i64, mkto_id: i64) {
     cluster.amocrm.update(
         amo_id,
         json!({"custom_fields_values": [{"field_code": "PHONE",
@@ -226,38 +228,65 @@ async fn edits_of_one_company_in_three_crms_at_once_all_survive() {
     cluster
         .marketo
         .update(mkto_id, json!({"billingCity": "York"}));
+}
+
+/// Asserts that the company of `domain` has these values in every CRM.
+fn assert_everywhere(views: &Views, domain: &str, want: &[(&str, &str)]) {
+    for crm in CRMS {
+        let f = &views[crm][domain][0];
+        for (field, value) in want {
+            assert_eq!(
+                f.get(*field),
+                Some(&Value::Text((*value).into())),
+                "{crm}: {f:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_of_one_company_in_three_crms_at_once_all_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path, rally_id) = one_company_in_rally(dir.path(), "Race Ltd", "race").await;
+    // amoCRM and Marketo are read by their own poll loops once, at the start: after that,
+    // only the read the daemon makes before writing to them can see their users' edits.
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "poll_interval = \"1h\"",
+        "poll_interval = \"1s\"",
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let (engine, metrics) = engine_for(&path).await;
+    let sd = CancellationToken::new();
+    let handle = engine.start(sd.clone());
+    let quiet = Duration::from_millis(1500);
+    settle(&engine, &metrics, quiet, Duration::from_secs(60)).await;
+    let (amo_id, mkto_id) = synced_ids(&cluster, "Race Ltd");
+
+    // Three users, three fields, within a second or two.
+    edit_phone_in_amocrm_and_city_in_marketo(&cluster, amo_id, mkto_id);
     // amoCRM stamps whole seconds and is read a second only once it is over: its edit is
     // in a second that has ended before the rename below reaches it.
     let ms = Utc::now().timestamp_subsec_millis();
     tokio::time::sleep(Duration::from_millis(u64::from(1_050 - ms.min(1_000)))).await;
-    cluster.rally.update(
-        rally["id"].as_str().unwrap(),
-        json!({"name": "Race Renamed Ltd"}),
-    );
+    cluster
+        .rally
+        .update(&rally_id, json!({"name": "Race Renamed Ltd"}));
     settle(&engine, &metrics, quiet, Duration::from_secs(60)).await;
     sd.cancel();
     handle.wait().await;
 
     let views = crm_views(&path).await;
     assert_converged(&views);
-    for crm in CRMS {
-        let f = &views[crm]["race.example"][0];
-        assert_eq!(
-            f.get("name"),
-            Some(&Value::Text("Race Renamed Ltd".into())),
-            "{crm}: {f:?}"
-        );
-        assert_eq!(
-            f.get("phone"),
-            Some(&Value::Text("+1 555 0199".into())),
-            "{crm}: {f:?}"
-        );
-        assert_eq!(
-            f.get("city"),
-            Some(&Value::Text("York".into())),
-            "{crm}: {f:?}"
-        );
-    }
+    assert_everywhere(
+        &views,
+        "race.example",
+        &[
+            ("name", "Race Renamed Ltd"),
+            ("phone", "+1 555 0199"),
+            ("city", "York"),
+        ],
+    );
     cluster.shutdown().await;
 }
 
@@ -268,22 +297,7 @@ async fn edits_of_one_company_in_three_crms_at_once_all_survive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_sent_before_the_targets_latest_edit_was_read_keeps_that_edit() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster =
-        crmbridge::sim::cluster::SimCluster::start(&crmbridge::sim::cluster::ClusterConfig {
-            companies: 0,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let path = dir.path().join("crmbridge.toml");
-    std::fs::write(&path, cluster.sync_config(dir.path(), "1h", None).unwrap()).unwrap();
-    let rally = cluster.rally.create(json!({
-        "name": "Window Ltd",
-        "domain": "window.example",
-        "website": "https://window.example",
-        "phone": "+1 555 0100",
-        "city": "Leeds",
-    }));
+    let (cluster, path, rally_id) = one_company_in_rally(dir.path(), "Window Ltd", "window").await;
     let (engine, _metrics) = engine_for(&path).await;
     let sd = CancellationToken::new();
     let none = |_: &str, _: &crmbridge::engine::IngestStats| {};
@@ -291,29 +305,13 @@ async fn a_write_sent_before_the_targets_latest_edit_was_read_keeps_that_edit() 
         .backfill(&BackfillOptions::default(), &sd, &none)
         .await
         .unwrap();
-    let find = |all: Vec<serde_json::Value>, key: &str| {
-        all.into_iter()
-            .find(|r| r[key] == json!("Window Ltd"))
-            .expect("synced")["id"]
-            .as_i64()
-            .unwrap()
-    };
-    let amo_id = find(cluster.amocrm.dump(), "name");
-    let mkto_id = find(cluster.marketo.dump(), "company");
+    let (amo_id, mkto_id) = synced_ids(&cluster, "Window Ltd");
 
     // Users of amoCRM and Marketo edit the phone and the city; Rally's user renames it.
-    cluster.amocrm.update(
-        amo_id,
-        json!({"custom_fields_values": [{"field_code": "PHONE",
-            "values": [{"value": "+1 555 0199", "enum_code": "WORK"}]}]}),
-    );
+    edit_phone_in_amocrm_and_city_in_marketo(&cluster, amo_id, mkto_id);
     cluster
-        .marketo
-        .update(mkto_id, json!({"billingCity": "York"}));
-    cluster.rally.update(
-        rally["id"].as_str().unwrap(),
-        json!({"name": "Window Renamed Ltd"}),
-    );
+        .rally
+        .update(&rally_id, json!({"name": "Window Renamed Ltd"}));
     // Only Rally is read; the rename is written to the others without reading them.
     let key = crmbridge::engine::cursor_key("rally");
     engine
@@ -333,13 +331,10 @@ async fn a_write_sent_before_the_targets_latest_edit_was_read_keeps_that_edit() 
     let views = crm_views(&path).await;
     let amo = &views["amocrm"]["window.example"][0];
     let mkto = &views["marketo"]["window.example"][0];
+    let renamed = Some(Value::Text("Window Renamed Ltd".into()));
     assert_eq!(
-        amo.get("name"),
-        Some(&Value::Text("Window Renamed Ltd".into()))
-    );
-    assert_eq!(
-        mkto.get("name"),
-        Some(&Value::Text("Window Renamed Ltd".into()))
+        (amo.get("name"), mkto.get("name")),
+        (renamed.as_ref(), renamed.as_ref())
     );
     assert_eq!(
         amo.get("phone"),
@@ -359,18 +354,10 @@ async fn a_write_sent_before_the_targets_latest_edit_was_read_keeps_that_edit() 
         .unwrap();
     let views = crm_views(&path).await;
     assert_converged(&views);
-    for crm in CRMS {
-        let f = &views[crm]["window.example"][0];
-        assert_eq!(
-            f.get("phone"),
-            Some(&Value::Text("+1 555 0199".into())),
-            "{crm}: {f:?}"
-        );
-        assert_eq!(
-            f.get("city"),
-            Some(&Value::Text("York".into())),
-            "{crm}: {f:?}"
-        );
-    }
+    assert_everywhere(
+        &views,
+        "window.example",
+        &[("phone", "+1 555 0199"), ("city", "York")],
+    );
     cluster.shutdown().await;
 }

@@ -60,9 +60,12 @@ pub async fn engine_for(path: &Path) -> (Arc<crmbridge::engine::Engine>, Arc<Met
 }
 
 /// Per CRM, per normalised domain, every record's canonical fields (more than one entry
-/// for a domain is a duplicate). Read with the product's own connectors and mappings,
-/// into a scratch store, so it never touches the store under test.
-pub async fn crm_views(config_path: &Path) -> BTreeMap<String, BTreeMap<String, Vec<Fields>>> {
+/// for a domain is a duplicate).
+pub type Views = BTreeMap<String, BTreeMap<String, Vec<Fields>>>;
+
+/// The [`Views`] of the CRMs of a config, read with the product's own connectors and
+/// mappings into a scratch store, so it never touches the store under test.
+pub async fn crm_views(config_path: &Path) -> Views {
     // amoCRM stamps whole seconds and its connector reads a second only once it is over:
     // let the second of the last write end before looking.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
@@ -115,7 +118,7 @@ pub fn domain_of(f: &Fields) -> Option<String> {
 pub const SHARED_FIELDS: [&str; 5] = ["name", "phone", "employeeCount", "annualRevenue", "city"];
 
 /// Asserts every CRM holds every domain exactly once and the shared fields agree.
-pub fn assert_converged(views: &BTreeMap<String, BTreeMap<String, Vec<Fields>>>) {
+pub fn assert_converged(views: &Views) {
     let all: std::collections::BTreeSet<&String> = views.values().flat_map(|m| m.keys()).collect();
     let mut problems = Vec::new();
     for d in &all {
