@@ -52,7 +52,10 @@
 //! than lag + overlap).
 //!
 //! **Call cost:** one call per `page_size − 1` changed rows, plus one per cycle; a shift
-//! costs one or two extra calls, a restart re-reads the cycle.
+//! costs one or two extra calls, a restart re-reads the cycle. After a full page the next
+//! two pages' calls are sent at once (`read_ahead`), so a long read runs at the rate limit
+//! even when answers are slow; a cycle that ends or loses its place wastes at most those
+//! two. The argument above holds whatever order the answers are taken in.
 //!
 //! **Page size:** Rally does not document its largest page. A server that silently serves
 //! fewer rows than `limit` would make a full page look like the last one. So a short page
@@ -104,6 +107,7 @@
 
 mod poll;
 mod push;
+mod read_ahead;
 mod wire;
 
 #[cfg(test)]
@@ -167,6 +171,8 @@ pub struct RallyConnector {
     max_batch: usize,
     max_concurrent: usize,
     opts: RallyOptions,
+    /// List calls sent ahead of a long read (see `read_ahead`).
+    read_ahead: read_ahead::ReadAhead,
 }
 
 impl std::fmt::Debug for RallyConnector {
@@ -217,6 +223,7 @@ impl RallyConnector {
             max_batch: cfg.common.batch_size.clamp(1, BULK_MAX),
             max_concurrent: cfg.common.limits.max_concurrent.max(1),
             opts: RallyOptions::default(),
+            read_ahead: read_ahead::ReadAhead::default(),
         })
     }
 

@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::RallyConnector;
+use super::read_ahead::{ListKey, READ_AHEAD};
 use super::wire::{self, parse_record, wire_time};
 use crate::connector::{ConnectorError, Cursor, Page, PollMode};
 use crate::http::{ApiRequest, DefaultClassifier};
@@ -241,20 +242,32 @@ impl RallyConnector {
         }
         let limit = self.page_size.get();
         let updated_since = st.since.map(|s| wire_time(&(s - self.opts.overlap)));
-        let list = |offset: usize| {
-            let req = ApiRequest::get("GET companies", self.url("api/v1/companies"))
-                .auth(self.auth.clone())
-                .query("limit", limit.to_string())
-                .query("offset", offset.to_string());
-            match &updated_since {
-                Some(since) => req.query("updatedSince", since.clone()),
-                None => req,
+        let key = |st: &CursorState, limit: usize| ListKey {
+            since: updated_since.clone(),
+            cycle: st.cycle_start.as_ref().map(wire_time),
+            limit,
+            offset: st.offset,
+        };
+        let list = |offset: usize| self.list_request(limit, offset, updated_since.as_deref());
+        // A cycle's first call is never sent ahead: its answer fixes the cycle's bounds.
+        let ahead = if starting {
+            self.read_ahead.clear();
+            None
+        } else {
+            self.read_ahead.take(&key(&st, limit))
+        };
+        let resp = match ahead {
+            Some(call) => call.await.map_err(|e| ConnectorError::Transient {
+                connector: self.name.clone(),
+                detail: format!("a list call sent ahead did not finish: {e}"),
+                retry_after: None,
+            })??,
+            None => {
+                self.client
+                    .send(list(st.offset), &DefaultClassifier)
+                    .await?
             }
         };
-        let resp = self
-            .client
-            .send(list(st.offset), &DefaultClassifier)
-            .await?;
         if starting {
             // The server's clock decides which rows count as updated: if ours runs ahead,
             // `now − lag` could lie in the server's future and the next cycle would miss
@@ -315,10 +328,28 @@ impl RallyConnector {
             }
         }
         if done {
+            self.read_ahead.clear();
             st = CursorState {
                 since: st.cycle_start,
                 ..CursorState::default()
             };
+        } else if from.is_some() {
+            // A full page, placed: the next call's offset is known, and the one after it
+            // if that page is full too.
+            let limit = self.page_size.get();
+            let next = key(&st, limit);
+            let after = ListKey {
+                offset: (next.offset + limit - 1).saturating_sub(st.slack),
+                ..next.clone()
+            };
+            let keys: Vec<ListKey> = [next, after].into_iter().take(READ_AHEAD).collect();
+            self.read_ahead.keep(&keys, |k| {
+                let client = self.client.clone();
+                let req = self.list_request(k.limit, k.offset, k.since.as_deref());
+                tokio::spawn(async move { client.send(req, &DefaultClassifier).await })
+            });
+        } else {
+            self.read_ahead.clear();
         }
         page.more = !done;
         page.next = st.to_cursor();
@@ -327,6 +358,18 @@ impl RallyConnector {
 }
 
 impl RallyConnector {
+    /// `GET companies` for one page.
+    fn list_request(&self, limit: usize, offset: usize, updated_since: Option<&str>) -> ApiRequest {
+        let req = ApiRequest::get("GET companies", self.url("api/v1/companies"))
+            .auth(self.auth.clone())
+            .query("limit", limit.to_string())
+            .query("offset", offset.to_string());
+        match updated_since {
+            Some(since) => req.query("updatedSince", since.to_string()),
+            None => req,
+        }
+    }
+
     /// The page size a page of `rows` rows asked with `limit` was served at: `limit`,
     /// or `rows` when the page was short although more rows follow (checked with
     /// `next_page`, see [`PageSize`]); when a page's worth follows, list calls ask for

@@ -332,6 +332,15 @@ async fn lost_answers_to_writes_are_replayed_without_duplicates() {
 #[ignore = "benchmark: about a minute at 10 calls/s"]
 async fn bench_rally_20k() {
     let s = setup(20_000, Some(10)).await;
+    // `BENCH_LATENCY_MS`: time the simulator adds to every answer (default none).
+    let latency = std::env::var("BENCH_LATENCY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    s.sim.faults().set(FaultConfig {
+        extra_latency: Duration::from_millis(latency),
+        ..FaultConfig::default()
+    });
     let started = Instant::now();
     let mut seen = Seen::default();
     cycle(&s.conn, Cursor::start(), &mut seen, || {}).await;
@@ -370,7 +379,7 @@ async fn bench_rally_20k() {
     let write_calls = stats.total_requests();
     let rate = |calls: u64, d: Duration| calls as f64 / d.as_secs_f64();
     println!(
-        "bench_rally_20k: read {} records in {} calls, {:.2?} → {:.2} calls/s ({:.0}% of 10/s); \
+        "bench_rally_20k ({latency} ms added per answer): read {} records in {} calls, {:.2?} → {:.2} calls/s ({:.0}% of 10/s); \
          wrote {written} in {write_calls} calls, {:.2?} → {:.2} calls/s ({:.0}% of 10/s); \
          rejections {:?}",
         seen.versions.len(),
@@ -390,5 +399,43 @@ async fn bench_rally_20k() {
         stats.total_rejections() <= 2,
         "more than stray limit rejections: {:?}",
         stats.rejections
+    );
+}
+
+#[tokio::test]
+async fn a_long_read_keeps_the_next_pages_in_flight_and_still_misses_nothing() {
+    let s = setup(1000, None).await;
+    // Answers slow enough that one call at a time could not reach Rally's 10/s.
+    s.sim.faults().set(FaultConfig {
+        extra_latency: Duration::from_millis(150),
+        ..FaultConfig::default()
+    });
+    let mut seen = Seen::default();
+    let mut mutated = false;
+    cycle(&s.conn, Cursor::start(), &mut seen, || {
+        // Deletes and creates once mid-read: pages sent ahead before them must still
+        // place themselves on the tail (or be dropped).
+        if !mutated {
+            s.sim.mutate_random(30);
+            mutated = true;
+        }
+    })
+    .await;
+    let stats = s.sim.stats();
+    assert!(
+        stats.max_in_flight >= 2,
+        "pages were read one call at a time: {stats:?}"
+    );
+    // One more cycle picks up what the mutations changed.
+    cycle(&s.conn, Cursor::start(), &mut seen, || {}).await;
+    assert!(seen.missing(&s.sim.dump()).is_empty());
+    // What was sent ahead and not used: at most the read-ahead, per cycle that ended or
+    // lost its place.
+    let pages_needed = seen.pages as u64 + seen.backups as u64;
+    assert!(
+        stats.total_requests() <= pages_needed + 2 * super::read_ahead::READ_AHEAD as u64 + 2,
+        "{} calls for {} pages",
+        stats.total_requests(),
+        pages_needed
     );
 }
