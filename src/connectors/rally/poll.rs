@@ -335,14 +335,19 @@ impl RallyConnector {
             };
         } else if from.is_some() {
             // A full page, placed: the next call's offset is known, and the one after it
-            // if that page is full too.
+            // if that page is full too. One page ahead after the cycle's first page, so a
+            // cycle of two pages wastes no call; more once the read proves long.
             let limit = self.page_size.get();
             let next = key(&st, limit);
             let after = ListKey {
                 offset: (next.offset + limit - 1).saturating_sub(st.slack),
                 ..next.clone()
             };
-            let keys: Vec<ListKey> = [next, after].into_iter().take(READ_AHEAD).collect();
+            let pages_read = (st.offset + 1) / (limit - 1).max(1);
+            let keys: Vec<ListKey> = [next, after]
+                .into_iter()
+                .take(READ_AHEAD.min(pages_read))
+                .collect();
             self.read_ahead.keep(&keys, |k| {
                 let client = self.client.clone();
                 let req = self.list_request(k.limit, k.offset, k.since.as_deref());
