@@ -361,3 +361,34 @@ async fn a_write_sent_before_the_targets_latest_edit_was_read_keeps_that_edit() 
     );
     cluster.shutdown().await;
 }
+
+/// crmbridge gives a company it creates in Marketo its canonical id as
+/// `externalCompanyId` (a replay then updates instead of duplicating): that value is part
+/// of what it wrote, so reading the record back is no news.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_company_created_in_marketo_reads_back_as_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path, _) = one_company_in_rally(dir.path(), "Echo Ltd", "echo").await;
+    let (engine, _metrics) = engine_for(&path).await;
+    let sd = CancellationToken::new();
+    engine
+        .backfill(&BackfillOptions::default(), &sd, &|_, _| {})
+        .await
+        .unwrap();
+    let (_, mkto_id) = synced_ids(&cluster, "Echo Ltd");
+    let record = cluster.marketo.get(mkto_id).expect("created");
+    assert!(record["externalCompanyId"].is_string(), "{record}");
+    let key = crmbridge::engine::cursor_key("marketo");
+    let stats = engine
+        .poll_cycle(
+            "marketo",
+            &key,
+            &crmbridge::connector::PollMode::Full { since: None },
+            &sd,
+            &|_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!((stats.read, stats.merged), (1, 0), "{stats:?}");
+    cluster.shutdown().await;
+}

@@ -236,6 +236,14 @@ pub trait Connector: Send + Sync {
         })
     }
 
+    /// The canonical field this connector fills with the company's canonical id when it
+    /// creates a record for a company that has no value there (Marketo's
+    /// `externalCompanyId`, its key for a replay that must update rather than duplicate).
+    /// The engine then counts that value as written, so the record read back is no news.
+    fn create_fills_with_canonical_id(&self) -> Option<&str> {
+        None
+    }
+
     /// True when an update of an existing record changes only the fields it sends, as
     /// the vendor documents it (amoCRM's `PATCH`, Marketo's sync). The engine then sends
     /// only the fields whose value the record does not already hold (by its field

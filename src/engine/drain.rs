@@ -25,7 +25,7 @@ use super::run::MAX_PUSH_ATTEMPTS;
 use super::{DrainStats, Endpoint, Engine, EngineError, visible_hash};
 use crate::connector::{ConnectorError, PushItem, PushOutcome};
 use crate::mapping::Before;
-use crate::model::{FieldPrints, Fields};
+use crate::model::{FieldPrints, Fields, Value};
 use crate::store::{DeadLetterNew, Direction, LedgerEntry};
 use serde_json::{Map, Value as Json};
 
@@ -471,8 +471,15 @@ impl Engine {
                 tx.outbox_remove(target, seq)?;
                 continue;
             };
-            let values = company.values();
+            let mut values = company.values();
             let vendor_id = tx.vendor_id_of(&entry.canonical_id, target)?;
+            // What a create there holds besides the company's values.
+            if vendor_id.is_none()
+                && let Some(field) = ep.connector.create_fills_with_canonical_id()
+                && values.get(field).is_none_or(Value::is_nothing)
+            {
+                values.insert(field.to_string(), Value::Text(entry.canonical_id.clone()));
+            }
             // Its create landed on another company's record (a dead letter says so): sent
             // again with the same keys, it would land there again and overwrite that
             // record until the owner's content is restored.

@@ -402,6 +402,11 @@ impl Connector for MarketoConnector {
         self.read_ids(vendor_ids).await
     }
 
+    fn create_fills_with_canonical_id(&self) -> Option<&str> {
+        // `upsert_input` sends the canonical id when the item has no externalCompanyId.
+        Some("externalCompanyId")
+    }
+
     fn updates_are_partial(&self) -> bool {
         // A sync (`updateOnly` by id) sets the fields it is given, nothing else.
         true
