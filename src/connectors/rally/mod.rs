@@ -52,10 +52,11 @@
 //! than lag + overlap).
 //!
 //! **Call cost:** one call per `page_size − 1` changed rows, plus one per cycle; a shift
-//! costs one or two extra calls, a restart re-reads the cycle. After a full page the next
-//! two pages' calls are sent at once (`read_ahead`), so a long read runs at the rate limit
-//! even when answers are slow; a cycle that ends or loses its place wastes at most those
-//! two. The argument above holds whatever order the answers are taken in.
+//! costs one or two extra calls, a restart re-reads the cycle. During a long read the next
+//! pages' calls are sent ahead (`read_ahead`: one after the cycle's first page, two after
+//! that), so it runs at the rate limit even when answers are slow; a cycle of one or two
+//! pages wastes no call, a longer one (or one that loses its place) at most two. The
+//! argument above holds whatever order the answers are taken in.
 //!
 //! **Page size:** Rally does not document its largest page. A server that silently serves
 //! fewer rows than `limit` would make a full page look like the last one. So a short page

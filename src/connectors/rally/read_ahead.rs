@@ -8,7 +8,8 @@
 //! argument in the module docs asks only that each answer is a consistent snapshot and
 //! that the tail is found in it, not that answers are taken in any order. A call whose
 //! offset the read does not reach (the listing ended, rows shifted) is wasted: at most
-//! [`READ_AHEAD`] per cycle that lost its place or ended, none for a one-page cycle.
+//! [`READ_AHEAD`] per cycle, none for a cycle of one or two pages (the poll sends one page
+//! ahead after a cycle's first page).
 
 use std::sync::Mutex;
 
