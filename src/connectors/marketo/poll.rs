@@ -286,7 +286,7 @@ impl MarketoConnector {
     }
 
     /// One poll of a descent: windows below `descend_from`, emitting everything, until
-    /// [`MarketoOptions::discovery_windows`] empty ones in a row or the first id.
+    /// [`MarketoOptions::discovery_windows`](super::MarketoOptions::discovery_windows) empty ones in a row or the first id.
     async fn descend(&self, mut c: ScanCursor, fields: &str) -> Result<Page, ConnectorError> {
         let top = c.descend_from.expect("called during a descent");
         let floor = self.opts.first_id;
