@@ -371,10 +371,16 @@ async fn a_company_created_in_marketo_reads_back_as_unchanged() {
     let (cluster, path, _) = one_company_in_rally(dir.path(), "Echo Ltd", "echo").await;
     let (engine, _metrics) = engine_for(&path).await;
     let sd = CancellationToken::new();
-    engine
+    let report = engine
         .backfill(&BackfillOptions::default(), &sd, &|_, _| {})
         .await
         .unwrap();
+    let pushed = &report.pushed["marketo"];
+    assert_eq!(
+        (pushed.created, pushed.skipped),
+        (1, 0),
+        "the create is not queued again as changed while in flight: {pushed:?}"
+    );
     let (_, mkto_id) = synced_ids(&cluster, "Echo Ltd");
     let record = cluster.marketo.get(mkto_id).expect("created");
     assert!(record["externalCompanyId"].is_string(), "{record}");

@@ -25,7 +25,7 @@ use super::run::MAX_PUSH_ATTEMPTS;
 use super::{DrainStats, Endpoint, Engine, EngineError, visible_hash};
 use crate::connector::{ConnectorError, PushItem, PushOutcome};
 use crate::mapping::Before;
-use crate::model::{FieldPrints, Fields, Value};
+use crate::model::{Company, FieldPrints, Fields, Value};
 use crate::store::{DeadLetterNew, Direction, LedgerEntry};
 use serde_json::{Map, Value as Json};
 
@@ -471,15 +471,8 @@ impl Engine {
                 tx.outbox_remove(target, seq)?;
                 continue;
             };
-            let mut values = company.values();
             let vendor_id = tx.vendor_id_of(&entry.canonical_id, target)?;
-            // What a create there holds besides the company's values.
-            if vendor_id.is_none()
-                && let Some(field) = ep.connector.create_fills_with_canonical_id()
-                && values.get(field).is_none_or(Value::is_nothing)
-            {
-                values.insert(field.to_string(), Value::Text(entry.canonical_id.clone()));
-            }
+            let values = ep.values_to_write(&company, vendor_id.is_none());
             // Its create landed on another company's record (a dead letter says so): sent
             // again with the same keys, it would land there again and overwrite that
             // record until the owner's content is restored.
@@ -662,9 +655,12 @@ impl Engine {
                     tx.put_ledger(target, vendor_id, &ledger)?;
                     // The company may have changed while the push was in flight; the entry
                     // then stays so the newer content goes out next time.
-                    let current = tx
-                        .get_company(&item.canonical_id)?
-                        .map(|c| visible_hash(&ep.mapping, &c.values()));
+                    let current = tx.get_company(&item.canonical_id)?.map(|c| {
+                        visible_hash(
+                            &ep.mapping,
+                            &ep.values_to_write(&c, item.vendor_id.is_none()),
+                        )
+                    });
                     if current.as_deref() == Some(hash.as_str()) {
                         tx.outbox_remove(target, *seq)?;
                     } else {
@@ -726,6 +722,20 @@ impl Engine {
 mod tests;
 
 impl Endpoint {
+    /// The values a write of `company` carries here: the company's, plus its canonical
+    /// id in the field a create fills with it (see
+    /// [`Connector::create_fills_with_canonical_id`](crate::connector::Connector::create_fills_with_canonical_id)).
+    pub(super) fn values_to_write(&self, company: &Company, creating: bool) -> Fields {
+        let mut values = company.values();
+        if creating
+            && let Some(field) = self.connector.create_fills_with_canonical_id()
+            && values.get(field).is_none_or(Value::is_nothing)
+        {
+            values.insert(field.to_string(), Value::Text(company.id.clone()));
+        }
+        values
+    }
+
     /// Fits `fields` (the company `values` as [`Mapping::write`](crate::mapping::Mapping::write)
     /// maps them) to the record they go to — an existing one (`linked`) with its ledger
     /// entry `before`, or a new one — and returns the prints the write leaves there. Where
