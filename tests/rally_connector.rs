@@ -825,3 +825,75 @@ async fn a_short_page_of_a_server_that_served_more_before_is_the_end_without_a_c
     let limits = limits.lock().unwrap().clone();
     assert_eq!(limits.len(), 2, "{limits:?}");
 }
+
+/// A listing of records a busy moment touched: `filler` records of other bulks first (the
+/// listing is in creation order), then one per `domains`, with ids `w-<index>`.
+struct BusyListing {
+    filler: usize,
+    domains: Vec<String>,
+}
+
+impl wiremock::Respond for BusyListing {
+    fn respond(&self, req: &wiremock::Request) -> ResponseTemplate {
+        let param = |k: &str| {
+            req.url
+                .query_pairs()
+                .find(|(n, _)| n == k)
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+                .unwrap_or(0)
+        };
+        let (limit, offset) = (param("limit"), param("offset"));
+        let total = self.filler + self.domains.len();
+        let rows: Vec<Value> = (offset..total.min(offset + limit))
+            .map(|i| match i.checked_sub(self.filler) {
+                None => json!({"id": format!("f-{i}"), "name": "Other", "domain": format!("other-{i}.example")}),
+                Some(w) => json!({"id": format!("w-{w}"), "name": "N", "domain": self.domains[w]}),
+            })
+            .collect();
+        ResponseTemplate::new(200).set_body_json(rows)
+    }
+}
+
+#[tokio::test]
+async fn ids_of_updated_bulk_items_are_found_deep_in_a_busy_listing() {
+    // Other bulks touched 800 records in the same seconds: the ten this bulk updated come
+    // after them. Paging on (ten calls at most, one per item) beats ten upserts.
+    let server = MockServer::start().await;
+    let domains: Vec<String> = (0..10).map(|i| format!("busy-{i}.example")).collect();
+    Mock::given(method("POST"))
+        .and(path("/api/v1/companies/bulk"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"created": 0, "updated": 10, "failed": 0, "createdIds": [], "errors": []}),
+        ))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/v1/companies"))
+        .respond_with(BusyListing {
+            filler: 800,
+            domains: domains.clone(),
+        })
+        .expect(9)
+        .mount(&server)
+        .await;
+    Mock::given(method("PUT"))
+        .respond_with(ok_json(fixture!("upsert_x_updated.json")))
+        .expect(0)
+        .mount(&server)
+        .await;
+    let items: Vec<PushItem> = domains
+        .iter()
+        .map(|d| item(None, json!({"name": "N", "domain": d}), 0))
+        .collect();
+    let out = connector(&server, 100).conn.push(&items).await.unwrap();
+    for (i, o) in out.iter().enumerate() {
+        assert_eq!(
+            o,
+            &PushOutcome::Written {
+                vendor_id: format!("w-{i}"),
+                created: false
+            }
+        );
+    }
+}

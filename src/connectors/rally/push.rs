@@ -364,9 +364,9 @@ impl RallyConnector {
     }
 
     /// The ids of bulk items `idx` by their domain, among the records updated since
-    /// `since` (paged, at most a few pages more than the items need). Best effort: a
-    /// failed or unreadable call ends the look-up, and a domain two records share is left
-    /// out, so those items fall back to an upsert.
+    /// `since` (paged to the end, or until every domain is seen, at most one page per
+    /// item). Best effort: a failed or unreadable call ends the look-up, and a domain two
+    /// records share is left out, so those items fall back to an upsert.
     async fn ids_by_domain(
         &self,
         idx: &[usize],
@@ -384,8 +384,11 @@ impl RallyConnector {
         let mut seen: HashMap<String, Option<String>> = HashMap::new();
         let page_size = self.page_size.get();
         let since = wire_time(&since);
-        // Other bulks in flight at once touched rows in the same window.
-        let pages = idx.len().div_ceil(page_size) * self.max_concurrent.max(1) + 2;
+        // Other bulks in flight at once touched rows in the same window, as many as a
+        // busy backfill writes in a few seconds; the records sought may lie anywhere in
+        // the listing. Paging on until it ends costs less than upserting the items it
+        // would settle, up to one page per item.
+        let pages = idx.len().max(1);
         for page in 0..pages {
             let req = ApiRequest::get("GET companies", self.url("api/v1/companies"))
                 .auth(self.auth.clone())
@@ -423,6 +426,13 @@ impl RallyConnector {
                 break;
             }
         }
+        tracing::debug!(
+            connector = %self.name,
+            wanted = wanted.len(),
+            found = seen.values().filter(|id| id.is_some()).count(),
+            shared = seen.values().filter(|id| id.is_none()).count(),
+            "ids of bulk items Rally updated, looked up by domain"
+        );
         let mut out = HashMap::new();
         for (d, id) in seen {
             if let Some(id) = id {
