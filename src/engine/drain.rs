@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
+use serde_json::{Map, Value as Json};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn};
 
@@ -27,7 +28,6 @@ use crate::connector::{ConnectorError, PushItem, PushOutcome};
 use crate::mapping::Before;
 use crate::model::{Company, FieldPrints, Fields, Value};
 use crate::store::{DeadLetterNew, Direction, LedgerEntry};
-use serde_json::{Map, Value as Json};
 
 /// The most batches of one target ever in flight at once, whatever the connector allows:
 /// every in-flight batch is up to `max_batch` entries marked "sending" that a crash would
@@ -718,9 +718,6 @@ impl Engine {
     }
 }
 
-#[cfg(test)]
-mod tests;
-
 impl Endpoint {
     /// The values a write of `company` carries here: the company's, plus its canonical
     /// id in the field a create fills with it (see
@@ -766,3 +763,6 @@ impl Endpoint {
         after
     }
 }
+
+#[cfg(test)]
+mod tests;
