@@ -246,6 +246,14 @@ impl AmocrmConnector {
             };
             match &item.vendor_id {
                 Some(v) => match v.trim().parse::<i64>() {
+                    // Nothing left to set (an update carries only what changed, and a
+                    // null name sets nothing): the record already holds it; no call.
+                    Ok(id) if body.is_empty() => {
+                        out[idx] = Some(PushOutcome::Written {
+                            vendor_id: id.to_string(),
+                            created: false,
+                        });
+                    }
                     Ok(id) => updates.push(Entry {
                         idx,
                         id: Some(id),

@@ -467,3 +467,24 @@ async fn bench_amocrm_20k() {
     assert_eq!(written, items.len());
     assert!(stats.rejections.is_empty(), "{:?}", stats.rejections);
 }
+
+#[tokio::test]
+async fn an_update_that_sets_nothing_makes_no_call() {
+    let r = rig(sim_cfg(5), None, false).await;
+    r.conn.start().await.unwrap();
+    r.sim.reset_stats();
+    // A null name sets nothing in amoCRM (its name cannot be cleared).
+    let out = r
+        .conn
+        .push(&[item(json!({"name": null}), Some("5000001".into()))])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        [PushOutcome::Written {
+            vendor_id: "5000001".into(),
+            created: false
+        }]
+    );
+    assert_eq!(r.sim.stats().total_requests(), 0);
+}
