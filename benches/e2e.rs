@@ -981,6 +981,9 @@ async fn part_latency() {
         "limit rejections during the changes: {}",
         rejections(&stats)
     );
+    for (crm, s) in &stats {
+        println!("calls during the changes, {crm}: {:?}", s.requests);
+    }
     println!(
         "peak RSS (process incl. simulators): {:.1} MiB",
         mib(status_kib("VmHWM:"))

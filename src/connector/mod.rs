@@ -220,6 +220,14 @@ pub trait Connector: Send + Sync {
     /// Reads the next page of changes after `cursor`.
     async fn poll(&self, cursor: &Cursor, mode: &PollMode) -> Result<Page, ConnectorError>;
 
+    /// Where within a second of the wall clock a poll cycle is best begun, if anywhere:
+    /// a CRM that stamps whole seconds and is read a second only once it is over
+    /// (amoCRM) is read soonest after a change just after a second begins. The poll loop
+    /// then moves each cycle's start to that point (by at most a second).
+    fn poll_phase(&self) -> Option<Duration> {
+        None
+    }
+
     /// How to read this CRM's latest changes before writing to it (see [`PreWriteRead`]).
     fn pre_write_read(&self) -> PreWriteRead {
         PreWriteRead::Poll

@@ -128,6 +128,24 @@ pub fn error_class(err: &EngineError) -> &'static str {
 }
 
 /// Sleeps `d` unless `shutdown` fires first; false when shutting down.
+/// `wait` moved (by at most half a second either way) so that it ends `phase` past a
+/// second of the wall clock, `now` being the time since the Unix epoch. The poll interval
+/// is kept on average: a cycle's own duration does not push each start a second later.
+fn aligned_wait(wait: Duration, now: Duration, phase: Duration) -> Duration {
+    let second = 1_000_000_000i128;
+    let end = (now + wait).as_nanos() as i128;
+    let phase = phase.as_nanos() as i128 % second;
+    // The phase point nearest to the end.
+    let mut target = end - end.rem_euclid(second) + phase;
+    if target - end > second / 2 {
+        target -= second;
+    } else if end - target > second / 2 {
+        target += second;
+    }
+    let wait = target - now.as_nanos() as i128;
+    Duration::from_nanos(wait.max(0) as u64)
+}
+
 async fn pause(d: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => true,
@@ -263,7 +281,7 @@ impl Engine {
                         let res = me
                             .poll_incremental(&name, Some(std::time::Instant::now()), &sd)
                             .await;
-                        let wait = match res {
+                        let mut wait = match res {
                             Ok(stats) => {
                                 let stats = stats.unwrap_or_default();
                                 if let Some(tx) = first_read.get(&name) {
@@ -283,6 +301,12 @@ impl Engine {
                                 pause_after(&e, interval)
                             }
                         };
+                        if let (Some(phase), Ok(now)) = (
+                            me.endpoint(&name).ok().and_then(|ep| ep.connector.poll_phase()),
+                            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH),
+                        ) {
+                            wait = aligned_wait(wait, now, phase);
+                        }
                         if !pause(wait, &sd).await {
                             break;
                         }
@@ -469,5 +493,29 @@ impl Engine {
             }
         }
         Ok(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_aligned_wait_ends_at_the_nearest_phase_of_a_second() {
+        let ms = Duration::from_millis;
+        let now = Duration::from_secs(1_000) + ms(50);
+        // A 1 s cycle that began at x.020 and ended at x.050 begins again at x+1.020,
+        // not x+2.020: the interval holds.
+        assert_eq!(aligned_wait(ms(1_000), now, ms(20)), ms(970));
+        // Ending at x+1.600: on to x+2.020.
+        assert_eq!(aligned_wait(ms(1_550), now, ms(20)), ms(1_970));
+        // Ending exactly at it: unchanged.
+        assert_eq!(aligned_wait(ms(1_970), now, ms(20)), ms(1_970));
+        // Never a negative wait.
+        assert_eq!(aligned_wait(ms(0), now + ms(450), ms(20)), ms(0));
+        // A long interval moves by at most half a second.
+        let w = aligned_wait(Duration::from_secs(60), now, ms(20));
+        assert!(w.abs_diff(Duration::from_secs(60)) <= ms(500), "{w:?}");
+        assert_eq!((now + w).as_millis() % 1_000, 20);
     }
 }

@@ -379,6 +379,12 @@ impl Connector for AmocrmConnector {
         self.poll_step(cursor, mode).await
     }
 
+    fn poll_phase(&self) -> Option<std::time::Duration> {
+        // A cycle reads the seconds that are over (`updated_at` has whole seconds): begun
+        // just after a second starts, it reads a change of the second before at once.
+        Some(std::time::Duration::from_millis(20))
+    }
+
     fn updates_are_partial(&self) -> bool {
         // `PATCH` changes the keys and custom fields it names, nothing else.
         true
