@@ -730,6 +730,18 @@ async fn a_rejected_key_fails_the_whole_push_with_auth() {
     assert!(matches!(err, ConnectorError::Auth { .. }), "{err:?}");
 }
 
+/// The `limit` and `offset` a list call asked for (0 when absent).
+fn limit_and_offset(req: &wiremock::Request) -> (usize, usize) {
+    let param = |k: &str| {
+        req.url
+            .query_pairs()
+            .find(|(n, _)| n == k)
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    (param("limit"), param("offset"))
+}
+
 /// A Rally listing of `total` companies that serves at most `cap` rows whatever `limit`
 /// asks for, and records the `limit` of every call.
 struct CappedListing {
@@ -740,14 +752,7 @@ struct CappedListing {
 
 impl wiremock::Respond for CappedListing {
     fn respond(&self, req: &wiremock::Request) -> ResponseTemplate {
-        let param = |k: &str| {
-            req.url
-                .query_pairs()
-                .find(|(n, _)| n == k)
-                .and_then(|(_, v)| v.parse::<usize>().ok())
-                .unwrap_or(0)
-        };
-        let (limit, offset) = (param("limit"), param("offset"));
+        let (limit, offset) = limit_and_offset(req);
         self.limits.lock().unwrap().push(limit);
         let rows: Vec<Value> = (offset..self.total.min(offset + limit.min(self.cap)))
             .map(|i| {
@@ -835,14 +840,7 @@ struct BusyListing {
 
 impl wiremock::Respond for BusyListing {
     fn respond(&self, req: &wiremock::Request) -> ResponseTemplate {
-        let param = |k: &str| {
-            req.url
-                .query_pairs()
-                .find(|(n, _)| n == k)
-                .and_then(|(_, v)| v.parse::<usize>().ok())
-                .unwrap_or(0)
-        };
-        let (limit, offset) = (param("limit"), param("offset"));
+        let (limit, offset) = limit_and_offset(req);
         let total = self.filler + self.domains.len();
         let rows: Vec<Value> = (offset..total.min(offset + limit))
             .map(|i| match i.checked_sub(self.filler) {
