@@ -270,6 +270,7 @@ impl Engine {
         for ep in self.endpoints.values() {
             let name = ep.name.clone();
             let interval = ep.poll_interval;
+            let phase = ep.connector.poll_phase();
             // Poll loop.
             {
                 let (me, sd, name) = (self.clone(), shutdown.clone(), name.clone());
@@ -302,7 +303,7 @@ impl Engine {
                             }
                         };
                         if let (Some(phase), Ok(now)) = (
-                            me.endpoint(&name).ok().and_then(|ep| ep.connector.poll_phase()),
+                            phase,
                             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH),
                         ) {
                             wait = aligned_wait(wait, now, phase);
