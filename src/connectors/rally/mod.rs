@@ -1,5 +1,5 @@
 //! The Rally CRM connector: reads companies by `updatedSince` with offset paging that never
-//! skips, and writes them with partial updates, bulk upserts by domain and guarded creates.
+//! skips, and writes them with updates by id, bulk upserts by domain and guarded creates.
 //!
 //! # Reading (poll)
 //! Rally's list answers a bare array ordered in a way the document does not state (the

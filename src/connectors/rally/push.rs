@@ -1,4 +1,4 @@
-//! Writing to Rally: partial updates by id, bulk upserts by domain (with an upsert
+//! Writing to Rally: updates by id (every mapped field), bulk upserts by domain (with an upsert
 //! fallback to learn the ids of matched records), bulk creates of records without a domain
 //! on their first attempt, and guarded one-by-one creates for their replays. A bulk Rally
 //! refuses as a whole is sent again item by item, so one bad record cannot sink a hundred.
