@@ -424,12 +424,13 @@ async fn an_html_429_without_retry_after_is_backed_off_and_retried() {
     );
 }
 
-#[tokio::test]
-async fn a_json_429_is_retried() {
+/// Polls through one `first` answer followed by a good page: the poll retries and reads
+/// the page.
+async fn poll_retries_after(first: ResponseTemplate) {
     let r = rig().await;
     Mock::given(method("GET"))
         .and(path("/api/v4/companies"))
-        .respond_with(problem(429, "too_many.json"))
+        .respond_with(first)
         .up_to_n_times(1)
         .with_priority(1)
         .mount(&r.server)
@@ -448,26 +449,13 @@ async fn a_json_429_is_retried() {
 }
 
 #[tokio::test]
+async fn a_json_429_is_retried() {
+    poll_retries_after(problem(429, "too_many.json")).await;
+}
+
+#[tokio::test]
 async fn a_5xx_is_retried() {
-    let r = rig().await;
-    Mock::given(method("GET"))
-        .and(path("/api/v4/companies"))
-        .respond_with(html(503, "unavailable_503.html"))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&r.server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/api/v4/companies"))
-        .respond_with(hal("companies_keyset.json"))
-        .mount(&r.server)
-        .await;
-    let page = r
-        .conn
-        .poll(&cursor_at(1_700_000_000, &[]), &PollMode::Incremental)
-        .await
-        .unwrap();
-    assert_eq!(page.records.len(), 3);
+    poll_retries_after(html(503, "unavailable_503.html")).await;
 }
 
 #[tokio::test]

@@ -75,6 +75,32 @@ fn connector(server: &MockServer, page_size: usize) -> Fixture {
     }
 }
 
+/// Pushes two new companies, x.example.com and y.example.com, through one bulk; asserts
+/// that x was created and y (already in Rally) updated, each with its record's id.
+async fn push_x_and_y_to(server: &MockServer) {
+    let out = connector(server, 3)
+        .conn
+        .push(&[
+            item(None, json!({"name": "N", "domain": "x.example.com"}), 0),
+            item(None, json!({"name": "N", "domain": "y.example.com"}), 0),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            PushOutcome::Written {
+                vendor_id: "10000000-0000-4000-8000-000000000001".into(),
+                created: true
+            },
+            PushOutcome::Written {
+                vendor_id: "20000000-0000-4000-8000-000000000002".into(),
+                created: false
+            },
+        ]
+    );
+}
+
 fn item(vendor_id: Option<&str>, fields: Value, prior_attempts: u32) -> PushItem {
     let Value::Object(fields) = fields else {
         panic!("fields must be an object")
@@ -448,27 +474,7 @@ async fn bulk_with_updated_items_finds_their_ids_by_domain_in_one_list_call() {
         .expect(0)
         .mount(&server)
         .await;
-    let out = connector(&server, 3)
-        .conn
-        .push(&[
-            item(None, json!({"name": "N", "domain": "x.example.com"}), 0),
-            item(None, json!({"name": "N", "domain": "y.example.com"}), 0),
-        ])
-        .await
-        .unwrap();
-    assert_eq!(
-        out,
-        vec![
-            PushOutcome::Written {
-                vendor_id: "10000000-0000-4000-8000-000000000001".into(),
-                created: true
-            },
-            PushOutcome::Written {
-                vendor_id: "20000000-0000-4000-8000-000000000002".into(),
-                created: false
-            },
-        ]
-    );
+    push_x_and_y_to(&server).await;
 }
 
 #[tokio::test]
@@ -492,27 +498,7 @@ async fn bulk_with_updated_items_resolves_their_ids_by_upsert() {
             .mount(&server)
             .await;
     }
-    let out = connector(&server, 3)
-        .conn
-        .push(&[
-            item(None, json!({"name": "N", "domain": "x.example.com"}), 0),
-            item(None, json!({"name": "N", "domain": "y.example.com"}), 0),
-        ])
-        .await
-        .unwrap();
-    assert_eq!(
-        out,
-        vec![
-            PushOutcome::Written {
-                vendor_id: "10000000-0000-4000-8000-000000000001".into(),
-                created: true
-            },
-            PushOutcome::Written {
-                vendor_id: "20000000-0000-4000-8000-000000000002".into(),
-                created: false
-            },
-        ]
-    );
+    push_x_and_y_to(&server).await;
 }
 
 #[tokio::test]
