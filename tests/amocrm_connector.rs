@@ -222,9 +222,12 @@ async fn keyset_paging_drops_records_already_returned_at_the_cursor_second() {
         .unwrap()
         .parse()
         .unwrap();
+    // One past the cycle's upper bound (for a server reading `to` as exclusive), which
+    // is a second that is over.
     assert!(
-        to < chrono::Utc::now().timestamp(),
-        "upper bound {to} is not in the past"
+        to <= chrono::Utc::now().timestamp(),
+        "upper bound {} is not in the past",
+        to - 1
     );
 }
 
@@ -248,9 +251,17 @@ async fn a_full_page_inside_one_second_is_paged_exactly_without_stalling() {
     Mock::given(method("GET"))
         .and(path("/api/v4/companies"))
         .and(query_param("filter[updated_at][from]", "1700000200"))
-        .and(query_param("filter[updated_at][to]", "1700000200"))
+        .and(query_param("filter[updated_at][to]", "1700000201"))
         .and(query_param("page", "2"))
         .respond_with(page_of(1_250..1_300))
+        .mount(&r.server)
+        .await;
+    // This server links every page onwards, the last one too: past it, it answers 204.
+    Mock::given(method("GET"))
+        .and(path("/api/v4/companies"))
+        .and(query_param("filter[updated_at][from]", "1700000200"))
+        .and(query_param("page", "3"))
+        .respond_with(ResponseTemplate::new(204))
         .mount(&r.server)
         .await;
     Mock::given(method("GET"))
@@ -1009,4 +1020,116 @@ async fn a_server_without_the_account_and_catalogue_endpoints_still_starts_and_s
     );
     let page = poll_by_descending_scan(&r).await;
     assert_eq!(page.records.len(), 1);
+}
+
+/// A company list as another amoCRM implementation might serve it: `filter[updated_at]`
+/// with an exclusive `to` (or an inclusive one), ascending order, pages capped at `cap`
+/// rows whatever `limit` asks, and `_links.next` only on full pages; 204 when empty.
+struct StrictList {
+    template: Value,
+    /// (id, updated_at) in list order (ascending time, then id).
+    companies: Vec<(i64, i64)>,
+    cap: usize,
+    to_exclusive: bool,
+}
+
+impl Respond for StrictList {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        let num = |k: &str| query(req, k).and_then(|v| v.parse::<i64>().ok());
+        let (from, to) = (
+            num("filter[updated_at][from]"),
+            num("filter[updated_at][to]"),
+        );
+        let limit = num("limit").unwrap_or(50).clamp(1, self.cap as i64) as usize;
+        let page = num("page").unwrap_or(1).max(1) as usize;
+        let rows: Vec<Value> = self
+            .companies
+            .iter()
+            .filter(|(_, ts)| from.is_none_or(|f| *ts >= f))
+            .filter(|(_, ts)| to.is_none_or(|t| if self.to_exclusive { *ts < t } else { *ts <= t }))
+            .skip((page - 1) * limit)
+            .take(limit)
+            .map(|(id, ts)| {
+                let mut c = self.template.clone();
+                c["id"] = json!(id);
+                c["updated_at"] = json!(ts);
+                c
+            })
+            .collect();
+        if rows.is_empty() {
+            return ResponseTemplate::new(204);
+        }
+        let mut links = json!({"self": {"href": "x"}});
+        if rows.len() == limit {
+            links["next"] = json!({"href": "y"});
+        }
+        ResponseTemplate::new(200).set_body_json(json!({"_page": page, "_links": links,
+            "_embedded": {"companies": rows}}))
+    }
+}
+
+/// Polls from `cursor_at(since)` until the cycle ends; returns how often each id came.
+async fn read_one_cycle(r: &Rig, since: i64) -> std::collections::BTreeMap<String, usize> {
+    let mut cursor = cursor_at(since, &[]);
+    let mut got = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..100 {
+        let page = r.conn.poll(&cursor, &PollMode::Incremental).await.unwrap();
+        for rec in page.records {
+            *got.entry(rec.vendor_id).or_default() += 1;
+        }
+        cursor = page.next;
+        if !page.more {
+            return got;
+        }
+    }
+    panic!("the cycle did not end: {cursor:?}");
+}
+
+#[tokio::test]
+async fn a_server_capping_pages_below_the_limit_is_read_to_the_end() {
+    let r = rig().await;
+    let template: Value = serde_json::from_str(&fixture("company_template.json")).unwrap();
+    // 330 companies over 33 seconds, 10 a second; the server gives at most 100 a page.
+    let companies = (0..330)
+        .map(|i| (5_000 + i, 1_700_000_000 + i / 10))
+        .collect();
+    Mock::given(method("GET"))
+        .and(path("/api/v4/companies"))
+        .respond_with(StrictList {
+            template,
+            companies,
+            cap: 100,
+            to_exclusive: false,
+        })
+        .mount(&r.server)
+        .await;
+    let got = read_one_cycle(&r, 1_700_000_000).await;
+    assert_eq!(got.len(), 330, "skipped some");
+    assert!(got.values().all(|n| *n == 1), "repeated some");
+}
+
+#[tokio::test]
+async fn a_server_reading_the_upper_bound_as_exclusive_misses_nothing() {
+    let r = rig().await;
+    let template: Value = serde_json::from_str(&fixture("company_template.json")).unwrap();
+    // The newest companies are stamped with the cycle's upper bound, the last second that
+    // is over; 300 share one older second (the exact-second procedure).
+    let upper = chrono::Utc::now().timestamp() - 1;
+    let mut companies: Vec<(i64, i64)> = (0..300).map(|i| (8_000 + i, upper - 5)).collect();
+    companies.extend((0..20).map(|i| (9_000 + i, upper - 5 + i / 5)));
+    companies.extend((0..3).map(|i| (9_500 + i, upper)));
+    companies.sort_by_key(|&(id, ts)| (ts, id));
+    Mock::given(method("GET"))
+        .and(path("/api/v4/companies"))
+        .respond_with(StrictList {
+            template,
+            companies,
+            cap: 250,
+            to_exclusive: true,
+        })
+        .mount(&r.server)
+        .await;
+    let got = read_one_cycle(&r, upper - 10).await;
+    assert_eq!(got.len(), 323, "skipped some");
+    assert!(got.values().all(|n| *n == 1), "repeated some");
 }

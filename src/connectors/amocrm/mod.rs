@@ -15,15 +15,19 @@
 //! can gain no more writes) and keeps it in the cursor until the cycle ends.
 //!
 //! With API filtering (`GET /api/v4/account?with=is_api_filter_enabled`) each call is
-//! `filter[updated_at][from]=ts&filter[updated_at][to]=upper&order[updated_at]=asc&
+//! `filter[updated_at][from]=ts&filter[updated_at][to]=upper+1&order[updated_at]=asc&
 //! limit=250&page=1`: keyset paging, always page 1, dropping records at or before the
-//! cursor. Page numbers are never trusted over a changing set. A page that is full and
-//! entirely inside one second `S` (more than 250 records share `S`, e.g. a bulk import)
-//! switches to the exact-second procedure: `from=to=S`, pages 1..n, then the whole second
-//! again until a pass finds no unseen id and lists as many rows as the pass before
-//! (records can only *leave* a past second, so such a pass lost nothing to a page shift);
-//! the cursor then moves to `S + 1`. A 204 or a short page ends the cycle and the cursor
-//! moves to `upper + 1`. Steady state costs one call per cycle; a full read costs about
+//! cursor. `to` is one past the bound, so that a server reading it as exclusive still
+//! lists `upper`; rows after `upper` are dropped, and one of them ends the cycle (the list
+//! is ascending). Page numbers are never trusted over a changing set. A page that is full
+//! and entirely inside one second `S` (more than 250 records share `S`, e.g. a bulk
+//! import) switches to the exact-second procedure: `from=S, to=S+1`, pages 1..n (a row
+//! after `S` ends the pass), then the whole second again until a pass finds no unseen id
+//! and lists as many rows of `S` as the pass before (records can only *leave* a past
+//! second, so such a pass lost nothing to a page shift); the cursor then moves to `S + 1`.
+//! "Full" means 250 rows, or fewer with a `_links.next` (a server capping pages below the
+//! `limit` asked for); a short page so linked goes on only while it brings unseen records.
+//! A 204 or a short page ends the cycle and the cursor moves to `upper + 1`. Steady state costs one call per cycle; a full read costs about
 //! `N / 250` calls, plus `2 × ceil(k / 250)` for each second holding `k > 250` records.
 //!
 //! Without API filtering the fallback scans `order[updated_at]=desc` page by page until

@@ -103,6 +103,16 @@ impl AmoCursor {
     }
 }
 
+/// Drops from `p` the records updated after second `last` (they stay uncounted in its raw
+/// count); true if there were any.
+fn drop_after(p: &mut ParsedPage, last: i64) -> bool {
+    let before = p.records.len();
+    p.records.retain(|r| r.updated_at.timestamp() <= last);
+    let dropped = before - p.records.len();
+    p.raw_count -= dropped;
+    dropped > 0
+}
+
 fn page_of(records: Vec<VendorRecord>, p: &mut ParsedPage, c: &AmoCursor, more: bool) -> Page {
     Page {
         records,
@@ -154,7 +164,11 @@ impl AmocrmConnector {
         }
         let params = vec![
             ("filter[updated_at][from]".to_string(), c.ts.to_string()),
-            ("filter[updated_at][to]".to_string(), upper.to_string()),
+            // One past `upper`: a server reading `to` as exclusive still lists `upper`.
+            (
+                "filter[updated_at][to]".to_string(),
+                (upper + 1).to_string(),
+            ),
             ("order[updated_at]".to_string(), "asc".to_string()),
             ("limit".to_string(), PAGE_LIMIT.to_string()),
             ("page".to_string(), "1".to_string()),
@@ -166,7 +180,10 @@ impl AmocrmConnector {
                 ..Page::default()
             });
         };
-        let full = p.raw_count >= PAGE_LIMIT;
+        // Rows after `upper` are the next cycle's; listed in ascending order, one of them
+        // means the window is exhausted.
+        let past_upper = drop_after(&mut p, upper);
+        let full = !past_upper && p.may_continue(PAGE_LIMIT);
         let one_second = p.records.first().map(|r| r.updated_at.timestamp());
         if full
             && let Some(s) = one_second
@@ -191,10 +208,13 @@ impl AmocrmConnector {
             .into_iter()
             .filter(|r| c.take(r))
             .collect();
-        if !full {
+        // A short page the server linked onwards goes on only while it brings news (a
+        // server linking a last page onwards must not keep the cycle going).
+        let more = full && (p.raw_count >= PAGE_LIMIT || !records.is_empty());
+        if !more {
             c.finish(upper);
         }
-        Ok(page_of(records, &mut p, &c, full))
+        Ok(page_of(records, &mut p, &c, more))
     }
 
     /// Adds the unseen records of one exact-second page to the cursor.
@@ -227,15 +247,17 @@ impl AmocrmConnector {
         let mut scan = c.second.take().unwrap_or_default();
         let params = vec![
             ("filter[updated_at][from]".to_string(), c.ts.to_string()),
-            ("filter[updated_at][to]".to_string(), c.ts.to_string()),
+            // One past the second, as in `poll_step`; rows after it end the pass.
+            ("filter[updated_at][to]".to_string(), (c.ts + 1).to_string()),
             ("order[updated_at]".to_string(), "asc".to_string()),
             ("limit".to_string(), PAGE_LIMIT.to_string()),
             ("page".to_string(), scan.page.max(1).to_string()),
         ];
         let fetched = self.list(params).await?;
         let mut p = fetched.unwrap_or_default();
+        let past_second = drop_after(&mut p, c.ts);
         let records = self.take_second(&mut c, &mut scan, &p);
-        if p.raw_count >= PAGE_LIMIT {
+        if !past_second && p.may_continue(PAGE_LIMIT) {
             scan.page = scan.page.max(1) + 1;
             c.second = Some(scan);
             return Ok(page_of(records, &mut p, &c, true));
@@ -288,7 +310,7 @@ impl AmocrmConnector {
                 ts <= upper && ts >= c.ts && !seen
             })
             .collect();
-        let more = !reached_old && p.raw_count >= PAGE_LIMIT;
+        let more = !reached_old && p.may_continue(PAGE_LIMIT);
         if more {
             c.scan_page = Some(page_no + 1);
         } else {

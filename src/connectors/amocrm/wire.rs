@@ -166,6 +166,15 @@ pub struct ParsedPage {
     pub has_next: bool,
 }
 
+impl ParsedPage {
+    /// Whether a next page may hold more: this one was full (`limit` rows), or the server
+    /// linked a next page after a non-empty one — a server that caps pages below the
+    /// `limit` asked for says so only by that link.
+    pub fn may_continue(&self, limit: usize) -> bool {
+        self.raw_count >= limit || (self.has_next && self.raw_count > 0)
+    }
+}
+
 /// Parses a HAL list answer of `GET /api/v4/companies`.
 pub fn parse_company_page(body: &Value, catalogue: &Catalogue) -> Result<ParsedPage, String> {
     let list = body
