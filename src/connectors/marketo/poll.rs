@@ -388,7 +388,8 @@ impl MarketoConnector {
             .copied()
             .chain(extra.iter().map(String::as_str))
         {
-            if (d.has(name) || name == "id") && !out.contains(&name) {
+            // `id` and `updatedAt` always: a row without them cannot be read at all.
+            if (d.has(name) || matches!(name, "id" | "updatedAt")) && !out.contains(&name) {
                 out.push(name);
             }
         }

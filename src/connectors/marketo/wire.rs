@@ -180,12 +180,17 @@ impl Describe {
             .ok_or("describe answered without fields")?
             .iter()
             .filter_map(|f| {
+                let name = f.get("name")?.as_str()?;
+                // Optional in Marketo's schema: a field without it is taken as writable
+                // unless it is one the system keeps (dropping it silently would leave
+                // the company unsynced while counting it written).
+                let system = matches!(name, "id" | "createdAt" | "updatedAt");
                 Some(FieldMeta {
-                    name: f.get("name")?.as_str()?.to_string(),
+                    name: name.to_string(),
                     updateable: f
                         .get("updateable")
                         .and_then(Value::as_bool)
-                        .unwrap_or(false),
+                        .unwrap_or(!system),
                 })
             })
             .collect();
@@ -327,6 +332,15 @@ mod tests {
         assert_eq!(d.searchable, ["externalCompanyId", "id", "company"]);
         assert_eq!(d.dedupe, ["externalCompanyId"]);
         assert!(d.field("company").unwrap().updateable);
+        // Without `updateable`: writable, but for the fields the system keeps.
+        let lean = Describe::parse(&json!({"success": true, "result": [{
+            "idField": "id",
+            "fields": [{"name": "id"}, {"name": "updatedAt"}, {"name": "industry"}]
+        }]}))
+        .unwrap();
+        assert!(lean.field("industry").unwrap().updateable);
+        assert!(!lean.field("id").unwrap().updateable);
+        assert!(!lean.field("updatedAt").unwrap().updateable);
         assert!(!d.has("site"));
     }
 }
