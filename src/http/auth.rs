@@ -125,6 +125,10 @@ pub trait TokenSource: Send + Sync {
 struct BearerState {
     token: Option<Token>,
     generation: u64,
+    /// The token came back from a refresh with no more than `refresh_ahead` left (Marketo
+    /// hands out the same token until it expires): use it until it expires, instead of
+    /// asking again on every call.
+    short_lived: bool,
 }
 
 /// `Authorization: Bearer <token>` from a [`TokenSource`], refreshed ahead of expiry and
@@ -149,6 +153,7 @@ impl<S: TokenSource> BearerAuth<S> {
             state: tokio::sync::Mutex::new(BearerState {
                 token: None,
                 generation: 0,
+                short_lived: false,
             }),
         }
     }
@@ -158,10 +163,23 @@ impl<S: TokenSource> BearerAuth<S> {
         &self.source
     }
 
-    fn usable(&self, token: &Token) -> bool {
+    /// Whether `token` can go on a call without a refresh first.
+    fn usable(&self, token: &Token, short_lived: bool) -> bool {
+        let margin = if short_lived {
+            Duration::ZERO
+        } else {
+            self.refresh_ahead
+        };
         token
             .expires_at
-            .is_none_or(|exp| exp.saturating_duration_since(Instant::now()) > self.refresh_ahead)
+            .is_none_or(|exp| exp.saturating_duration_since(Instant::now()) > margin)
+    }
+
+    /// Stores a token just obtained.
+    fn replace(&self, st: &mut BearerState, fresh: Token) {
+        st.short_lived = !self.usable(&fresh, false);
+        st.token = Some(fresh);
+        st.generation += 1;
     }
 }
 
@@ -178,10 +196,13 @@ impl<S> std::fmt::Debug for BearerAuth<S> {
 impl<S: TokenSource> AuthProvider for BearerAuth<S> {
     async fn apply(&self, headers: &mut HeaderMap) -> Result<u64, HttpError> {
         let mut st = self.state.lock().await;
-        if !st.token.as_ref().is_some_and(|t| self.usable(t)) {
+        if !st
+            .token
+            .as_ref()
+            .is_some_and(|t| self.usable(t, st.short_lived))
+        {
             let fresh = self.source.fetch(st.token.as_ref()).await?;
-            st.token = Some(fresh);
-            st.generation += 1;
+            self.replace(&mut st, fresh);
         }
         let token = st.token.as_ref().expect("token set above");
         let mut value = HeaderValue::from_str(&format!("Bearer {}", token.access.expose()))
@@ -217,8 +238,67 @@ impl<S: TokenSource> AuthProvider for BearerAuth<S> {
             return Ok(());
         }
         let fresh = self.source.fetch(st.token.as_ref()).await?;
-        st.token = Some(fresh);
-        st.generation += 1;
+        self.replace(&mut st, fresh);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Hands out one token with `left` to live, counting the calls.
+    struct SameToken {
+        left: Duration,
+        fetches: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl TokenSource for SameToken {
+        async fn fetch(&self, _rejected: Option<&Token>) -> Result<Token, HttpError> {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            Ok(Token::new(Secret::new("same"), Some(self.left)))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_handed_out_inside_the_refresh_window_is_used_until_it_expires() {
+        let auth = BearerAuth::new(
+            "m",
+            SameToken {
+                left: Duration::from_secs(30),
+                fetches: AtomicUsize::new(0),
+            },
+            Duration::from_secs(60),
+        );
+        for _ in 0..5 {
+            let mut headers = HeaderMap::new();
+            auth.apply(&mut headers).await.unwrap();
+            assert!(headers.contains_key(AUTHORIZATION));
+        }
+        assert_eq!(auth.source().fetches.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_token_inside_the_refresh_window_is_renewed_once() {
+        let auth = BearerAuth::new(
+            "m",
+            SameToken {
+                left: Duration::from_secs(3600),
+                fetches: AtomicUsize::new(0),
+            },
+            Duration::from_secs(60),
+        );
+        let mut headers = HeaderMap::new();
+        auth.apply(&mut headers).await.unwrap();
+        // The stored token now has 30 s left: the next call renews it, once.
+        auth.state.lock().await.token.as_mut().unwrap().expires_at =
+            Some(Instant::now() + Duration::from_secs(30));
+        for _ in 0..3 {
+            auth.apply(&mut headers).await.unwrap();
+        }
+        assert_eq!(auth.source().fetches.load(Ordering::SeqCst), 2);
     }
 }
