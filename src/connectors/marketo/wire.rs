@@ -88,6 +88,9 @@ impl Classifier for MarketoClassifier {
                     class: status_class(status),
                 };
             }
+            // Marketo answers its errors with HTTP 200, but a server (or a proxy) may
+            // send them with a 4xx: a body with Marketo's `errors` is read as on a 200.
+            _ if resp.json.as_ref().and_then(first_error).is_some() => {}
             // Bad client credentials at the identity service: nothing to refresh.
             _ => {
                 return Outcome::Fail {
@@ -103,7 +106,7 @@ impl Classifier for MarketoClassifier {
                 class: "decode",
             };
         };
-        if body.get("success").and_then(Value::as_bool) != Some(false) {
+        if body.get("success").and_then(Value::as_bool) != Some(false) && status < 300 {
             return Outcome::Success;
         }
         let (code, message) = first_error(body).unwrap_or_else(|| {
@@ -304,6 +307,40 @@ pub fn parse_record(row: &Value) -> Result<(i64, VendorRecord), MalformedRecord>
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn answer(status: u16, body: Value) -> ApiResponse {
+        ApiResponse {
+            connector: "m".into(),
+            endpoint: "GET companies",
+            status: reqwest::StatusCode::from_u16(status).unwrap(),
+            headers: Default::default(),
+            body: body.to_string().into_bytes(),
+            json: Some(body),
+        }
+    }
+
+    #[test]
+    fn marketo_errors_are_read_on_a_4xx_too() {
+        let c = MarketoClassifier::default();
+        let expired = json!({"success": false, "errors": [{"code": "602", "message": "Access token expired"}]});
+        assert!(matches!(
+            c.classify(&answer(200, expired.clone())),
+            Outcome::Reauth
+        ));
+        assert!(matches!(c.classify(&answer(401, expired)), Outcome::Reauth));
+        let throttled = json!({"errors": [{"code": 606, "message": "Max rate limit exceeded"}]});
+        assert!(matches!(
+            c.classify(&answer(403, throttled)),
+            Outcome::Throttled { .. }
+        ));
+        // Without Marketo's errors (the identity service's own shape): a plain failure.
+        let identity =
+            json!({"error": "unauthorized", "error_description": "Bad client credentials"});
+        assert!(matches!(
+            c.classify(&answer(401, identity)),
+            Outcome::Fail { .. }
+        ));
+    }
 
     #[test]
     fn marketo_timestamps_parse_with_z_and_numeric_offsets() {
