@@ -40,6 +40,18 @@ fn is_problem_json(resp: &ApiResponse) -> bool {
     resp.json.is_some()
 }
 
+/// Whether a 403 is a ban rather than a permission problem: an HTML page (nginx's), or a
+/// JSON one that says the account or address is blocked or over its limit.
+fn is_ban(resp: &ApiResponse) -> bool {
+    if !is_problem_json(resp) {
+        return true;
+    }
+    let text = resp.text_snippet().to_lowercase();
+    ["block", "banned", "ban ", "rate limit", "too many"]
+        .iter()
+        .any(|w| text.contains(w))
+}
+
 /// The `retry_after` of a JSON 429 body, if any.
 fn body_retry_after(resp: &ApiResponse) -> Option<Duration> {
     let v = resp.json.as_ref()?.get("retry_after")?;
@@ -68,7 +80,7 @@ impl Classifier for AmoClassifier {
                     class: "429",
                 }
             }
-            403 if self.kind == CallKind::Token || !is_problem_json(resp) => {
+            403 if self.kind == CallKind::Token || is_ban(resp) => {
                 let until = Utc::now()
                     + chrono::Duration::from_std(self.ban_cooldown)
                         .unwrap_or_else(|_| chrono::Duration::minutes(30));
@@ -79,10 +91,12 @@ impl Classifier for AmoClassifier {
                         "amoCRM answered 403 {} — the account or IP is probably banned for \
                          exceeding the rate limit; calls stop until {until}, ask amoCRM \
                          support to lift the block if it persists",
-                        if is_problem_json(resp) {
+                        if !is_problem_json(resp) {
+                            "with an HTML page"
+                        } else if self.kind == CallKind::Token {
                             "on the token endpoint"
                         } else {
-                            "with an HTML page"
+                            "saying the account is blocked"
                         }
                     ),
                 }
@@ -128,6 +142,27 @@ mod tests {
             ban_cooldown: Duration::from_secs(60),
         }
         .classify(&answer_429(body))
+    }
+
+    fn answer_403(body: &str) -> Outcome {
+        AmoClassifier {
+            kind: CallKind::Read,
+            ban_cooldown: Duration::from_secs(60),
+        }
+        .classify(&ApiResponse {
+            status: StatusCode::FORBIDDEN,
+            ..answer_429(body)
+        })
+    }
+
+    #[test]
+    fn a_json_403_is_a_ban_when_it_says_blocked_and_a_failure_otherwise() {
+        let blocked = r#"{"title":"Forbidden","status":403,"detail":"Account is blocked"}"#;
+        assert!(matches!(answer_403(blocked), Outcome::Suspend { .. }));
+        let html = "<html><body><h1>403 Forbidden</h1></body></html>";
+        assert!(matches!(answer_403(html), Outcome::Suspend { .. }));
+        let denied = r#"{"title":"Forbidden","status":403,"detail":"Insufficient rights"}"#;
+        assert!(matches!(answer_403(denied), Outcome::Fail { .. }));
     }
 
     #[test]
