@@ -66,8 +66,9 @@
 //! # Limits
 //! 7 calls/s by default (the shared limiter), 429s (JSON or HTML, with or without
 //! `Retry-After`) are waited out for at least 1 s, and a 403 that is not a JSON
-//! permission problem (an HTML page, or JSON saying the account is blocked) — or any 403 from the token endpoint — is a ban: the circuit opens
-//! for [`DEFAULT_BAN_COOLDOWN`] with a loud log, and nothing is retried.
+//! permission problem (an HTML page, or JSON saying the account is blocked) — or any
+//! 403 from the token endpoint — is a ban: the circuit opens for [`DEFAULT_BAN_COOLDOWN`]
+//! with a loud log, and nothing is retried.
 
 pub mod auth;
 pub mod classify;
