@@ -1133,3 +1133,20 @@ async fn a_server_reading_the_upper_bound_as_exclusive_misses_nothing() {
     assert_eq!(got.len(), 323, "skipped some");
     assert!(got.values().all(|n| *n == 1), "repeated some");
 }
+
+#[tokio::test]
+async fn an_update_accepted_with_an_empty_answer_is_written() {
+    let r = rig().await;
+    Mock::given(method("PATCH"))
+        .and(path("/api/v4/companies"))
+        .respond_with(ResponseTemplate::new(204))
+        .expect(1)
+        .mount(&r.server)
+        .await;
+    let out = r
+        .conn
+        .push(&[item(json!({"name": "Acme"}), Some("9003"), 0)])
+        .await
+        .unwrap();
+    assert_eq!(out, [written("9003", false)]);
+}

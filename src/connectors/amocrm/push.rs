@@ -515,17 +515,23 @@ impl AmocrmConnector {
                     .or_else(|| listed.get(pos).filter(|v| rid(v).is_none()))
                     .and_then(|v| v.get("id").and_then(Value::as_i64)),
             };
-            out[e.idx] = Some(match found {
-                Some(id) => PushOutcome::Written {
+            out[e.idx] = Some(match (found, e.id) {
+                (Some(id), _) => PushOutcome::Written {
                     vendor_id: id.to_string(),
                     created: create,
                 },
-                None if create => PushOutcome::Unconfirmed {
+                (None, _) if create => PushOutcome::Unconfirmed {
                     reason: "amoCRM accepted the batch but listed no id for this company; the \
                              replay looks it up first"
                         .into(),
                 },
-                None => PushOutcome::Retry {
+                // An update accepted with an answer that lists nothing (an empty body, a
+                // 204): the write is done; re-sending a PATCH would not confirm it either.
+                (None, Some(id)) if listed.is_empty() => PushOutcome::Written {
+                    vendor_id: id.to_string(),
+                    created: false,
+                },
+                (None, _) => PushOutcome::Retry {
                     reason: "amoCRM accepted the batch but did not confirm this company".into(),
                 },
             });
