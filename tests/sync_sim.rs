@@ -398,3 +398,49 @@ async fn a_company_created_in_marketo_reads_back_as_unchanged() {
     assert_eq!((stats.read, stats.merged), (1, 0), "{stats:?}");
     cluster.shutdown().await;
 }
+
+/// A backfill of one CRM does not create companies in CRMs that were never read: a
+/// company they hold already (here the same one, in amoCRM) would be created twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_of_one_crm_pushes_only_to_crms_read_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path, _) = one_company_in_rally(dir.path(), "Twice Ltd", "twice").await;
+    // 452001: the simulated account's "Domain" field.
+    let domain = json!([{"field_id": 452_001, "values": [{"value": "twice.example"}]}]);
+    cluster
+        .amocrm
+        .create(json!({"name": "Twice Ltd", "custom_fields_values": domain}));
+    // amoCRM's connector reads a second only once it is over: let this one end.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (engine, _metrics) = engine_for(&path).await;
+    let sd = CancellationToken::new();
+    let only_rally = BackfillOptions {
+        sources: vec!["rally".into()],
+        ..Default::default()
+    };
+    let report = engine.backfill(&only_rally, &sd, &|_, _| {}).await.unwrap();
+    assert_eq!(report.never_read, ["amocrm", "marketo"], "{report:?}");
+    assert!(
+        !report.pushed.contains_key("amocrm") && !report.pushed.contains_key("marketo"),
+        "{report:?}"
+    );
+    assert_eq!(cluster.amocrm.company_count(), 1);
+    assert_eq!(cluster.marketo.company_count(), 0);
+    assert_eq!(
+        (report.pending["amocrm"], report.pending["marketo"]),
+        (1, 1)
+    );
+
+    // Once every CRM has been read, the same backfill pushes everywhere, matching the
+    // company amoCRM holds instead of creating it again.
+    let report = engine
+        .backfill(&BackfillOptions::default(), &sd, &|_, _| {})
+        .await
+        .unwrap();
+    assert!(report.ok() && report.never_read.is_empty(), "{report:?}");
+    let report = engine.backfill(&only_rally, &sd, &|_, _| {}).await.unwrap();
+    assert!(report.never_read.is_empty(), "{report:?}");
+    assert_eq!(cluster.amocrm.company_count(), 1);
+    assert_eq!(cluster.marketo.company_count(), 1);
+    cluster.shutdown().await;
+}

@@ -161,6 +161,13 @@ fn print_report(r: &BackfillReport, dry_run: bool) {
             );
         }
     }
+    for t in &r.never_read {
+        let pending = r.pending.get(t).copied().unwrap_or(0);
+        println!(
+            "  {t:<12} not written: never read in full yet, so creates could duplicate its \
+             companies; {pending} pending for the daemon, which reads it first"
+        );
+    }
     for (c, e) in &r.failures {
         println!("FAILED {c}: {e}");
     }

@@ -424,6 +424,14 @@ pub fn backfill_cursor_key(connector: &str) -> String {
     format!("backfill:{connector}")
 }
 
+/// The key under which the store notes that `connector` has been read in full once (a
+/// backfill without `since`, or any complete poll cycle: the first one starts from the
+/// beginning). Only then are all its records linked, so that a create there cannot
+/// duplicate a company it already holds.
+pub fn full_read_key(connector: &str) -> String {
+    format!("read:{connector}")
+}
+
 impl Engine {
     /// An engine over `store` and `endpoints`.
     pub fn new(

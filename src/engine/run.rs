@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use super::{Engine, EngineError, IngestStats, backfill_cursor_key, visible_hash};
+use super::{Engine, EngineError, IngestStats, backfill_cursor_key, full_read_key, visible_hash};
 use crate::connector::{ConnectorError, Cursor, PollMode};
+use crate::store::WriteTx;
 
 /// Outbox entries that failed this many times are moved to the dead letters.
 pub const MAX_PUSH_ATTEMPTS: u32 = 12;
@@ -80,6 +81,9 @@ pub struct BackfillReport {
     pub dry_run: BTreeMap<String, DryRunCounts>,
     /// Connectors that failed, with the error.
     pub failures: Vec<(String, String)>,
+    /// Targets not pushed to because they have never been read in full: their entries
+    /// wait for the daemon, which reads them before it pushes.
+    pub never_read: Vec<String>,
 }
 
 impl BackfillReport {
@@ -285,8 +289,14 @@ impl Engine {
                         let mut wait = match res {
                             Ok(stats) => {
                                 let stats = stats.unwrap_or_default();
-                                if let Some(tx) = first_read.get(&name) {
-                                    tx.send_replace(true);
+                                if let Some(tx) = first_read.get(&name)
+                                    && !tx.send_replace(true)
+                                {
+                                    // A cycle completed: every record was read since the
+                                    // cursor began (a later backfill may now push here).
+                                    if let Err(e) = me.note_full_read_once(&name).await {
+                                        warn!(connector = %name, error = %e, "could not note the complete read");
+                                    }
                                 }
                                 if stats.queued > 0 {
                                     me.wake_targets_of(&name);
@@ -380,9 +390,14 @@ impl Engine {
                 let result = self.poll_cycle(source, &key, mode, shutdown, &cb).await;
                 if result.is_ok() && !shutdown.is_cancelled() {
                     // Done: the next backfill starts from the beginning again.
+                    let full = opts.since.is_none();
+                    let source = source.clone();
                     self.blocking(move |e| {
                         let tx = e.store.begin_write()?;
                         tx.put_cursor(&key, &Cursor::start())?;
+                        if full {
+                            e.note_full_read(&tx, &source)?;
+                        }
                         tx.commit()?;
                         Ok(())
                     })
@@ -409,20 +424,31 @@ impl Engine {
         // a create could duplicate a company it already holds. Its entries stay queued for
         // the daemon, which pushes only after a complete read of the target.
         let unread: Vec<String> = report.failures.iter().map(|(s, _)| s.clone()).collect();
-        let targets: Vec<String> = self
-            .endpoints
-            .keys()
-            .filter(|t| !unread.contains(t))
-            .cloned()
-            .collect();
         for t in &unread {
             warn!(connector = %t, "not pushing to it: its read failed, and creates could duplicate companies it holds");
         }
+        // Likewise a target this backfill did not read (`--connector`, `--since`) and that
+        // was never read in full before.
+        let mut targets = Vec::new();
+        let snapshot = self.store.begin_read()?;
+        for t in self.endpoints.keys().filter(|t| !unread.contains(t)) {
+            if snapshot.cursor(&full_read_key(t))?.is_some() {
+                targets.push(t.clone());
+            } else {
+                warn!(connector = %t, "not pushing to it: it has never been read in full (back it up without --since, or let the daemon read it first), and creates could duplicate companies it holds");
+                report.never_read.push(t.clone());
+            }
+        }
+        drop(snapshot);
         if opts.dry_run {
             for t in &targets {
                 let t2 = t.clone();
                 let counts = self.blocking(move |e| e.dry_run_counts(&t2)).await?;
                 report.dry_run.insert(t.clone(), counts);
+            }
+            let tx = self.store.begin_read()?;
+            for t in &report.never_read {
+                report.pending.insert(t.clone(), tx.outbox_len(t)?);
             }
             return Ok(report);
         }
@@ -450,6 +476,35 @@ impl Engine {
             report.pending.insert(t.clone(), tx.outbox_len(t)?);
         }
         Ok(report)
+    }
+
+    /// Notes in `tx` that `connector` has been read in full ([`full_read_key`]).
+    pub(super) fn note_full_read(&self, tx: &WriteTx, connector: &str) -> Result<(), EngineError> {
+        let at = Cursor(serde_json::Value::String(Utc::now().to_rfc3339()));
+        tx.put_cursor(&full_read_key(connector), &at)?;
+        Ok(())
+    }
+
+    /// Notes that `connector` has been read in full, unless the store knows already.
+    pub(super) async fn note_full_read_once(
+        self: &Arc<Self>,
+        connector: &str,
+    ) -> Result<(), EngineError> {
+        let connector = connector.to_string();
+        self.blocking(move |e| {
+            if e.store
+                .begin_read()?
+                .cursor(&full_read_key(&connector))?
+                .is_some()
+            {
+                return Ok(());
+            }
+            let tx = e.store.begin_write()?;
+            e.note_full_read(&tx, &connector)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 
     /// What draining `target`'s outbox would do, without doing it.
