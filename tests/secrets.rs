@@ -363,3 +363,41 @@ fn token_shape_detector_finds_both_simulators_token_formats() {
     assert_eq!(found.len(), 3, "{found:?}");
     assert!(issued_token_shapes("company ab:sj is fine, amo-client-id too").is_empty());
 }
+
+/// amoCRM's refresh tokens are single-use: `check --online` must not spend the one the
+/// daemon will need. Without the daemon's store it does not sign in to amoCRM (OAuth);
+/// with it, the rotated pair is kept there, where the daemon looks first.
+#[tokio::test]
+async fn check_online_never_spends_the_refresh_token_the_daemon_needs() {
+    let sims = start_sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sims, loopback());
+    let cfg = crmbridge::config::Config::load(&config).unwrap_or_else(|e| panic!("{e}"));
+
+    let found = crmbridge::connectors::check_online(&cfg).await.unwrap();
+    let amo = &found.iter().find(|(n, _)| n == "amocrm").unwrap().1;
+    assert!(amo.problems.is_empty(), "{amo:?}");
+    assert!(
+        amo.notes.iter().any(|n| n.contains("not checked online")),
+        "{amo:?}"
+    );
+    assert_eq!(sims.amocrm.current_refresh_token(), AMO_REFRESH_0);
+    assert!(
+        !cfg.store.path.exists(),
+        "the check created the daemon's store"
+    );
+
+    // With the daemon's store present (and free), the check signs in and keeps the pair.
+    drop(crmbridge::store::Store::open(&cfg.store.path).unwrap());
+    let found = crmbridge::connectors::check_online(&cfg).await.unwrap();
+    let amo = &found.iter().find(|(n, _)| n == "amocrm").unwrap().1;
+    assert!(amo.problems.is_empty() && amo.notes.is_empty(), "{amo:?}");
+    let rotated = sims.amocrm.current_refresh_token();
+    assert_ne!(rotated, AMO_REFRESH_0);
+    let store = crmbridge::store::Store::open(&cfg.store.path).unwrap();
+    let kept = store.begin_read().unwrap().token("amocrm").unwrap();
+    assert_eq!(
+        kept.and_then(|t| t.refresh_token).as_deref(),
+        Some(rotated.as_str())
+    );
+}

@@ -51,9 +51,24 @@ pub struct OnlineFindings {
 /// mapped fields missing, read-only APIs). Empty problem lists mean all is well.
 pub async fn check_online(config: &Config) -> Result<Vec<(String, OnlineFindings)>, String> {
     let store_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    // A scratch store: the check must not need (or lock) the daemon's store.
-    let store =
-        Arc::new(Store::open(&store_dir.path().join("check.redb")).map_err(|e| e.to_string())?);
+    // The daemon's store when it exists and the daemon is not running: amoCRM's refresh
+    // tokens are single-use, so a token the check rotates must be kept where the daemon
+    // looks for it, and the calls the check makes count towards the limits the daemon
+    // then honours. Otherwise a scratch store (the check must not create the daemon's
+    // store, nor wait for its lock).
+    let daemon_store = config
+        .store
+        .path
+        .exists()
+        .then(|| Store::open(&config.store.path).ok())
+        .flatten();
+    let scratch = daemon_store.is_none();
+    let store = match daemon_store {
+        Some(s) => Arc::new(s),
+        None => {
+            Arc::new(Store::open(&store_dir.path().join("check.redb")).map_err(|e| e.to_string())?)
+        }
+    };
     let ctx = BuildContext {
         store,
         metrics: Arc::new(Metrics::new()),
@@ -61,6 +76,22 @@ pub async fn check_online(config: &Config) -> Result<Vec<(String, OnlineFindings
     let mut out = Vec::new();
     for (name, cfg) in config.connectors.iter().filter(|(_, c)| c.common().enabled) {
         let mut found = OnlineFindings::default();
+        if scratch && rotates_refresh_tokens(cfg) {
+            let path = config.store.path.display();
+            let why = if config.store.path.exists() {
+                format!("the daemon holds its store {path}")
+            } else {
+                format!("the daemon has not run yet (no store at {path})")
+            };
+            found.notes.push(format!(
+                "not checked online: amoCRM refresh tokens are single-use, and {why}, so \
+                 the check could not keep the new one for the daemon; the daemon checks the \
+                 sign-in as it starts (and `check --online` does once the daemon has run and \
+                 is stopped)"
+            ));
+            out.push((name.clone(), found));
+            continue;
+        }
         match build(name, cfg, &ctx) {
             Err(e) => found.problems.push(e.to_string()),
             Ok(conn) => match conn.start().await {
@@ -80,6 +111,11 @@ pub async fn check_online(config: &Config) -> Result<Vec<(String, OnlineFindings
         out.push((name.clone(), found));
     }
     Ok(out)
+}
+
+/// Whether signing in to this connector spends a single-use refresh token.
+fn rotates_refresh_tokens(cfg: &ConnectorConfig) -> bool {
+    matches!(cfg, ConnectorConfig::Amocrm(c) if matches!(c.auth, crate::config::AmoAuth::OAuth { .. }))
 }
 
 /// Files each mapped vendor key the instance lacks: a problem when the config's own rules
