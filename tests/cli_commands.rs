@@ -92,6 +92,25 @@ async fn backfill_dry_run_writes_nothing_then_backfill_syncs_and_a_rerun_finds_n
         + writes(&cluster.marketo.stats())
         + writes(&cluster.amocrm.stats());
     assert_eq!(total_writes, 0, "dry run wrote to a CRM: {out}");
+    // Nor does it leave companies or queued pushes in the store (it ran on a copy).
+    {
+        let store = crmbridge::store::Store::open(&dir.path().join("crmbridge.redb")).unwrap();
+        let tx = store.begin_read().unwrap();
+        assert_eq!(
+            tx.company_count().unwrap(),
+            0,
+            "dry run kept companies: {out}"
+        );
+        for t in ["rally", "marketo", "amocrm"] {
+            assert_eq!(tx.outbox_len(t).unwrap(), 0, "dry run queued pushes: {out}");
+        }
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("dry-run"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 
     let real = crmbridge(&["backfill"], &path);
     let out = text(&real);

@@ -62,7 +62,27 @@ pub async fn run(args: BackfillArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let engine = match build_engine(&cfg, store, std::sync::Arc::new(Metrics::new())).await {
+    // A dry run works on a copy of the store, deleted afterwards, so that it leaves no
+    // companies or queued pushes behind; only what talking to the vendors changed (a
+    // rotated amoCRM refresh token, quota counts) is copied back. The store stays open
+    // (locked) meanwhile, so no daemon starts on it.
+    let mut copy = None;
+    let engine_store = if args.dry_run {
+        match ScratchCopy::of(&cfg.store.path) {
+            Ok(c) => {
+                let s = c.store.clone();
+                copy = Some(c);
+                s
+            }
+            Err(e) => {
+                eprintln!("error: cannot copy the store for the dry run: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        store.clone()
+    };
+    let engine = match build_engine(&cfg, engine_store, std::sync::Arc::new(Metrics::new())).await {
         Ok(e) => e,
         Err(e) => {
             eprintln!("error: {e}");
@@ -115,6 +135,13 @@ pub async fn run(args: BackfillArgs) -> ExitCode {
     for b in bars.lock().unwrap().values() {
         b.finish();
     }
+    drop(engine);
+    if let Some(copy) = copy.take()
+        && let Err(e) = store.take_vendor_state_from(&copy.store)
+    {
+        eprintln!("error: cannot keep the dry run's tokens and quota counts in the store: {e}");
+        return ExitCode::FAILURE;
+    }
     match result {
         Ok(report) => {
             print_report(&report, args.dry_run);
@@ -144,7 +171,7 @@ fn print_report(r: &BackfillReport, dry_run: bool) {
         );
     }
     if dry_run {
-        println!("dry run (nothing written):");
+        println!("dry run (nothing written to any CRM nor kept in the store):");
         for (t, d) in &r.dry_run {
             println!(
                 "  {t:<12} would create {:>7}, would update {:>7}, unchanged {:>7}, invalid {:>5}",
@@ -170,5 +197,39 @@ fn print_report(r: &BackfillReport, dry_run: bool) {
     }
     for (c, e) in &r.failures {
         println!("FAILED {c}: {e}");
+    }
+}
+
+/// A copy of the store next to it (`<store>.dry-run`), deleted when dropped.
+struct ScratchCopy {
+    store: std::sync::Arc<crate::store::Store>,
+    path: PathBuf,
+}
+
+impl ScratchCopy {
+    /// Copies the store at `path`, which the caller holds open with no transaction
+    /// running: the file is at rest, and no other process can write it meanwhile.
+    fn of(path: &std::path::Path) -> Result<Self, String> {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".dry-run");
+        let copy = path.with_file_name(name);
+        let _ = std::fs::remove_file(&copy);
+        std::fs::copy(path, &copy).map_err(|e| format!("{}: {e}", copy.display()))?;
+        match crate::store::Store::open(&copy) {
+            Ok(store) => Ok(ScratchCopy {
+                store: std::sync::Arc::new(store),
+                path: copy,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&copy);
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+impl Drop for ScratchCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }

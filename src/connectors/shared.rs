@@ -55,7 +55,9 @@ impl QuotaLedger for StoreQuotaLedger {
     }
 }
 
-/// Where the time of a connector's last vendor call is kept (in the cursors table).
+/// Where the time of a connector's last vendor call is kept (in the cursors table;
+/// `Store::take_vendor_state_from` copies the rows under this prefix back from a dry
+/// run's scratch store).
 fn last_call_key(connector: &str) -> String {
     format!("last-call:{connector}")
 }

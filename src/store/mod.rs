@@ -324,6 +324,43 @@ impl Store {
             txn,
         })
     }
+
+    /// Copies into this store what talking to the vendors changed in `other`: OAuth
+    /// tokens (amoCRM's refresh tokens are single-use), API quota counts and last-call
+    /// times (cursor rows `last-call:…`). Work done on a scratch copy of the store (a dry
+    /// run) then spends nothing the daemon does not know about.
+    pub fn take_vendor_state_from(&self, other: &Store) -> Result<(), StoreError> {
+        let from = other.begin_read()?;
+        let to = self.begin_write()?;
+        {
+            let mut dst = to.table(TOKENS)?;
+            for row in from.table(TOKENS)?.iter().at(TOKENS.name, "iter")? {
+                let (k, v) = row.at(TOKENS.name, "iter")?;
+                dst.insert(k.value(), v.value()).at(TOKENS.name, "insert")?;
+            }
+        }
+        {
+            let mut dst = to.table(QUOTA)?;
+            for row in from.table(QUOTA)?.iter().at(QUOTA.name, "iter")? {
+                let (k, v) = row.at(QUOTA.name, "iter")?;
+                dst.insert(k.value(), v.value()).at(QUOTA.name, "insert")?;
+            }
+        }
+        {
+            let mut dst = to.table(CURSORS)?;
+            let src = from.table(CURSORS)?;
+            // `;` follows `:`: the range holds exactly the keys starting "last-call:".
+            for row in src
+                .range("last-call:".."last-call;")
+                .at(CURSORS.name, "range")?
+            {
+                let (k, v) = row.at(CURSORS.name, "range")?;
+                dst.insert(k.value(), v.value())
+                    .at(CURSORS.name, "insert")?;
+            }
+        }
+        to.commit()
+    }
 }
 
 /// Re-encodes the JSON values of a version-1 store in the binary encoding of version 2.

@@ -966,3 +966,36 @@ fn a_company_refused_again_by_the_same_crm_keeps_one_dead_letter() {
     assert!(next > read);
     assert_eq!(store.begin_read().unwrap().dead_letter_count().unwrap(), 3);
 }
+
+#[test]
+fn vendor_state_is_taken_from_a_scratch_copy_and_nothing_else() {
+    let (_a, scratch) = temp_store();
+    let (_b, store) = temp_store();
+    let tx = scratch.begin_write().unwrap();
+    tx.put_token(
+        "amocrm",
+        &TokenRecord {
+            access_token: "at-2".to_owned(),
+            refresh_token: Some("rt-2".to_owned()),
+            expires_at: None,
+        },
+    )
+    .unwrap();
+    tx.add_quota("marketo", "2026-12-06", 7).unwrap();
+    tx.put_cursor("last-call:marketo", &Cursor(json!(1_700_000_000_000i64)))
+        .unwrap();
+    tx.put_cursor("rally", &Cursor(json!({"offset": 5})))
+        .unwrap();
+    tx.commit().unwrap();
+
+    store.take_vendor_state_from(&scratch).unwrap();
+    let r = store.begin_read().unwrap();
+    let token = r.token("amocrm").unwrap().unwrap();
+    assert_eq!(token.refresh_token.as_deref(), Some("rt-2"));
+    assert_eq!(r.quota_used("marketo", "2026-12-06").unwrap(), 7);
+    assert!(r.cursor("last-call:marketo").unwrap().is_some());
+    assert!(
+        r.cursor("rally").unwrap().is_none(),
+        "sync state was copied"
+    );
+}
