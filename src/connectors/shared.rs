@@ -113,6 +113,11 @@ pub fn http_client(
     if let (Some(last), Some(hold)) = (last, client.window_with_delay()) {
         let since = (Utc::now() - last).to_std().unwrap_or_default();
         if since < hold + LONGEST_TURN {
+            tracing::info!(
+                connector = name,
+                wait_secs = hold.as_secs(),
+                "first call held back: the previous run's calls may still count in the vendor's rate window"
+            );
             client.hold_until(tokio::time::Instant::now() + hold);
         }
     }
