@@ -222,3 +222,21 @@ async fn backfill_refuses_while_the_daemon_holds_the_store() {
     daemon.wait().unwrap();
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_commands_do_not_create_a_missing_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path) = scaled_cluster(0, dir.path(), None).await;
+    let store = dir.path().join("crmbridge.redb");
+    for args in [&["status"][..], &["dead-letters", "list"][..]] {
+        let out = crmbridge(args, &path);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert!(
+            text(&out).contains("no store at"),
+            "{args:?}: {}",
+            text(&out)
+        );
+        assert!(!store.exists(), "{args:?} created the store");
+    }
+    cluster.shutdown().await;
+}

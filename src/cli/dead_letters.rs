@@ -64,12 +64,21 @@ pub fn run(args: DeadLetterArgs) -> ExitCode {
     let Some(cfg) = super::load(&config) else {
         return ExitCode::from(2);
     };
+    if !cfg.store.path.exists() {
+        eprintln!(
+            "error: no store at {}: the daemon has not run yet, or store.path points elsewhere",
+            cfg.store.path.display()
+        );
+        return ExitCode::FAILURE;
+    }
     let store = match open_store(&cfg) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
             if e.is_store_locked() {
-                eprintln!("hint: stop the daemon first; it holds the store");
+                eprintln!(
+                    "hint: the daemon holds the store; stop it first (systemctl stop crmbridge)"
+                );
             }
             return ExitCode::FAILURE;
         }
