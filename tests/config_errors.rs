@@ -219,33 +219,32 @@ fn display_is_file_line_column_key_message_one_per_line() {
 #[test]
 fn example_config_loads_when_its_documented_secrets_are_provided() {
     let _guard = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Its secrets are the credentials the shipped unit loads, by the same names.
+    let example = std::fs::read_to_string(root.join("config/crmbridge.toml")).unwrap();
+    let unit = std::fs::read_to_string(root.join("systemd/crmbridge.service")).unwrap();
+    let names: Vec<&str> = example
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split("{ file = \"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(names.len(), 6, "{names:?}");
     let creds = tempfile::tempdir().unwrap();
-    std::fs::write(
-        creds.path().join("amocrm-refresh-token"),
-        "def50200initial\n",
-    )
-    .unwrap();
-    let vars = [
-        "CRMBRIDGE_RALLY_API_KEY",
-        "CRMBRIDGE_MARKETO_CLIENT_ID",
-        "CRMBRIDGE_MARKETO_CLIENT_SECRET",
-        "CRMBRIDGE_AMOCRM_CLIENT_ID",
-        "CRMBRIDGE_AMOCRM_CLIENT_SECRET",
-    ];
+    for name in &names {
+        assert!(
+            unit.contains(&format!("LoadCredential={name}:")),
+            "the unit loads no credential {name}"
+        );
+        std::fs::write(creds.path().join(name), format!("value-of-{name}\n")).unwrap();
+    }
     // SAFETY: tests that touch the environment hold ENV_LOCK; std serialises env access.
     unsafe {
-        for v in vars {
-            std::env::set_var(v, format!("value-of-{v}"));
-        }
         std::env::set_var("CREDENTIALS_DIRECTORY", creds.path());
     }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/crmbridge.toml");
+    let path = root.join("config/crmbridge.toml");
     let loaded = Config::load(&path);
     let (ok, report) = check_report(&path);
     unsafe {
-        for v in vars {
-            std::env::remove_var(v);
-        }
         std::env::remove_var("CREDENTIALS_DIRECTORY");
     }
     let config = loaded.unwrap_or_else(|e| panic!("example config must load:\n{e}"));

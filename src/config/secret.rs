@@ -31,12 +31,14 @@ pub enum SecretError {
     #[error("env var {0} is empty")]
     EnvEmpty(String),
     /// The secret file cannot be read.
-    #[error("cannot read secret file {}: {source}", path.display())]
+    #[error("cannot read secret file {}: {source}{hint}", path.display())]
     FileUnreadable {
         /// The path that was tried (after `$CREDENTIALS_DIRECTORY` resolution).
         path: PathBuf,
         /// The I/O failure.
         source: std::io::Error,
+        /// What may be wrong beyond the I/O failure (empty, or starting with a space).
+        hint: &'static str,
     },
     /// The secret file is not UTF-8 text.
     #[error("secret file {} is not UTF-8 text", .0.display())]
@@ -64,6 +66,13 @@ impl SecretRef {
                 let bytes = std::fs::read(&path).map_err(|source| SecretError::FileUnreadable {
                     path: path.clone(),
                     source,
+                    hint: if path.is_relative() {
+                        " (read from the current directory: a relative path is looked up in \
+                         $CREDENTIALS_DIRECTORY, which systemd sets; by hand, set it to the \
+                         credentials directory, e.g. /etc/crmbridge/credentials)"
+                    } else {
+                        ""
+                    },
                 })?;
                 let mut text = String::from_utf8(bytes)
                     .map_err(|_| SecretError::FileNotUnicode(path.clone()))?;
