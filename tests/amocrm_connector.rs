@@ -1150,3 +1150,22 @@ async fn an_update_accepted_with_an_empty_answer_is_written() {
         .unwrap();
     assert_eq!(out, [written("9003", false)]);
 }
+
+#[tokio::test]
+async fn an_update_answered_with_unreadable_json_is_retried_not_taken_as_written() {
+    let r = rig().await;
+    Mock::given(method("PATCH"))
+        .and(path("/api/v4/companies"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_raw("{\"_embedded\": {\"compa", "application/hal+json"),
+        )
+        .mount(&r.server)
+        .await;
+    let out = r
+        .conn
+        .push(&[item(json!({"name": "Acme"}), Some("9003"), 0)])
+        .await
+        .unwrap();
+    assert!(matches!(out[0], PushOutcome::Retry { .. }), "{out:?}");
+}

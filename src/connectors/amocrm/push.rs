@@ -415,7 +415,10 @@ impl AmocrmConnector {
         let json = resp.json.clone().unwrap_or(Value::Null);
         match status {
             200..=299 => {
-                self.record_written(&batch, &json, create, out);
+                // Nothing at all (not an answer that failed to parse, which proves
+                // nothing): the server accepted the batch without listing it.
+                let empty = status == 204 || resp.body.iter().all(u8::is_ascii_whitespace);
+                self.record_written(&batch, &json, create, empty, out);
                 Ok(())
             }
             400 if validation_errors(&json).is_some_and(|errs| {
@@ -484,6 +487,7 @@ impl AmocrmConnector {
         batch: &[Entry],
         json: &Value,
         create: bool,
+        empty_answer: bool,
         out: &mut [Option<PushOutcome>],
     ) {
         let listed: Vec<&Value> = json
@@ -525,9 +529,9 @@ impl AmocrmConnector {
                              replay looks it up first"
                         .into(),
                 },
-                // An update accepted with an answer that lists nothing (an empty body, a
-                // 204): the write is done; re-sending a PATCH would not confirm it either.
-                (None, Some(id)) if listed.is_empty() => PushOutcome::Written {
+                // An update accepted with an empty answer (a 204, no body): the write is
+                // done; re-sending the PATCH would not confirm it either.
+                (None, Some(id)) if empty_answer => PushOutcome::Written {
                     vendor_id: id.to_string(),
                     created: false,
                 },
