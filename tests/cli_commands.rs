@@ -228,6 +228,17 @@ async fn read_only_commands_do_not_create_a_missing_store() {
     let dir = tempfile::tempdir().unwrap();
     let (cluster, path) = scaled_cluster(0, dir.path(), None).await;
     let store = dir.path().join("crmbridge.redb");
+    // They call no CRM: a secret they cannot fetch does not stop them.
+    let text_of = std::fs::read_to_string(&path).unwrap();
+    let start = text_of.find("api_key = ").unwrap();
+    let end = start + text_of[start..].find('\n').unwrap();
+    let unset = format!(
+        "{}api_key = {{ env = \"CRMBRIDGE_TEST_UNSET_VAR\" }}{}",
+        &text_of[..start],
+        &text_of[end..]
+    );
+    let path = dir.path().join("no-secrets.toml");
+    std::fs::write(&path, unset).unwrap();
     for args in [&["status"][..], &["dead-letters", "list"][..]] {
         let out = crmbridge(args, &path);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));

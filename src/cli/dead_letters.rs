@@ -61,7 +61,13 @@ pub fn run(args: DeadLetterArgs) -> ExitCode {
         DeadLetterAction::Retry { config, ids, all } => (config, Some(true), ids, all, false),
         DeadLetterAction::Drop { config, ids, all } => (config, Some(false), ids, all, false),
     };
-    let Some(cfg) = super::load(&config) else {
+    if retry.is_some() && ids.is_empty() && !all {
+        eprintln!(
+            "error: name the dead letters (their #ids, see `dead-letters list`) or give --all"
+        );
+        return ExitCode::from(2);
+    }
+    let Some(cfg) = super::load_without_secrets(&config) else {
         return ExitCode::from(2);
     };
     if !cfg.store.path.exists() {
@@ -83,8 +89,10 @@ pub fn run(args: DeadLetterArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let mut missing = 0;
     let result = (|| -> Result<(), crate::store::StoreError> {
         let Some(retry) = retry else {
+            super::quiet_on_closed_pipe();
             let tx = store.begin_read()?;
             let all = tx.dead_letters(usize::MAX, 0)?;
             if all.is_empty() {
@@ -122,7 +130,8 @@ pub fn run(args: DeadLetterArgs) -> ExitCode {
         };
         for id in ids {
             let Some(d) = tx.remove_dead_letter(id)? else {
-                println!("#{id}: no such dead letter");
+                eprintln!("#{id}: no such dead letter");
+                missing += 1;
                 continue;
             };
             if retry {
@@ -143,7 +152,8 @@ pub fn run(args: DeadLetterArgs) -> ExitCode {
         tx.commit()
     })();
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) if missing == 0 => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

@@ -104,6 +104,33 @@ pub(crate) fn load(path: &std::path::Path) -> Option<Config> {
     }
 }
 
+/// Lets a listing piped into a reader that stops early (`| head`) end quietly, as
+/// command-line tools do, instead of panicking in `println!`: Rust ignores SIGPIPE, so
+/// the write fails with EPIPE. Only for listing commands; the daemon keeps ignoring it.
+pub(crate) fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restoring a signal's default disposition has no preconditions, and no
+    // other thread of this short-lived command installs handlers.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// [`load`] for a command that calls no CRM (`status`, `dead-letters`): the secrets are
+/// not fetched, so it runs without the daemon's credentials.
+pub(crate) fn load_without_secrets(path: &std::path::Path) -> Option<Config> {
+    let parsed = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read config file: {e}", path.display()))
+        .and_then(|text| Config::parse(&text, path).map_err(|errs| errs.to_string()));
+    match parsed {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("{e}");
+            None
+        }
+    }
+}
+
 async fn check(path: PathBuf, online: bool) -> ExitCode {
     let (ok, report) = crate::config::check_report(&path);
     println!("{report}");

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use crate::daemon::server::{StatusReport, status_report};
 use crate::daemon::service::{connector_infos, open_store};
@@ -22,7 +22,7 @@ pub struct StatusArgs {
 
 /// Runs `status`; exit 0 when healthy, 1 when not.
 pub async fn run(args: StatusArgs) -> ExitCode {
-    let Some(cfg) = super::load(&args.config) else {
+    let Some(cfg) = super::load_without_secrets(&args.config) else {
         return ExitCode::from(2);
     };
     let report = match from_daemon(&cfg).await {
@@ -58,6 +58,7 @@ pub async fn run(args: StatusArgs) -> ExitCode {
             }
         }
     };
+    super::quiet_on_closed_pipe();
     if args.json {
         println!(
             "{}",
@@ -100,8 +101,8 @@ fn print_table(r: &StatusReport) {
         if r.healthy { "ok" } else { "UNHEALTHY" }
     );
     println!(
-        "{:<12} {:<8} {:>10} {:>8} {:>14} {:<22} cursor",
-        "connector", "kind", "lag", "outbox", "quota", "suspended until"
+        "{:<12} {:<8} {:>10} {:<22} {:>8} {:>14} {:<22}",
+        "connector", "kind", "lag", "last success", "outbox", "calls today", "suspended until"
     );
     for c in &r.connectors {
         let lag = c
@@ -112,15 +113,22 @@ fn print_table(r: &StatusReport) {
             Some(b) => format!("{}/{}", c.quota_used_today, b),
             None => c.quota_used_today.to_string(),
         };
-        let susp = c
-            .suspended_until
-            .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-            .unwrap_or_else(|| "-".into());
+        let time = |t: Option<DateTime<Utc>>| {
+            t.map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                .unwrap_or_else(|| "-".into())
+        };
         println!(
-            "{:<12} {:<8} {:>10} {:>8} {:>14} {:<22} {}",
-            c.name, c.kind, lag, c.outbox_depth, quota, susp, c.cursor
+            "{:<12} {:<8} {:>10} {:<22} {:>8} {:>14} {:<22}",
+            c.name,
+            c.kind,
+            lag,
+            time(c.last_success),
+            c.outbox_depth,
+            quota,
+            time(c.suspended_until)
         );
     }
+    // Cursors are the connectors' own JSON (long): `--json` shows them.
     for p in &r.problems {
         println!("problem: {p}");
     }
