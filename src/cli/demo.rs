@@ -131,7 +131,16 @@ fn print_view(title: &str, v: &View) {
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> ExitCode {
     crate::daemon::logging::init_with_default(crate::config::LogFormat::Human, "warn");
-    match demo(args).await {
+    // Ctrl-C ends the demo by dropping it, so its scratch directory (config, store,
+    // simulator credentials) is removed as after a normal end.
+    let outcome = tokio::select! {
+        r = demo(args) => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: demo stopped, its scratch files removed");
+            return ExitCode::from(130);
+        }
+    };
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
