@@ -134,7 +134,23 @@ for p in PORTS.values():
     post(p, "/__admin/faults", {"rate": 0.0})
 print(f"{n} mutations on {len(expected)} companies ({len(expected_city)} also edited in a "
       "second CRM at once); waiting to settle", flush=True)
+def refused():
+    """(connector, vendor id) of every push the CRM refused (crmbridge's dead letters):
+    such a record keeps its old values by design (README, "Dead letters")."""
+    out = subprocess.run([BIN, "dead-letters", "list", "--config",
+                          os.path.join(W, "crmbridge.toml")], env=ENV,
+                         capture_output=True, text=True).stdout
+    pairs = set()
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) > 4 and parts[2] == "push" and parts[4].startswith("vendor="):
+            pairs.add((parts[1], parts[4][len("vendor="):]))
+    return pairs
+
+
 deadline = time.time() + 240
+explained = []
+next_look = 0
 while time.time() < deadline:
     idx2 = by_domain()
     bad = [(d, crm2, name_of(crm2, idx2[crm2][d][0]), want)
@@ -145,11 +161,26 @@ while time.time() < deadline:
             if city_of(crm2, idx2[crm2][d][0]) != want]
     if not bad:
         break
+    # Refused pushes explain some mismatches. The dead-letter listing reads the store,
+    # which the running daemon holds: stop it to look, every 30 s, after the first 60 s.
+    if time.time() > deadline - 180 and time.time() >= next_look:
+        next_look = time.time() + 30
+        daemon.send_signal(signal.SIGTERM); daemon.wait()
+        letters = refused()
+        explained = [b for b in bad if (b[1], str(idx2[b[1]][b[0]][0]["id"])) in letters]
+        bad = [b for b in bad if b not in explained]
+        if not bad:
+            break
+        daemon = start()
     time.sleep(5)
-daemon.send_signal(signal.SIGTERM); daemon.wait()
-print("settled after", round(time.time() - t0), "s; mismatches:", len(bad), flush=True)
+if daemon.poll() is None:
+    daemon.send_signal(signal.SIGTERM); daemon.wait()
+print("settled after", round(time.time() - t0), "s; mismatches:", len(bad),
+      "; refused by the CRM (dead letters, by design):", len(explained), flush=True)
 for b in bad[:10]:
     print("  ", b)
+for b in explained[:10]:
+    print("   refused:", b)
 counts1 = {k: len(get(p, "/__admin/companies")) for k, p in PORTS.items()}
 print("counts after:", counts1)
 for k, p in PORTS.items():
