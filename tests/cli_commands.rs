@@ -237,10 +237,10 @@ async fn read_only_commands_do_not_create_a_missing_store() {
         &text_of[..start],
         &text_of[end..]
     );
-    let path = dir.path().join("no-secrets.toml");
-    std::fs::write(&path, unset).unwrap();
+    let no_secrets = dir.path().join("no-secrets.toml");
+    std::fs::write(&no_secrets, unset).unwrap();
     for args in [&["status"][..], &["dead-letters", "list"][..]] {
-        let out = crmbridge(args, &path);
+        let out = crmbridge(args, &no_secrets);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
         assert!(
             text(&out).contains("no store at"),
@@ -249,5 +249,14 @@ async fn read_only_commands_do_not_create_a_missing_store() {
         );
         assert!(!store.exists(), "{args:?} created the store");
     }
+    // A connector name that is not configured is a usage error, before any sign-in.
+    let typo = crmbridge(&["backfill", "--connector", "salesforce"], &path);
+    assert_eq!(typo.status.code(), Some(2), "{}", text(&typo));
+    assert!(
+        text(&typo).contains("no such enabled connector"),
+        "{}",
+        text(&typo)
+    );
+    assert!(!store.exists(), "backfill with a typo created the store");
     cluster.shutdown().await;
 }

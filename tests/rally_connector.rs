@@ -881,3 +881,27 @@ async fn ids_of_updated_bulk_items_are_found_deep_in_a_busy_listing() {
         );
     }
 }
+
+#[tokio::test]
+async fn no_tags_are_written_as_an_empty_list_never_null() {
+    let server = MockServer::start().await;
+    Mock::given(method("PUT"))
+        .and(path(
+            "/api/v1/companies/00000000-0000-4000-8000-000000000000",
+        ))
+        .and(body_json(json!({"name": "Renamed A", "tags": []})))
+        .respond_with(ok_json(fixture!("company_updated.json")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let out = connector(&server, 3)
+        .conn
+        .push(&[item(
+            Some("00000000-0000-4000-8000-000000000000"),
+            json!({"name": "Renamed A", "tags": null}),
+            0,
+        )])
+        .await
+        .unwrap();
+    assert!(matches!(out[0], PushOutcome::Written { .. }), "{out:?}");
+}

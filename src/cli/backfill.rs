@@ -47,6 +47,35 @@ pub async fn run(args: BackfillArgs) -> ExitCode {
         return ExitCode::from(2);
     };
     crate::daemon::logging::init(cfg.daemon.log_format);
+    // Before anything signs in or opens the store: a typo is a usage error.
+    let unknown: Vec<&String> = args
+        .connectors
+        .iter()
+        .filter(|c| !cfg.connectors.get(*c).is_some_and(|c| c.common().enabled))
+        .collect();
+    if !unknown.is_empty() {
+        let known: Vec<&String> = cfg
+            .connectors
+            .iter()
+            .filter(|(_, c)| c.common().enabled)
+            .map(|(n, _)| n)
+            .collect();
+        eprintln!(
+            "error: --connector {}: no such enabled connector in {} (configured: {})",
+            unknown
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            args.config.display(),
+            known
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return ExitCode::from(2);
+    }
     let store = match open_store(&cfg) {
         Ok(s) => s,
         Err(e) => {

@@ -321,6 +321,22 @@ impl Connector for RallyConnector {
     }
 
     async fn push(&self, items: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
-        self.push_items(items).await
+        // `tags` is `List<string>`, the one field the document does not mark nullable:
+        // no tags is an empty list, never null (a strict server would refuse the record).
+        let items: Vec<PushItem> = items
+            .iter()
+            .map(|item| {
+                let mut item = item.clone();
+                if item
+                    .fields
+                    .get("tags")
+                    .is_some_and(serde_json::Value::is_null)
+                {
+                    item.fields.insert("tags".into(), serde_json::json!([]));
+                }
+                item
+            })
+            .collect();
+        self.push_items(&items).await
     }
 }
