@@ -444,3 +444,44 @@ async fn a_backfill_of_one_crm_pushes_only_to_crms_read_in_full() {
     assert_eq!(cluster.marketo.company_count(), 1);
     cluster.shutdown().await;
 }
+
+/// amoCRM replaces all of a field's values on a write: a phone change from another CRM
+/// replaces the number crmbridge syncs (the first) and keeps the company's others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_change_keeps_the_other_numbers_amocrm_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path, rally_id) = one_company_in_rally(dir.path(), "Phones Ltd", "phones").await;
+    let (engine, _metrics) = engine_for(&path).await;
+    let sd = CancellationToken::new();
+    let all = BackfillOptions::default();
+    engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
+    let (amo_id, _) = synced_ids(&cluster, "Phones Ltd");
+    // amoCRM's user adds a mobile number after the synced one.
+    cluster.amocrm.update(
+        amo_id,
+        json!({"custom_fields_values": [{"field_code": "PHONE", "values": [
+            {"value": "+1 555 0100", "enum_code": "WORK"},
+            {"value": "+1 650 555 0123", "enum_code": "MOB"}]}]}),
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
+    // Rally's user changes the phone.
+    cluster
+        .rally
+        .update(&rally_id, json!({"phone": "+1 555 0199"}));
+    engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
+    let record = cluster.amocrm.get(amo_id).unwrap();
+    let phones: Vec<&str> = record["custom_fields_values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["field_code"] == "PHONE")
+        .unwrap()["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(phones, ["+1 555 0199", "+1 650 555 0123"], "{record}");
+    cluster.shutdown().await;
+}

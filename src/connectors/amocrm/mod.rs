@@ -48,7 +48,10 @@
 //!
 //! # Writing
 //! Items with a vendor id go to `PATCH /api/v4/companies`, the others to `POST`, with
-//! minimal bodies and `request_id` = the item's index. A 400 `validation-errors` stores
+//! minimal bodies and `request_id` = the item's index. A multitext field (phone, e-mail)
+//! is synced by its first value; since a write replaces all of a field's values, updates
+//! that write one first read the companies' current values (`filter[id][]`, 250 a call;
+//! by id without API filtering) and carry the others along (`multitext.rs`). A 400 `validation-errors` stores
 //! nothing: the named items are `Rejected` with amoCRM's reason and the rest are sent
 //! again. 413/422 and a PATCH 504 halve the batch. A POST cannot be repeated safely (two
 //! identical POSTs make two companies): after a lost answer, a 5xx or a 504 the items come
@@ -72,6 +75,7 @@
 
 pub mod auth;
 pub mod classify;
+mod multitext;
 pub mod poll;
 pub mod push;
 mod replay;

@@ -18,7 +18,7 @@ use crate::http::{ApiRequest, HttpError};
 use crate::mapping::split_enum_suffix;
 
 /// Enum code of multitext values written without an `@ENUM` suffix.
-const DEFAULT_ENUM_CODE: &str = "WORK";
+pub(super) const DEFAULT_ENUM_CODE: &str = "WORK";
 
 /// One item on its way into a batch.
 #[derive(Debug, Clone)]
@@ -284,6 +284,12 @@ impl AmocrmConnector {
         updates.extend(resolved.updates);
         creates.extend(resolved.creates);
         let mut stop = resolved.stop;
+        if stop.is_none() {
+            stop = self
+                .keep_other_multitext_values(&mut updates, &catalogue)
+                .await
+                .err();
+        }
         if stop.is_none() {
             stop = self.send_all(updates, &mut out).await.err();
         }
