@@ -905,3 +905,35 @@ async fn no_tags_are_written_as_an_empty_list_never_null() {
         .unwrap();
     assert!(matches!(out[0], PushOutcome::Written { .. }), "{out:?}");
 }
+
+#[tokio::test]
+async fn a_page_size_the_server_refuses_is_halved_and_the_read_goes_on() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/v1/companies"))
+        .and(query_param("limit", "100"))
+        .respond_with(status_json(
+            400,
+            r#"{"error": "limit must be between 1 and 50"}"#,
+        ))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/v1/companies"))
+        .and(query_param("limit", "50"))
+        .respond_with(ok_json(fixture!("list_short_two.json")))
+        .mount(&server)
+        .await;
+    let f = connector(&server, 100);
+    let first = f.conn.poll(&Cursor::start(), &PollMode::Incremental).await;
+    assert!(
+        matches!(first, Err(ConnectorError::Transient { .. })),
+        "{first:?}"
+    );
+    let page = f
+        .conn
+        .poll(&Cursor::start(), &PollMode::Incremental)
+        .await
+        .unwrap();
+    assert_eq!(page.records.len(), 2);
+}

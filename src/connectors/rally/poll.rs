@@ -129,6 +129,31 @@ impl PageSize {
     pub fn get(&self) -> usize {
         self.limit.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// A list call asking for `limit` rows failed with `e`. A 400 that names the limit
+    /// (a server that caps pages and says so, where the document assumes 100) halves the
+    /// page size, down to [`MIN_PAGE_CAP`], and is retried; any other error stays as it is.
+    pub fn refused(
+        &self,
+        connector: &str,
+        limit: usize,
+        e: crate::http::HttpError,
+    ) -> ConnectorError {
+        let names_limit = matches!(&e, crate::http::HttpError::Rejected { status, detail, .. }
+            if status.as_u16() == 400 && detail.to_lowercase().contains("limit"));
+        if !names_limit || limit <= MIN_PAGE_CAP {
+            return e.into();
+        }
+        let smaller = (limit / 2).max(MIN_PAGE_CAP);
+        tracing::warn!(connector, asked = limit, error = %e, "Rally refused the page size: asking for {smaller} from now on");
+        self.limit
+            .fetch_min(smaller, std::sync::atomic::Ordering::Relaxed);
+        ConnectorError::Transient {
+            connector: connector.to_string(),
+            detail: format!("the page size {limit} was refused; retrying with {smaller}"),
+            retry_after: None,
+        }
+    }
 }
 
 /// The key a row is recognised by when the next page is checked: its id and `updatedAt`
@@ -256,18 +281,15 @@ impl RallyConnector {
         } else {
             self.read_ahead.take(&key(&st, limit))
         };
-        let resp = match ahead {
+        let sent = match ahead {
             Some(call) => call.await.map_err(|e| ConnectorError::Transient {
                 connector: self.name.clone(),
                 detail: format!("a list call sent ahead did not finish: {e}"),
                 retry_after: None,
-            })??,
-            None => {
-                self.client
-                    .send(list(st.offset), &DefaultClassifier)
-                    .await?
-            }
+            })?,
+            None => self.client.send(list(st.offset), &DefaultClassifier).await,
         };
+        let resp = sent.map_err(|e| self.page_size.refused(&self.name, limit, e))?;
         if starting {
             // The server's clock decides which rows count as updated: if ours runs ahead,
             // `now − lag` could lie in the server's future and the next cycle would miss
