@@ -97,7 +97,7 @@ pub async fn run(args: BackfillArgs) -> ExitCode {
     // (locked) meanwhile, so no daemon starts on it.
     let mut copy = None;
     let engine_store = if args.dry_run {
-        match ScratchCopy::of(&cfg.store.path) {
+        match ScratchCopy::of(&store, &cfg.store.path) {
             Ok(c) => {
                 let s = c.store.clone();
                 copy = Some(c);
@@ -166,7 +166,7 @@ pub async fn run(args: BackfillArgs) -> ExitCode {
     }
     drop(engine);
     if let Some(copy) = copy.take()
-        && let Err(e) = store.take_vendor_state_from(&copy.store)
+        && let Err(e) = copy.finish()
     {
         eprintln!("error: cannot keep the dry run's tokens and quota counts in the store: {e}");
         return ExitCode::FAILURE;
@@ -229,16 +229,24 @@ fn print_report(r: &BackfillReport, dry_run: bool) {
     }
 }
 
-/// A copy of the store next to it (`<store>.dry-run`), deleted when dropped.
+/// A copy of the store next to it (`<store>.dry-run`) for a dry run, deleted when
+/// dropped; what talking to the vendors changed in it goes back to the real store then
+/// (or by [`ScratchCopy::finish`], which reports a failure), whichever way the run ends.
 struct ScratchCopy {
     store: std::sync::Arc<crate::store::Store>,
+    real: std::sync::Arc<crate::store::Store>,
     path: PathBuf,
+    /// The vendor state went back already.
+    done: bool,
 }
 
 impl ScratchCopy {
-    /// Copies the store at `path`, which the caller holds open with no transaction
+    /// Copies the store `real` at `path`, which the caller holds open with no transaction
     /// running: the file is at rest, and no other process can write it meanwhile.
-    fn of(path: &std::path::Path) -> Result<Self, String> {
+    fn of(
+        real: &std::sync::Arc<crate::store::Store>,
+        path: &std::path::Path,
+    ) -> Result<Self, String> {
         let mut name = path.file_name().unwrap_or_default().to_os_string();
         name.push(".dry-run");
         let copy = path.with_file_name(name);
@@ -247,7 +255,9 @@ impl ScratchCopy {
         match crate::store::Store::open(&copy) {
             Ok(store) => Ok(ScratchCopy {
                 store: std::sync::Arc::new(store),
+                real: real.clone(),
                 path: copy,
+                done: false,
             }),
             Err(e) => {
                 let _ = std::fs::remove_file(&copy);
@@ -255,10 +265,20 @@ impl ScratchCopy {
             }
         }
     }
+
+    /// Copies the vendor state back now, reporting a failure.
+    fn finish(mut self) -> Result<(), crate::store::StoreError> {
+        self.done = true;
+        self.real.take_vendor_state_from(&self.store)
+    }
 }
 
 impl Drop for ScratchCopy {
     fn drop(&mut self) {
+        if !self.done {
+            // Best effort: the run ended early (a rotated token must not be lost).
+            let _ = self.real.take_vendor_state_from(&self.store);
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
