@@ -197,7 +197,8 @@ fn two_errors_in_one_file_are_both_reported_in_file_order() {
 fn syntax_error_points_at_the_broken_line() {
     let errors = parse_errors("syntax_error.toml");
     assert_eq!(errors[0].line, 4, "{errors:#?}");
-    assert_eq!(errors[0].key, "", "{errors:#?}");
+    // The key written on the broken line, under its table.
+    assert_eq!(errors[0].key, "connectors.rally.kind", "{errors:#?}");
 }
 
 #[test]
@@ -389,4 +390,21 @@ fn propagate_deletes_true_is_refused_with_its_line() {
         .unwrap_or_else(|| panic!("no propagate_deletes error in {err}"));
     assert_eq!(e.line, 1, "{err}");
     assert!(e.message.contains("not supported"), "{err}");
+}
+
+#[test]
+fn a_duplicate_key_names_the_key() {
+    let text = "flows = []\n\n[connectors.rally]\nkind = \"rally\"\nkind = \"rally\"\n";
+    let err = Config::parse(text, Path::new("dup.toml")).unwrap_err();
+    let shown = err.to_string();
+    assert!(shown.contains("connectors.rally.kind"), "{shown}");
+}
+
+#[test]
+fn a_syntax_error_among_non_ascii_text_names_its_key_without_panicking() {
+    let text = "flows = []\n\n[connectors.\"résumé\"]\n\"ключ\" = \"незакрыто\nb = 1\n";
+    let err = Config::parse(text, Path::new("utf8.toml")).unwrap_err();
+    let shown = err.to_string();
+    assert!(shown.contains("utf8.toml:4:"), "{shown}");
+    assert!(shown.contains("résumé.ключ"), "{shown}");
 }

@@ -43,7 +43,8 @@ pub(crate) fn parse(
         for e in &syntax {
             let span = e.span().unwrap_or(0..0);
             let before = ctx.errors.len();
-            ctx.error(&span, "", e.message().trim().to_string());
+            let key = key_at(text, span.start);
+            ctx.error(&span, &key, e.message().trim().to_string());
             let line = ctx.errors[before].line;
             if !lines.insert(line) {
                 ctx.errors.pop();
@@ -541,4 +542,36 @@ fn parse_match_keys(ctx: &mut Ctx<'_>, top: &Table<'_, '_>) -> Vec<MatchKey> {
         );
     }
     keys
+}
+
+/// The dotted key written on the line holding byte `offset` of `text` (the table header
+/// above it, then the part before `=`), for syntax errors, which come without one; empty
+/// when the line has none (a broken header names its table).
+fn key_at(text: &str, offset: usize) -> String {
+    let mut offset = offset.min(text.len());
+    // Never slice inside a character, whatever span a broken input gets.
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = text[start..end].trim();
+    let unquote = |k: &str| k.trim().trim_matches('"').trim_matches('\'').to_string();
+    if line.starts_with('[') {
+        return unquote(line.trim_start_matches('[').split(']').next().unwrap_or(""));
+    }
+    let Some((key, _)) = line.split_once('=') else {
+        return String::new();
+    };
+    let key = key.split('.').map(unquote).collect::<Vec<_>>().join(".");
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|h| unquote(h.trim_start_matches('[').split(']').next().unwrap_or("")));
+    match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key,
+    }
 }
