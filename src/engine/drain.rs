@@ -673,7 +673,7 @@ impl Engine {
                     debug!(vendor_id = %vendor_id, created, "written");
                 }
                 Some(PushOutcome::Rejected { reason }) => {
-                    warn!(vendor_id = ?item.vendor_id, reason = %reason, "rejected by target; dead-lettered");
+                    warn!(vendor_id = item.vendor_id.as_deref().unwrap_or("-"), reason = %reason, "rejected by target; dead-lettered");
                     tx.add_dead_letter(DeadLetterNew {
                         connector: target.to_string(),
                         direction: Direction::Push,

@@ -626,7 +626,7 @@ impl Engine {
             ..Default::default()
         };
         for bad in &page.malformed {
-            warn!(connector = source, vendor_id = ?bad.vendor_id, reason = %bad.reason, "malformed record dead-lettered");
+            warn!(connector = source, vendor_id = bad.vendor_id.as_deref().unwrap_or("-"), reason = %bad.reason, "malformed record dead-lettered");
             tx.add_dead_letter(DeadLetterNew {
                 connector: source.to_string(),
                 direction: Direction::Read,

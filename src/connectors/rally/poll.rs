@@ -344,7 +344,7 @@ impl RallyConnector {
             match parse_record(row) {
                 Ok(r) => page.records.push(r),
                 Err(m) => {
-                    tracing::warn!(connector = %self.name, vendor_id = ?m.vendor_id, reason = %m.reason, "malformed Rally record");
+                    tracing::warn!(connector = %self.name, vendor_id = m.vendor_id.as_deref().unwrap_or("-"), reason = %m.reason, "malformed Rally record");
                     page.malformed.push(m);
                 }
             }
