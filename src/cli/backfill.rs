@@ -48,31 +48,24 @@ pub async fn run(args: BackfillArgs) -> ExitCode {
     };
     crate::daemon::logging::init(cfg.daemon.log_format);
     // Before anything signs in or opens the store: a typo is a usage error.
-    let unknown: Vec<&String> = args
+    let enabled: Vec<&str> = cfg
         .connectors
         .iter()
-        .filter(|c| !cfg.connectors.get(*c).is_some_and(|c| c.common().enabled))
+        .filter(|(_, c)| c.common().enabled)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let unknown: Vec<&str> = args
+        .connectors
+        .iter()
+        .map(String::as_str)
+        .filter(|c| !enabled.contains(c))
         .collect();
     if !unknown.is_empty() {
-        let known: Vec<&String> = cfg
-            .connectors
-            .iter()
-            .filter(|(_, c)| c.common().enabled)
-            .map(|(n, _)| n)
-            .collect();
         eprintln!(
             "error: --connector {}: no such enabled connector in {} (configured: {})",
-            unknown
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
+            unknown.join(", "),
             args.config.display(),
-            known
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            enabled.join(", ")
         );
         return ExitCode::from(2);
     }

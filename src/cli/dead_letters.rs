@@ -70,11 +70,8 @@ pub fn run(args: DeadLetterArgs) -> ExitCode {
     let Some(cfg) = super::load_without_secrets(&config) else {
         return ExitCode::from(2);
     };
-    if !cfg.store.path.exists() {
-        eprintln!(
-            "error: no store at {}: the daemon has not run yet, or store.path points elsewhere",
-            cfg.store.path.display()
-        );
+    if let Some(missing) = super::missing_store(&cfg) {
+        eprintln!("error: {missing}");
         return ExitCode::FAILURE;
     }
     let store = match open_store(&cfg) {

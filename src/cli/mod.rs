@@ -116,6 +116,17 @@ pub(crate) fn quiet_on_closed_pipe() {
     }
 }
 
+/// The error a command reading the store gives when there is none (it never creates one:
+/// a mistyped `store.path` must not look like an empty, healthy store).
+pub(crate) fn missing_store(cfg: &Config) -> Option<String> {
+    (!cfg.store.path.exists()).then(|| {
+        format!(
+            "no store at {}: the daemon has not run yet, or store.path points elsewhere",
+            cfg.store.path.display()
+        )
+    })
+}
+
 /// [`load`] for a command that calls no CRM (`status`, `dead-letters`): the secrets are
 /// not fetched, so it runs without the daemon's credentials.
 pub(crate) fn load_without_secrets(path: &std::path::Path) -> Option<Config> {

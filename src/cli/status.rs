@@ -28,12 +28,8 @@ pub async fn run(args: StatusArgs) -> ExitCode {
     let report = match from_daemon(&cfg).await {
         Some(r) => r,
         None => {
-            if !cfg.store.path.exists() {
-                eprintln!(
-                    "error: daemon endpoint not reachable and no store at {}: the daemon has \
-                     not run yet, or store.path points elsewhere",
-                    cfg.store.path.display()
-                );
+            if let Some(missing) = super::missing_store(&cfg) {
+                eprintln!("error: daemon endpoint not reachable and {missing}");
                 return ExitCode::FAILURE;
             }
             let store = match open_store(&cfg) {

@@ -18,6 +18,14 @@ const IDS_PER_CALL: usize = 250;
 /// `(company id, field id)` → the values amoCRM holds.
 type Held = HashMap<(i64, i64), Vec<Value>>;
 
+/// Whether field `id` of the account is a multitext field.
+fn is_multitext(catalogue: &Catalogue, id: i64) -> bool {
+    catalogue
+        .fields()
+        .iter()
+        .any(|f| f.id == id && f.is_multitext())
+}
+
 /// The multitext fields `body` sets to a value (not clears), by field id.
 fn multitext_writes(body: &Map<String, Value>, catalogue: &Catalogue) -> Vec<i64> {
     let Some(Value::Array(cfs)) = body.get("custom_fields_values") else {
@@ -26,12 +34,7 @@ fn multitext_writes(body: &Map<String, Value>, catalogue: &Catalogue) -> Vec<i64
     cfs.iter()
         .filter(|cf| cf.get("values").is_some_and(Value::is_array))
         .filter_map(|cf| cf.get("field_id").and_then(Value::as_i64))
-        .filter(|id| {
-            catalogue
-                .fields()
-                .iter()
-                .any(|f| f.id == *id && f.is_multitext())
-        })
+        .filter(|id| is_multitext(catalogue, *id))
         .collect()
 }
 
@@ -192,11 +195,7 @@ impl AmocrmConnector {
                 ) else {
                     continue;
                 };
-                let multitext = catalogue
-                    .fields()
-                    .iter()
-                    .any(|f| f.id == field && f.is_multitext());
-                if multitext {
+                if is_multitext(catalogue, field) {
                     held.insert((id, field), values.clone());
                 }
             }

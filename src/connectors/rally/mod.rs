@@ -323,15 +323,19 @@ impl Connector for RallyConnector {
     async fn push(&self, items: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
         // `tags` is `List<string>`, the one field the document does not mark nullable:
         // no tags is an empty list, never null (a strict server would refuse the record).
+        let null_tags = |item: &PushItem| {
+            item.fields
+                .get("tags")
+                .is_some_and(serde_json::Value::is_null)
+        };
+        if !items.iter().any(null_tags) {
+            return self.push_items(items).await;
+        }
         let items: Vec<PushItem> = items
             .iter()
             .map(|item| {
                 let mut item = item.clone();
-                if item
-                    .fields
-                    .get("tags")
-                    .is_some_and(serde_json::Value::is_null)
-                {
+                if null_tags(&item) {
                     item.fields.insert("tags".into(), serde_json::json!([]));
                 }
                 item
