@@ -586,12 +586,56 @@ async fn a_bulk_create_of_unknown_outcome_leaves_records_without_a_domain_unconf
 }
 
 #[tokio::test]
+async fn a_server_that_wants_bulks_wrapped_gets_them_so_after_one_refusal() {
+    let server = MockServer::start().await;
+    let companies = json!([{"name": "First Ltd"}, {"name": "Second Ltd"}]);
+    Mock::given(method("POST"))
+        .and(path("/api/v1/companies/bulk"))
+        .and(body_json(companies.clone()))
+        .respond_with(status_json(
+            400,
+            r#"{"error": "The JSON value could not be converted to BulkCreateRequest"}"#,
+        ))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/companies/bulk"))
+        .and(body_json(json!({ "companies": companies })))
+        .respond_with(ok_json(fixture!("bulk_created_two.json")))
+        .expect(2)
+        .mount(&server)
+        .await;
+    let fx = connector(&server, 3);
+    let items = [
+        item(None, json!({"name": "First Ltd"}), 0),
+        item(None, json!({"name": "Second Ltd"}), 0),
+    ];
+    let want = vec![
+        PushOutcome::Written {
+            vendor_id: "30000000-0000-4000-8000-000000000001".into(),
+            created: true,
+        },
+        PushOutcome::Written {
+            vendor_id: "30000000-0000-4000-8000-000000000002".into(),
+            created: true,
+        },
+    ];
+    // The first push learns the shape (one refused array, one wrapped bulk); the second
+    // sends it wrapped straight away. No item goes one by one.
+    assert_eq!(fx.conn.push(&items).await.unwrap(), want);
+    assert_eq!(fx.conn.push(&items).await.unwrap(), want);
+}
+
+#[tokio::test]
 async fn a_bulk_refused_as_a_whole_is_sent_one_by_one() {
     let server = MockServer::start().await;
+    // Each of the two bulks (with and without domains) is refused as a JSON array and
+    // again as {"companies": [...]} (the other shape a server may want).
     Mock::given(method("POST"))
         .and(path("/api/v1/companies/bulk"))
         .respond_with(status_json(400, fixture!("error_400.json")))
-        .expect(2)
+        .expect(4)
         .mount(&server)
         .await;
     Mock::given(method("POST"))

@@ -89,6 +89,9 @@
 //!   ≤ 100, never retried automatically after it may have landed (nothing matches these
 //!   rows, so a resend would create them twice): an unknown outcome, or an answer whose
 //!   `createdIds` cannot be paired with the items, makes every item `Unconfirmed`.
+//! - The bulk body is a bare JSON array (Rally documents only the answer); a server that
+//!   wants `{"companies": [...]}` is recognised by the first bulks it refuses as a whole
+//!   (see `bulk_shape`).
 //! - A bulk answered with a 4xx as a whole (no per-index errors: nothing was stored) is
 //!   sent again item by item — upsert for items with a domain, `POST` for the others — so
 //!   one record Rally refuses does not turn a hundred into dead letters.
@@ -106,6 +109,7 @@
 //! Credentials or suspension errors fail the whole push only when no item got an outcome;
 //! otherwise such items are `Retry`.
 
+mod bulk_shape;
 mod poll;
 mod push;
 mod read_ahead;
@@ -174,6 +178,8 @@ pub struct RallyConnector {
     opts: RallyOptions,
     /// List calls sent ahead of a long read (see `read_ahead`).
     read_ahead: read_ahead::ReadAhead,
+    /// The body shape bulk calls take (see `bulk_shape`).
+    bulk_shape: bulk_shape::LearntBulkShape,
 }
 
 impl std::fmt::Debug for RallyConnector {
@@ -225,6 +231,7 @@ impl RallyConnector {
             max_concurrent: cfg.common.limits.max_concurrent.max(1),
             opts: RallyOptions::default(),
             read_ahead: read_ahead::ReadAhead::default(),
+            bulk_shape: bulk_shape::LearntBulkShape::default(),
         })
     }
 

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use serde_json::{Map, Value};
 
 use super::RallyConnector;
+use super::bulk_shape::BulkShape;
 use super::wire::{RecordVerdictClassifier, error_message, wire_time};
 use crate::connector::{ConnectorError, PushItem, PushOutcome};
 use crate::http::{ApiRequest, ApiResponse, HttpError};
@@ -166,20 +167,68 @@ impl RallyConnector {
             .await
     }
 
-    /// `POST /companies/bulk` with the fields of items `idx`, in that order.
-    fn bulk_request(&self, idx: &[usize], items: &[PushItem]) -> ApiRequest {
-        let body: Vec<Value> = idx
+    /// `POST /companies/bulk` with the fields of items `idx`, in that order, in `shape`.
+    fn bulk_request(&self, idx: &[usize], items: &[PushItem], shape: BulkShape) -> ApiRequest {
+        let companies: Vec<Value> = idx
             .iter()
             .map(|&i| Value::Object(items[i].fields.clone()))
             .collect();
         ApiRequest::post("POST companies/bulk", self.url("api/v1/companies/bulk"))
             .auth(self.auth.clone())
-            .json(Value::Array(body))
+            .json(shape.body(companies))
+            .idempotent(idx.iter().all(|&i| domain_of(&items[i].fields).is_some()))
+    }
+
+    /// Sends the bulk of items `idx` in the body shape the server takes (see
+    /// `bulk_shape`): a refusal as a whole that names no item, before any bulk has
+    /// succeeded, is tried once more in the other shape, and the answer of that try is
+    /// returned when it succeeds (the refusal otherwise).
+    async fn send_bulk(&self, idx: &[usize], items: &[PushItem]) -> Result<ApiResponse, HttpError> {
+        let shape = self.bulk_shape.current();
+        let resp = self
+            .client
+            .send(
+                self.bulk_request(idx, items, shape),
+                &RecordVerdictClassifier,
+            )
+            .await?;
+        if resp.status.is_success() {
+            self.bulk_shape.confirm(shape);
+            return Ok(resp);
+        }
+        let names_an_item = resp
+            .json
+            .as_ref()
+            .and_then(BulkAnswer::parse)
+            .is_some_and(|a| !a.errors.is_empty());
+        if !matches!(resp.status.as_u16(), 400 | 415 | 422)
+            || names_an_item
+            || !self.bulk_shape.should_probe(shape)
+        {
+            return Ok(resp);
+        }
+        let other = BulkShape::Wrapped;
+        let retry = self
+            .client
+            .send(
+                self.bulk_request(idx, items, other),
+                &RecordVerdictClassifier,
+            )
+            .await?;
+        if !retry.status.is_success() {
+            return Ok(resp);
+        }
+        tracing::info!(
+            connector = %self.name,
+            "Rally refused a bulk sent as a JSON array and took it as {{\"companies\": [...]}}: \
+             bulks are sent so from now on"
+        );
+        self.bulk_shape.confirm(other);
+        Ok(retry)
     }
 
     /// `POST /companies/bulk` creating items without a domain (see [`Job::BulkNew`]).
     async fn bulk_new(&self, idx: &[usize], items: &[PushItem]) -> Vec<(usize, ItemResult)> {
-        let req = self.bulk_request(idx, items);
         let unknown = |why: String| -> Vec<(usize, ItemResult)> {
             idx.iter()
                 .map(|&i| {
@@ -195,7 +244,7 @@ impl RallyConnector {
                 })
                 .collect()
         };
-        let resp = match self.client.send(req, &RecordVerdictClassifier).await {
+        let resp = match self.send_bulk(idx, items).await {
             Ok(r) => r,
             Err(e) if e.may_have_applied() => return unknown(e.to_string()),
             Err(e) => {
@@ -304,12 +353,11 @@ impl RallyConnector {
     /// `POST /companies/bulk` for items with a domain (matched like upsert, so the call is
     /// idempotent and replayed freely).
     async fn bulk(&self, idx: &[usize], items: &[PushItem]) -> Vec<(usize, ItemResult)> {
-        let req = self.bulk_request(idx, items).idempotent(true);
         let all = |r: ItemResult| -> Vec<(usize, ItemResult)> {
             idx.iter().map(|&i| (i, dup(&r))).collect()
         };
         let sent = std::time::Instant::now();
-        let resp = match self.client.send(req, &RecordVerdictClassifier).await {
+        let resp = match self.send_bulk(idx, items).await {
             Ok(r) => r,
             Err(e) => return all(item_error(e)),
         };
