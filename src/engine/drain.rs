@@ -20,7 +20,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value as Json};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info_span, warn};
+use tracing::{Instrument, debug, error_span, warn};
 
 use super::run::MAX_PUSH_ATTEMPTS;
 use super::{DrainStats, Endpoint, Engine, EngineError, visible_hash};
@@ -342,10 +342,22 @@ impl Engine {
             return Ok(plan.stats);
         }
         let ep = self.endpoint(target)?.clone();
-        let result = ep.connector.push(&plan.items).await;
+        // The batch is named by its first outbox entry's sequence number (as the store
+        // and `dead-letters` know it); the vendor calls and the outcomes run inside.
+        let span = error_span!(
+            "push_batch",
+            connector = target,
+            batch = plan.planned.first().map_or(0, |(seq, _)| *seq),
+            records = plan.items.len(),
+        );
+        let result = ep
+            .connector
+            .push(&plan.items)
+            .instrument(span.clone())
+            .await;
         let (t, f) = (target.to_string(), failed.clone());
         let (stats, err) = self
-            .blocking(move |e| e.record_batch(&t, plan, result, &f))
+            .blocking(move |e| span.in_scope(|| e.record_batch(&t, plan, result, &f)))
             .await?;
         self.count_pushed(target, &stats);
         match err {
@@ -603,8 +615,8 @@ impl Engine {
         let now = Utc::now();
         let mut retried = Vec::new();
         for (i, (item, (seq, planned_entry))) in items.iter().zip(&planned).enumerate() {
-            let _span =
-                info_span!("push", connector = target, canonical_id = %item.canonical_id).entered();
+            // Error level so that warnings carry it at any log level (see `ingest`).
+            let _span = error_span!("push", canonical_id = %item.canonical_id).entered();
             match outcomes.get(i) {
                 Some(PushOutcome::Written { vendor_id, created }) => {
                     let ledger = LedgerEntry {

@@ -202,3 +202,49 @@ fn a_page_repeating_records_and_domains_links_each_record_once() {
         "the first joins the company holding d0, the rest are new"
     );
 }
+
+/// A `MakeWriter` into a shared buffer, for reading what the log said.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn warnings_name_the_connector_and_record_at_warn_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(&dir, "warn.redb");
+    let log = LogBuffer::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // tracing caches whether a call site is enabled once per process, and a test thread
+    // without a subscriber that reaches the warning first would cache "never" while at most
+    // one subscriber exists. A second, always-interested one keeps that from happening (the
+    // cache then asks every live subscriber), and the rebuild undoes what was cached before.
+    let _anchor = tracing::Dispatch::new(tracing_subscriber::registry());
+    let bad = twisted((7, None, 1, 1), Twist::Unmappable);
+    tracing::subscriber::with_default(subscriber, || {
+        tracing::callsite::rebuild_interest_cache();
+        e.ingest_page("a", &page(vec![bad]), "a").unwrap();
+    });
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("mapping failed"))
+        .unwrap_or_else(|| panic!("no mapping warning in:\n{text}"));
+    assert!(
+        line.contains("connector=\"a\"") && line.contains("vendor_id=v7"),
+        "the warning does not say which record of which CRM: {line}"
+    );
+}

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tracing::{debug, info_span, warn};
+use tracing::{debug, error_span, warn};
 
 use crate::connector::{Connector, ConnectorError, Cursor, Page, VendorRecord};
 use crate::daemon::metrics::Metrics;
@@ -644,8 +644,10 @@ impl Engine {
         let mut done = 0;
         for (rec, prep) in page.records.iter().zip(prepared) {
             done += 1;
+            // Error level, like every span that names what a warning is about: a span is
+            // enabled only where its level is, and at `RUST_LOG=warn` the warnings need it.
             let _span =
-                info_span!("ingest", connector = source, vendor_id = %rec.vendor_id).entered();
+                error_span!("ingest", connector = source, vendor_id = %rec.vendor_id).entered();
             // A record seen twice in one page: its row may have changed since the snapshot.
             let repeated = !written.vendor_ids.insert(rec.vendor_id.as_str());
             let (fields, hash, prints, keys, seen) = match prep? {
@@ -659,7 +661,7 @@ impl Engine {
                 }
                 Prepared::Failed(e) => {
                     let link = tx.link_of(source, &rec.vendor_id)?;
-                    warn!(canonical_id = ?link, error = %e, "record dead-lettered: mapping failed");
+                    warn!(canonical_id = link.as_deref().unwrap_or("-"), error = %e, "record dead-lettered: mapping failed");
                     tx.add_dead_letter(DeadLetterNew {
                         connector: source.to_string(),
                         direction: Direction::Read,

@@ -706,7 +706,9 @@ impl HttpClient {
         req: ApiRequest,
         classify: &dyn Classifier,
     ) -> Result<ApiResponse, HttpError> {
-        let span = tracing::info_span!(
+        // Error level so that the call's warnings (throttling, retries) carry it at any
+        // log level: a span is enabled only where its level is.
+        let span = tracing::error_span!(
             "http_call",
             connector = %self.inner.cfg.connector,
             endpoint = req.endpoint,
