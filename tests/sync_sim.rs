@@ -485,3 +485,53 @@ async fn a_phone_change_keeps_the_other_numbers_amocrm_holds() {
     assert_eq!(phones, ["+1 555 0199", "+1 650 555 0123"], "{record}");
     cluster.shutdown().await;
 }
+
+/// The PHONE values amoCRM holds for company `id`.
+fn amo_phones(cluster: &SimCluster, id: i64) -> Vec<String> {
+    let record = cluster.amocrm.get(id).unwrap();
+    record["custom_fields_values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["field_code"] == "PHONE")
+        .flat_map(|f| f["values"].as_array().cloned().unwrap_or_default())
+        .map(|v| v["value"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_phone_cleared_elsewhere_keeps_the_other_numbers_amocrm_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path, rally_id) = one_company_in_rally(dir.path(), "Phones Ltd", "phones").await;
+    let (engine, _metrics) = engine_for(&path).await;
+    let sd = CancellationToken::new();
+    let all = BackfillOptions::default();
+    engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
+    let (amo_id, _) = synced_ids(&cluster, "Phones Ltd");
+    cluster.amocrm.update(
+        amo_id,
+        json!({"custom_fields_values": [{"field_code": "PHONE", "values": [
+            {"value": "+1 555 0100", "enum_code": "WORK"},
+            {"value": "+1 650 555 0123", "enum_code": "MOB"}]}]}),
+    );
+    // amoCRM timestamps have whole seconds: the edit above must not share one with the
+    // backfill's write, or its read could not tell them apart.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
+    // Rally's user removes the phone: the synced number goes, the mobile stays.
+    cluster.rally.update(&rally_id, json!({"phone": null}));
+    // As a daemon would (its poll interval apart): the write to amoCRM lands in a later
+    // second than the clear, so what amoCRM then shows is the newer value.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
+    assert_eq!(amo_phones(&cluster, amo_id), ["+1 650 555 0123"]);
+    // amoCRM's remaining number is now its phone, and reaches the others (once that
+    // write is a second old: a read of amoCRM leaves the current second to the next one).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
+    assert_eq!(
+        cluster.rally.get(&rally_id).unwrap()["phone"],
+        "+1 650 555 0123"
+    );
+    cluster.shutdown().await;
+}

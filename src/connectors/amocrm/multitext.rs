@@ -1,7 +1,9 @@
 //! Keeping the multitext values crmbridge does not sync: amoCRM replaces all of a field's
 //! values on a write, and a company may hold several (a work and a mobile phone), of which
-//! crmbridge reads and writes the first. Before updates that write such a field, the
-//! companies' current values are read, and each write carries the others along.
+//! crmbridge reads and writes the first. Before updates that write or clear such a field,
+//! the companies' current values are read, and each write carries the others along. A
+//! clear removes only the synced value: the next one becomes the company's first (and is
+//! read back as its new value, which then reaches the other CRMs) instead of being lost.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -26,16 +28,41 @@ fn is_multitext(catalogue: &Catalogue, id: i64) -> bool {
         .any(|f| f.id == id && f.is_multitext())
 }
 
-/// The multitext fields `body` sets to a value (not clears), by field id.
-fn multitext_writes(body: &Map<String, Value>, catalogue: &Catalogue) -> Vec<i64> {
+/// Whether `body` sets or clears a multitext field.
+fn writes_multitext(body: &Map<String, Value>, catalogue: &Catalogue) -> bool {
     let Some(Value::Array(cfs)) = body.get("custom_fields_values") else {
-        return Vec::new();
+        return false;
     };
     cfs.iter()
-        .filter(|cf| cf.get("values").is_some_and(Value::is_array))
+        .filter(|cf| {
+            cf.get("values")
+                .is_some_and(|v| v.is_array() || v.is_null())
+        })
         .filter_map(|cf| cf.get("field_id").and_then(Value::as_i64))
-        .filter(|id| is_multitext(catalogue, *id))
-        .collect()
+        .any(|id| is_multitext(catalogue, id))
+}
+
+/// Only what a write of a value takes: its text and enum.
+fn writable(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .filter(|(k, _)| matches!(k.as_str(), "value" | "enum_id" | "enum_code"))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// The `values` that clear the synced (first) value of a field holding `held`: the others,
+/// or null (clearing the field) when there are none.
+fn cleared(held: &[Value]) -> Value {
+    match held.get(1..) {
+        Some(rest) if !rest.is_empty() => {
+            Value::Array(rest.iter().cloned().map(writable).collect())
+        }
+        _ => Value::Null,
+    }
 }
 
 /// The values of one field written as `written` (one value, from `cf_values`) into a
@@ -90,23 +117,13 @@ fn merged(written: &[Value], held: &[Value]) -> Vec<Value> {
     // The same text twice (the new value was already among the others) once only.
     let mut seen = BTreeSet::new();
     out.retain(|v| seen.insert(v.get("value").map(Value::to_string).unwrap_or_default()));
-    out.into_iter()
-        .map(|v| match v {
-            // Only what a write takes: value and enum.
-            Value::Object(m) => Value::Object(
-                m.into_iter()
-                    .filter(|(k, _)| matches!(k.as_str(), "value" | "enum_id" | "enum_code"))
-                    .collect(),
-            ),
-            other => other,
-        })
-        .collect()
+    out.into_iter().map(writable).collect()
 }
 
 impl AmocrmConnector {
-    /// Makes the updates in `entries` that write a multitext field carry the company's
-    /// other values of it (see the module docs). Costs one list call per 250 such
-    /// companies (one call each without API filtering).
+    /// Makes the updates in `entries` that write or clear a multitext field carry the
+    /// company's other values of it (see the module docs). Costs one list call per 250
+    /// such companies (one call each without API filtering).
     pub(super) async fn keep_other_multitext_values(
         &self,
         entries: &mut [Entry],
@@ -114,7 +131,7 @@ impl AmocrmConnector {
     ) -> Result<(), ConnectorError> {
         let ids: Vec<i64> = entries
             .iter()
-            .filter(|e| !multitext_writes(&e.body, catalogue).is_empty())
+            .filter(|e| writes_multitext(&e.body, catalogue))
             .filter_map(|e| e.id)
             .collect();
         if ids.is_empty() {
@@ -130,13 +147,14 @@ impl AmocrmConnector {
                 let Some(field) = cf.get("field_id").and_then(Value::as_i64) else {
                     continue;
                 };
-                let (Some(held), Some(Value::Array(written))) =
-                    (held.get(&(id, field)), cf.get("values"))
-                else {
+                let Some(held) = held.get(&(id, field)) else {
                     continue;
                 };
-                let values = merged(written, held);
-                cf["values"] = Value::Array(values);
+                cf["values"] = match cf.get("values") {
+                    Some(Value::Array(written)) => Value::Array(merged(written, held)),
+                    Some(Value::Null) => cleared(held),
+                    _ => continue,
+                };
             }
         }
         Ok(())
@@ -245,6 +263,20 @@ mod tests {
                 json!({"value": "c", "enum_code": "MOB"})
             ]
         );
+    }
+
+    #[test]
+    fn a_clear_removes_only_the_synced_value() {
+        let held = [
+            json!({"value": "a", "enum_id": 1001, "enum_code": "WORK"}),
+            json!({"value": "b", "enum_id": 1003, "enum_code": "MOB", "x": 1}),
+        ];
+        assert_eq!(
+            cleared(&held),
+            json!([{"value": "b", "enum_id": 1003, "enum_code": "MOB"}])
+        );
+        assert_eq!(cleared(&held[..1]), Value::Null);
+        assert_eq!(cleared(&[]), Value::Null);
     }
 
     #[test]
