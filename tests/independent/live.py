@@ -151,6 +151,7 @@ def refused():
 deadline = time.time() + 240
 explained = []
 next_look = 0
+next_report = time.time() + 15
 while time.time() < deadline:
     idx2 = by_domain()
     bad = [(d, crm2, name_of(crm2, idx2[crm2][d][0]), want)
@@ -161,6 +162,10 @@ while time.time() < deadline:
             if city_of(crm2, idx2[crm2][d][0]) != want]
     if not bad:
         break
+    if time.time() >= next_report:
+        next_report = time.time() + 15
+        print(f"  {round(time.time() - t0)}s: {len(bad)} not there yet, e.g. {bad[:3]}",
+              flush=True)
     # Refused pushes explain some mismatches. The dead-letter listing reads the store,
     # which the running daemon holds: stop it to look, every 30 s, after the first 60 s.
     if time.time() > deadline - 180 and time.time() >= next_look:
