@@ -1027,3 +1027,57 @@ async fn auth_rejections_separated_by_a_lost_answer_are_not_counted_as_in_a_row(
     assert_eq!(resp.status, 200);
     assert_eq!(auth.source().refreshes.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn an_answer_larger_than_the_limit_is_not_read() {
+    // Announced by Content-Length.
+    let server = MockServer::start().await;
+    Mock::given(path("/c"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(vec![b' '; 4096], "application/json"))
+        .mount(&server)
+        .await;
+    let c = client(HttpConfig {
+        max_body_bytes: 1024,
+        max_retries: 0,
+        ..fast_cfg("t")
+    });
+    let err = c
+        .send(
+            ApiRequest::get("GET c", url(&server, "/c")),
+            &DefaultClassifier,
+        )
+        .await
+        .expect_err("too large");
+    assert!(
+        err.to_string().contains("answer larger than 1024 bytes"),
+        "{err}"
+    );
+
+    // Streamed without a length, without end: the read stops at the limit.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = sock.read(&mut buf).await;
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                    Transfer-Encoding: chunked\r\n\r\n";
+        if sock.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = format!("400\r\n{}\r\n", " ".repeat(0x400));
+        while sock.write_all(chunk.as_bytes()).await.is_ok() {}
+    });
+    let err = c
+        .send(
+            ApiRequest::get("GET c", Url::parse(&format!("http://{addr}/c")).unwrap()),
+            &DefaultClassifier,
+        )
+        .await
+        .expect_err("endless");
+    assert!(
+        err.to_string().contains("answer larger than 1024 bytes"),
+        "{err}"
+    );
+}

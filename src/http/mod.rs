@@ -167,7 +167,14 @@ pub struct HttpConfig {
     /// After a rate rejection the limiter did not prevent, calls are spaced wider (see
     /// [`PACING_STEP`]); each quiet period this long takes one step back.
     pub pacing_recovery: Duration,
+    /// The largest answer body read; a larger one fails the attempt like a broken
+    /// connection, so a server that sends without end cannot exhaust memory.
+    pub max_body_bytes: usize,
 }
+
+/// [`HttpConfig::max_body_bytes`] by default: a page of the largest batches any of the
+/// vendors serves is a few MiB even with long texts.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
 
 /// Refreshes one call may make in a row before its credentials count as bad.
 const MAX_REAUTHS_IN_A_ROW: u32 = 2;
@@ -201,6 +208,7 @@ impl HttpConfig {
             max_retry_after: Duration::from_secs(120),
             user_agent: format!("crmbridge/{}", env!("CARGO_PKG_VERSION")),
             pacing_recovery: Duration::from_secs(600),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }
     }
 
@@ -1296,12 +1304,24 @@ impl HttpClient {
             None => rb,
         };
         let started = Instant::now();
+        let max_body = cfg.max_body_bytes;
+        // `Err(bytes)` inside: the answer is larger than `max_body` (at least `bytes`).
         let exchange = async {
-            let resp = rb.send().await?;
+            let mut resp = rb.send().await?;
             let status = resp.status();
             let headers = resp.headers().clone();
-            let body = resp.bytes().await?;
-            Ok::<_, reqwest::Error>((status, headers, body))
+            let announced = resp.content_length().unwrap_or(0);
+            if announced > max_body as u64 {
+                return Ok(Err(announced));
+            }
+            let mut body = Vec::with_capacity(announced as usize);
+            while let Some(chunk) = resp.chunk().await? {
+                if body.len() + chunk.len() > max_body {
+                    return Ok(Err((body.len() + chunk.len()) as u64));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok::<_, reqwest::Error>(Ok((status, headers, body)))
         };
         // reqwest's own timeout covers connect-to-end-of-body; this bound also covers a
         // body that trickles forever, whatever reqwest does.
@@ -1328,7 +1348,17 @@ impl HttpClient {
                 );
                 return Err(failure);
             }
-            Ok(Ok(parts)) => parts,
+            Ok(Ok(Err(bytes))) => {
+                tracing::warn!(method = %req.method, path = req.url.path(), bytes, max_body, "answer too large; not read");
+                return Err(TransportFailure {
+                    timeout: false,
+                    maybe_applied: true,
+                    detail: format!(
+                        "answer larger than {max_body} bytes (at least {bytes}); not read"
+                    ),
+                });
+            }
+            Ok(Ok(Ok(parts))) => parts,
         };
         tracing::debug!(
             method = %req.method,
@@ -1337,7 +1367,6 @@ impl HttpClient {
             latency_ms,
             "answered"
         );
-        let body = body.to_vec();
         let looks_json = headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
