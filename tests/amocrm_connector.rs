@@ -195,7 +195,9 @@ async fn keyset_paging_drops_records_already_returned_at_the_cursor_second() {
     let r = rig().await;
     Mock::given(method("GET"))
         .and(path("/api/v4/companies"))
-        .and(query_param("filter[updated_at][from]", "1700000100"))
+        // One second before the cursor: this server has not yet shown that it lists
+        // `from` itself (inclusively).
+        .and(query_param("filter[updated_at][from]", "1700000099"))
         .and(query_param("order[updated_at]", "asc"))
         .and(query_param("page", "1"))
         .respond_with(hal("companies_keyset.json"))
@@ -247,10 +249,11 @@ async fn a_full_page_inside_one_second_is_paged_exactly_without_stalling() {
             "_links": {"self": {"href": "x"}, "next": {"href": "y"}},
             "_embedded": {"companies": list}}))
     };
-    // 300 records share second 1700000200: the keyset page is full with them.
+    // 300 records share second 1700000200: the keyset page is full with them. `from` is
+    // one second early (this server never shows that it lists `from` itself).
     Mock::given(method("GET"))
         .and(path("/api/v4/companies"))
-        .and(query_param("filter[updated_at][from]", "1700000200"))
+        .and(query_param("filter[updated_at][from]", "1700000199"))
         .and(query_param("filter[updated_at][to]", "1700000201"))
         .and(query_param("page", "2"))
         .respond_with(page_of(1_250..1_300))
@@ -259,21 +262,21 @@ async fn a_full_page_inside_one_second_is_paged_exactly_without_stalling() {
     // This server links every page onwards, the last one too: past it, it answers 204.
     Mock::given(method("GET"))
         .and(path("/api/v4/companies"))
-        .and(query_param("filter[updated_at][from]", "1700000200"))
+        .and(query_param("filter[updated_at][from]", "1700000199"))
         .and(query_param("page", "3"))
         .respond_with(ResponseTemplate::new(204))
         .mount(&r.server)
         .await;
     Mock::given(method("GET"))
         .and(path("/api/v4/companies"))
-        .and(query_param("filter[updated_at][from]", "1700000200"))
+        .and(query_param("filter[updated_at][from]", "1700000199"))
         .and(query_param("page", "1"))
         .respond_with(page_of(1_000..1_250))
         .mount(&r.server)
         .await;
     Mock::given(method("GET"))
         .and(path("/api/v4/companies"))
-        .and(query_param("filter[updated_at][from]", "1700000201"))
+        .and(query_param("filter[updated_at][from]", "1700000200"))
         .respond_with(ResponseTemplate::new(204))
         .mount(&r.server)
         .await;
@@ -1023,14 +1026,15 @@ async fn a_server_without_the_account_and_catalogue_endpoints_still_starts_and_s
 }
 
 /// A company list as another amoCRM implementation might serve it: `filter[updated_at]`
-/// with an exclusive `to` (or an inclusive one), ascending order, pages capped at `cap`
-/// rows whatever `limit` asks, and `_links.next` only on full pages; 204 when empty.
+/// with an exclusive `to` or `from` (or inclusive ones), ascending order, pages capped at
+/// `cap` rows whatever `limit` asks, and `_links.next` only on full pages; 204 when empty.
 struct StrictList {
     template: Value,
     /// (id, updated_at) in list order (ascending time, then id).
     companies: Vec<(i64, i64)>,
     cap: usize,
     to_exclusive: bool,
+    from_exclusive: bool,
 }
 
 impl Respond for StrictList {
@@ -1045,7 +1049,15 @@ impl Respond for StrictList {
         let rows: Vec<Value> = self
             .companies
             .iter()
-            .filter(|(_, ts)| from.is_none_or(|f| *ts >= f))
+            .filter(|(_, ts)| {
+                from.is_none_or(|f| {
+                    if self.from_exclusive {
+                        *ts > f
+                    } else {
+                        *ts >= f
+                    }
+                })
+            })
             .filter(|(_, ts)| to.is_none_or(|t| if self.to_exclusive { *ts < t } else { *ts <= t }))
             .skip((page - 1) * limit)
             .take(limit)
@@ -1100,6 +1112,7 @@ async fn a_server_capping_pages_below_the_limit_is_read_to_the_end() {
             companies,
             cap: 100,
             to_exclusive: false,
+            from_exclusive: false,
         })
         .mount(&r.server)
         .await;
@@ -1126,12 +1139,48 @@ async fn a_server_reading_the_upper_bound_as_exclusive_misses_nothing() {
             companies,
             cap: 250,
             to_exclusive: true,
+            from_exclusive: false,
         })
         .mount(&r.server)
         .await;
     let got = read_one_cycle(&r, upper - 10).await;
     assert_eq!(got.len(), 323, "skipped some");
     assert!(got.values().all(|n| *n == 1), "repeated some");
+}
+
+#[tokio::test]
+async fn a_server_reading_the_lower_bound_as_exclusive_misses_nothing() {
+    for from_exclusive in [true, false] {
+        let r = rig().await;
+        let template: Value = serde_json::from_str(&fixture("company_template.json")).unwrap();
+        // 7 companies a second from the cursor's own second on, so pages of 100 end inside
+        // a second; 300 more share one second (the exact-second procedure).
+        let since = chrono::Utc::now().timestamp() - 200;
+        let mut companies: Vec<(i64, i64)> = (0..350).map(|i| (5_000 + i, since + i / 7)).collect();
+        companies.extend((0..300).map(|i| (8_000 + i, since + 60)));
+        companies.sort_by_key(|&(id, ts)| (ts, id));
+        Mock::given(method("GET"))
+            .and(path("/api/v4/companies"))
+            .respond_with(StrictList {
+                template,
+                companies,
+                cap: 100,
+                to_exclusive: false,
+                from_exclusive,
+            })
+            .mount(&r.server)
+            .await;
+        let got = read_one_cycle(&r, since).await;
+        assert_eq!(
+            got.len(),
+            650,
+            "from_exclusive {from_exclusive}: skipped some"
+        );
+        assert!(
+            got.values().all(|n| *n == 1),
+            "from_exclusive {from_exclusive}: repeated some"
+        );
+    }
 }
 
 /// What one update (company 9003) comes back as when amoCRM answers its PATCH `answer`.

@@ -19,7 +19,11 @@
 //! limit=250&page=1`: keyset paging, always page 1, dropping records at or before the
 //! cursor. `to` is one past the bound, so that a server reading it as exclusive still
 //! lists `upper`; rows after `upper` are dropped, and one of them ends the cycle (the list
-//! is ascending). Page numbers are never trusted over a changing set. A page that is full
+//! is ascending). Likewise `from` (undocumented too): until the server has listed a row
+//! updated exactly at `from`, calls send `from = ts − 1` (rows before `ts` are dropped),
+//! so a server reading `from` as exclusive still lists second `ts`; the first such row
+//! proves `from` inclusive, that call is made again with `from = ts`, and all later ones
+//! are. Page numbers are never trusted over a changing set. A page that is full
 //! and entirely inside one second `S` (more than 250 records share `S`, e.g. a bulk
 //! import) switches to the exact-second procedure: `from=S, to=S+1`, pages 1..n (a row
 //! after `S` ends the pass), then the whole second again until a pass finds no unseen id
@@ -122,6 +126,9 @@ pub struct AmocrmConnector {
     create_batch_limit: AtomicUsize,
     catalogue: RwLock<Option<Arc<Catalogue>>>,
     filter_enabled: AtomicBool,
+    /// Whether the server has been seen to list rows updated exactly at
+    /// `filter[updated_at][from]` (see `poll::list_from`).
+    from_inclusive: AtomicBool,
 }
 
 impl std::fmt::Debug for AmocrmConnector {
@@ -190,6 +197,7 @@ impl AmocrmConnector {
             create_batch_limit: AtomicUsize::new(batch_size),
             catalogue: RwLock::new(None),
             filter_enabled: AtomicBool::new(false),
+            from_inclusive: AtomicBool::new(false),
         })
     }
 

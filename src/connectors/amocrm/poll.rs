@@ -4,6 +4,7 @@
 //! design; this file holds the cursor type and one poll step.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -123,6 +124,44 @@ fn page_of(records: Vec<VendorRecord>, p: &mut ParsedPage, c: &AmoCursor, more: 
 }
 
 impl AmocrmConnector {
+    /// Page `page` (ascending by `updated_at`) of the companies updated from second `from`
+    /// to `to` (the callers drop rows outside the seconds they want). amoCRM does not say whether `from` is
+    /// inclusive: until a row updated exactly at the `from` sent proves it is, the call
+    /// asks from one second earlier (an exclusive server then lists `from` too), and once
+    /// proven makes that call again as asked — the page numbers of a pass must count the
+    /// same rows in every call.
+    async fn list_from(
+        &self,
+        from: i64,
+        to: i64,
+        page: u32,
+    ) -> Result<Option<ParsedPage>, ConnectorError> {
+        let params = |from: i64| {
+            vec![
+                ("filter[updated_at][from]".to_string(), from.to_string()),
+                ("filter[updated_at][to]".to_string(), to.to_string()),
+                ("order[updated_at]".to_string(), "asc".to_string()),
+                ("limit".to_string(), PAGE_LIMIT.to_string()),
+                ("page".to_string(), page.to_string()),
+            ]
+        };
+        if from > 0 && !self.from_inclusive.load(Ordering::Relaxed) {
+            let Some(p) = self.list(params(from - 1)).await? else {
+                return Ok(None);
+            };
+            if !p
+                .records
+                .iter()
+                .any(|r| r.updated_at.timestamp() == from - 1)
+            {
+                return Ok(Some(p));
+            }
+            tracing::info!(connector = %self.name, "amoCRM lists filter[updated_at][from] inclusively: asking from the cursor's own second from now on");
+            self.from_inclusive.store(true, Ordering::Relaxed);
+        }
+        self.list(params(from)).await
+    }
+
     /// One poll step (one list call at most).
     pub(crate) async fn poll_step(
         &self,
@@ -162,18 +201,8 @@ impl AmocrmConnector {
                 ..Page::default()
             });
         }
-        let params = vec![
-            ("filter[updated_at][from]".to_string(), c.ts.to_string()),
-            // One past `upper`: a server reading `to` as exclusive still lists `upper`.
-            (
-                "filter[updated_at][to]".to_string(),
-                (upper + 1).to_string(),
-            ),
-            ("order[updated_at]".to_string(), "asc".to_string()),
-            ("limit".to_string(), PAGE_LIMIT.to_string()),
-            ("page".to_string(), "1".to_string()),
-        ];
-        let Some(mut p) = self.list(params).await? else {
+        // One past `upper`: a server reading `to` as exclusive still lists `upper`.
+        let Some(mut p) = self.list_from(c.ts, upper + 1, 1).await? else {
             c.finish(upper);
             return Ok(Page {
                 next: c.to_cursor(),
@@ -245,15 +274,8 @@ impl AmocrmConnector {
     /// rows only leave a past second, so such a pass cannot have lost one to a shift.
     async fn second_step(&self, mut c: AmoCursor) -> Result<Page, ConnectorError> {
         let mut scan = c.second.take().unwrap_or_default();
-        let params = vec![
-            ("filter[updated_at][from]".to_string(), c.ts.to_string()),
-            // One past the second, as in `poll_step`; rows after it end the pass.
-            ("filter[updated_at][to]".to_string(), (c.ts + 1).to_string()),
-            ("order[updated_at]".to_string(), "asc".to_string()),
-            ("limit".to_string(), PAGE_LIMIT.to_string()),
-            ("page".to_string(), scan.page.max(1).to_string()),
-        ];
-        let fetched = self.list(params).await?;
+        // One past the second, as in `poll_step`; rows after it end the pass.
+        let fetched = self.list_from(c.ts, c.ts + 1, scan.page.max(1)).await?;
         let mut p = fetched.unwrap_or_default();
         let past_second = drop_after(&mut p, c.ts);
         let records = self.take_second(&mut c, &mut scan, &p);
