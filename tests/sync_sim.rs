@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -445,45 +446,33 @@ async fn a_backfill_of_one_crm_pushes_only_to_crms_read_in_full() {
     cluster.shutdown().await;
 }
 
-/// amoCRM replaces all of a field's values on a write: a phone change from another CRM
-/// replaces the number crmbridge syncs (the first) and keeps the company's others.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_phone_change_keeps_the_other_numbers_amocrm_holds() {
-    let dir = tempfile::tempdir().unwrap();
-    let (cluster, path, rally_id) = one_company_in_rally(dir.path(), "Phones Ltd", "phones").await;
+/// A company synced from Rally to the others, to which amoCRM's user then added a mobile
+/// number after the synced one, read back: (cluster, engine, Rally id, amoCRM id). The
+/// engine's store lives in `dir`.
+async fn a_company_with_two_numbers_in_amocrm(
+    dir: &std::path::Path,
+) -> (SimCluster, Arc<Engine>, String, i64) {
+    let (cluster, path, rally_id) = one_company_in_rally(dir, "Phones Ltd", "phones").await;
     let (engine, _metrics) = engine_for(&path).await;
     let sd = CancellationToken::new();
     let all = BackfillOptions::default();
     engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
     let (amo_id, _) = synced_ids(&cluster, "Phones Ltd");
-    // amoCRM's user adds a mobile number after the synced one.
     cluster.amocrm.update(
         amo_id,
         json!({"custom_fields_values": [{"field_code": "PHONE", "values": [
             {"value": "+1 555 0100", "enum_code": "WORK"},
             {"value": "+1 650 555 0123", "enum_code": "MOB"}]}]}),
     );
+    // amoCRM timestamps have whole seconds, and a read of amoCRM leaves the current
+    // second to the next one: the edit is read once its second is over.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
-    // Rally's user changes the phone.
-    cluster
-        .rally
-        .update(&rally_id, json!({"phone": "+1 555 0199"}));
-    engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
-    let record = cluster.amocrm.get(amo_id).unwrap();
-    let phones: Vec<&str> = record["custom_fields_values"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["field_code"] == "PHONE")
-        .unwrap()["values"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["value"].as_str().unwrap())
-        .collect();
-    assert_eq!(phones, ["+1 555 0199", "+1 650 555 0123"], "{record}");
-    cluster.shutdown().await;
+    assert_eq!(
+        amo_phones(&cluster, amo_id),
+        ["+1 555 0100", "+1 650 555 0123"]
+    );
+    (cluster, engine, rally_id, amo_id)
 }
 
 /// The PHONE values amoCRM holds for company `id`.
@@ -499,34 +488,42 @@ fn amo_phones(cluster: &SimCluster, id: i64) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
+/// amoCRM replaces all of a field's values on a write: a phone change from another CRM
+/// replaces the number crmbridge syncs (the first) and keeps the company's others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_change_keeps_the_other_numbers_amocrm_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, engine, rally_id, amo_id) =
+        a_company_with_two_numbers_in_amocrm(dir.path()).await;
+    cluster
+        .rally
+        .update(&rally_id, json!({"phone": "+1 555 0199"}));
+    let all = BackfillOptions::default();
+    let sd = CancellationToken::new();
+    engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
+    assert_eq!(
+        amo_phones(&cluster, amo_id),
+        ["+1 555 0199", "+1 650 555 0123"]
+    );
+    cluster.shutdown().await;
+}
+
+/// A phone removed in another CRM removes only the number crmbridge syncs; amoCRM's next
+/// number then becomes the company's phone everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_phone_cleared_elsewhere_keeps_the_other_numbers_amocrm_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let (cluster, path, rally_id) = one_company_in_rally(dir.path(), "Phones Ltd", "phones").await;
-    let (engine, _metrics) = engine_for(&path).await;
-    let sd = CancellationToken::new();
+    let (cluster, engine, rally_id, amo_id) =
+        a_company_with_two_numbers_in_amocrm(dir.path()).await;
     let all = BackfillOptions::default();
-    engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
-    let (amo_id, _) = synced_ids(&cluster, "Phones Ltd");
-    cluster.amocrm.update(
-        amo_id,
-        json!({"custom_fields_values": [{"field_code": "PHONE", "values": [
-            {"value": "+1 555 0100", "enum_code": "WORK"},
-            {"value": "+1 650 555 0123", "enum_code": "MOB"}]}]}),
-    );
-    // amoCRM timestamps have whole seconds: the edit above must not share one with the
-    // backfill's write, or its read could not tell them apart.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
-    // Rally's user removes the phone: the synced number goes, the mobile stays.
+    let sd = CancellationToken::new();
     cluster.rally.update(&rally_id, json!({"phone": null}));
     // As a daemon would (its poll interval apart): the write to amoCRM lands in a later
     // second than the clear, so what amoCRM then shows is the newer value.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
     assert_eq!(amo_phones(&cluster, amo_id), ["+1 650 555 0123"]);
-    // amoCRM's remaining number is now its phone, and reaches the others (once that
-    // write is a second old: a read of amoCRM leaves the current second to the next one).
+    // Read once that write's second is over.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
     assert_eq!(
