@@ -211,6 +211,27 @@ async fn a_short_page_ends_the_cycle_and_the_next_since_is_the_cycle_start() {
 }
 
 #[tokio::test]
+async fn a_list_wrapped_in_an_object_is_read_like_a_bare_one() {
+    let server = MockServer::start().await;
+    let rows: Value = serde_json::from_str(fixture!("list_short_two.json")).unwrap();
+    let wrapped = json!({"data": rows, "total": 2, "limit": 3, "offset": 0}).to_string();
+    Mock::given(method("GET"))
+        .and(path("/api/v1/companies"))
+        .respond_with(ok_json(&wrapped))
+        .mount(&server)
+        .await;
+    let f = connector(&server, 3);
+    f.conn.start().await.expect("a Rally API");
+    let page = f
+        .conn
+        .poll(&Cursor::start(), &PollMode::Incremental)
+        .await
+        .unwrap();
+    assert_eq!(page.records.len(), 2, "{page:?}");
+    assert!(!page.more);
+}
+
+#[tokio::test]
 async fn full_pages_are_requested_with_one_row_of_overlap() {
     let server = MockServer::start().await;
     mount_list(&server, "0", fixture!("list_a_b_c.json")).await;

@@ -285,7 +285,7 @@ impl Connector for RallyConnector {
             .auth(self.auth.clone())
             .query("limit", "1");
         let resp = self.client.send(req, &DefaultClassifier).await?;
-        if resp.json.as_ref().is_some_and(serde_json::Value::is_array) {
+        if resp.json.as_ref().and_then(wire::list_rows).is_some() {
             Ok(())
         } else {
             Err(ConnectorError::Fatal {

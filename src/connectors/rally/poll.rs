@@ -303,13 +303,13 @@ impl RallyConnector {
             let now = server_now.map_or(local_start, |s| s.min(local_start));
             st.cycle_start = Some(now - self.opts.lag);
         }
-        let rows = match resp.json.as_ref() {
-            Some(Value::Array(rows)) => rows.as_slice(),
-            Some(other) => {
+        let rows = match resp.json.as_ref().map(|v| (v, wire::list_rows(v))) {
+            Some((_, Some(rows))) => rows,
+            Some((other, None)) => {
                 return Err(ConnectorError::Transient {
                     connector: self.name.clone(),
                     detail: format!(
-                        "GET companies answered {} instead of a JSON array",
+                        "GET companies answered {} without a list of companies",
                         wire::kind(other)
                     ),
                     retry_after: None,
@@ -416,8 +416,8 @@ impl RallyConnector {
         let following = resp
             .json
             .as_ref()
-            .and_then(Value::as_array)
-            .map_or(0, Vec::len);
+            .and_then(wire::list_rows)
+            .map_or(0, <[Value]>::len);
         if following == 0 {
             return Ok(limit);
         }

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use super::RallyConnector;
 use super::bulk_shape::BulkShape;
-use super::wire::{RecordVerdictClassifier, error_message, wire_time};
+use super::wire::{RecordVerdictClassifier, error_message, list_rows, wire_time};
 use crate::connector::{ConnectorError, PushItem, PushOutcome};
 use crate::http::{ApiRequest, ApiResponse, HttpError};
 
@@ -446,7 +446,7 @@ impl RallyConnector {
             let Ok(resp) = self.client.send(req, &crate::http::DefaultClassifier).await else {
                 break;
             };
-            let Some(rows) = resp.json.as_ref().and_then(Value::as_array) else {
+            let Some(rows) = resp.json.as_ref().and_then(list_rows) else {
                 break;
             };
             for row in rows {
@@ -566,7 +566,7 @@ impl RallyConnector {
                 .await?;
             // An unreadable answer must not read as "no such record": that would create
             // the duplicate this look-up exists to prevent.
-            let Some(rows) = resp.json.as_ref().and_then(Value::as_array) else {
+            let Some(rows) = resp.json.as_ref().and_then(list_rows) else {
                 return Err(HttpError::Decode {
                     connector: self.name.clone(),
                     endpoint: "GET companies",

@@ -159,6 +159,28 @@ fn is_text_field(key: &str) -> bool {
 }
 
 /// A JSON value's kind, for reasons.
+/// The rows of a list answer. Rally's document shows a bare JSON array; a server wrapping
+/// the page in an object (`{"data": [...], "total": n}`, as many APIs do) is read too: the
+/// array under a usual key (`data`, `items`, `companies`, `results`, `records`), else the
+/// object's only array. `None`: no rows can be found in the answer.
+pub fn list_rows(v: &Value) -> Option<&[Value]> {
+    let obj = match v {
+        Value::Array(rows) => return Some(rows),
+        Value::Object(obj) => obj,
+        _ => return None,
+    };
+    for key in ["data", "items", "companies", "results", "records"] {
+        if let Some(Value::Array(rows)) = obj.get(key) {
+            return Some(rows);
+        }
+    }
+    let mut arrays = obj.values().filter_map(Value::as_array);
+    match (arrays.next(), arrays.next()) {
+        (Some(rows), None) => Some(rows),
+        _ => None,
+    }
+}
+
 pub fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -222,6 +244,29 @@ impl Classifier for RecordVerdictClassifier {
             400 | 404 | 409 | 422 => Outcome::Success,
             _ => DefaultClassifier.classify(resp),
         }
+    }
+}
+
+#[cfg(test)]
+mod list_rows_tests {
+    use super::list_rows;
+    use serde_json::json;
+
+    #[test]
+    fn bare_and_wrapped_pages_give_their_rows() {
+        let rows = [json!({"id": "a"})];
+        assert_eq!(list_rows(&json!([{"id": "a"}])), Some(&rows[..]));
+        assert_eq!(
+            list_rows(&json!({"data": [{"id": "a"}], "total": 1})),
+            Some(&rows[..])
+        );
+        assert_eq!(
+            list_rows(&json!({"page": {"rows": [{"id": "a"}]}, "list": [{"id": "a"}]})),
+            Some(&rows[..])
+        );
+        assert_eq!(list_rows(&json!({"a": [], "b": []})), None);
+        assert_eq!(list_rows(&json!({"error": "no"})), None);
+        assert_eq!(list_rows(&json!("x")), None);
     }
 }
 
