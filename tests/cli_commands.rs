@@ -57,6 +57,36 @@ fn writes(s: &crmbridge::sim::common::StatsSnapshot) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_online_says_where_a_rule_naming_a_missing_field_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path) = scaled_cluster(3, dir.path(), None).await;
+    let with_rule = dir.path().join("rule.toml");
+    let mut src = std::fs::read_to_string(&path).unwrap();
+    src.push_str(
+        "\n[[connectors.marketo.mapping.fields]]\ncanonical = \"custom.segment\"\n\
+         vendor = \"segmentNoSuchField\"\n",
+    );
+    let line = src.lines().count();
+    std::fs::write(&with_rule, &src).unwrap();
+    let out = crmbridge(&["check", "--online"], &with_rule);
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{shown}");
+    let problem = shown
+        .lines()
+        .find(|l| l.contains("segmentNoSuchField"))
+        .unwrap_or_else(|| panic!("no problem reported:\n{shown}"));
+    assert!(
+        problem.starts_with(&format!(
+            "{}:{line}:10: connectors.marketo.mapping.fields[",
+            with_rule.display()
+        )) && problem
+            .contains("].vendor: mapped vendor field \"segmentNoSuchField\" does not exist"),
+        "{problem}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_accepts_a_valid_config_and_rejects_a_broken_one() {
     let dir = tempfile::tempdir().unwrap();
     let (cluster, path) = scaled_cluster(3, dir.path(), None).await;

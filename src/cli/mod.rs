@@ -165,8 +165,10 @@ async fn check(path: PathBuf, online: bool) -> ExitCode {
                     }
                     for p in found.problems {
                         failed = true;
-                        // Connector errors already name their connector.
-                        if p.starts_with(&format!("{connector}:")) {
+                        // Connector errors already name their connector, and problems
+                        // of a mapping rule say where it is (FILE:LINE:COL: KEY: …).
+                        let file = format!("{}:", cfg.source.display());
+                        if p.starts_with(&format!("{connector}:")) || p.starts_with(&file) {
                             println!("{p}");
                         } else {
                             println!("{connector}: {p}");

@@ -407,3 +407,35 @@ pub fn check_report(path: &Path) -> (bool, String) {
         }
     }
 }
+
+/// Where rule `index` of connector `connector`'s `[[connectors.<name>.mapping.fields]]`
+/// names its vendor field in config `text` (the rule itself when it names none):
+/// `"line:column: dotted.key"`, for messages about the rule found after loading (by
+/// `check --online`). `None` when the text does not hold that rule.
+pub fn mapping_rule_position(text: &str, connector: &str, index: usize) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+    fn table<'a, 'i>(v: &'a toml::Spanned<DeValue<'i>>) -> Option<&'a DeTable<'i>> {
+        match v.get_ref() {
+            DeValue::Table(t) => Some(t),
+            _ => None,
+        }
+    }
+    let root = DeTable::parse(text).ok()?;
+    let connectors = root.get_ref().get("connectors").and_then(table)?;
+    let mapping = connectors.get(connector).and_then(table)?;
+    let mapping = mapping.get("mapping").and_then(table)?;
+    let DeValue::Array(rules) = mapping.get("fields")?.get_ref() else {
+        return None;
+    };
+    let rule = rules.get(index)?;
+    let path = format!("connectors.{connector}.mapping.fields[{index}]");
+    let (span, key) = match rule.get_ref() {
+        DeValue::Table(t) => ["vendor", "field_code", "field_id", "field_name"]
+            .iter()
+            .find_map(|k| t.get(*k).map(|v| (v.span(), format!("{path}.{k}"))))
+            .unwrap_or((rule.span(), path)),
+        _ => (rule.span(), path),
+    };
+    let (line, column) = error::LineIndex::new(text).position(span.start);
+    Some(format!("{line}:{column}: {key}"))
+}

@@ -36,6 +36,25 @@ pub fn build(
     }
 }
 
+/// The config file's name and text, and the connector whose rules are looked up in it,
+/// so that problems with a mapping rule can say where the rule is.
+pub struct ConfigText<'a> {
+    /// The file, as it is named in messages.
+    pub file: &'a std::path::Path,
+    /// Its text (empty when it could not be read again: no positions then).
+    pub text: &'a str,
+    /// The connector (its table name).
+    pub connector: &'a str,
+}
+
+impl ConfigText<'_> {
+    /// `file:line:column: key` of the connector's mapping rule `index`.
+    fn rule(&self, index: usize) -> Option<String> {
+        let at = crate::config::mapping_rule_position(self.text, self.connector, index)?;
+        Some(format!("{}:{at}", self.file.display()))
+    }
+}
+
 /// What `check --online` found out about one connector's instance.
 #[derive(Debug, Default)]
 pub struct OnlineFindings {
@@ -73,6 +92,7 @@ pub async fn check_online(config: &Config) -> Result<Vec<(String, OnlineFindings
         store,
         metrics: Arc::new(Metrics::new()),
     };
+    let text = std::fs::read_to_string(&config.source).unwrap_or_default();
     let mut out = Vec::new();
     for (name, cfg) in config.connectors.iter().filter(|(_, c)| c.common().enabled) {
         let mut found = OnlineFindings::default();
@@ -101,7 +121,14 @@ pub async fn check_online(config: &Config) -> Result<Vec<(String, OnlineFindings
                         conn.unavailable_fields(k)
                     });
                     match fitted {
-                        Ok(f) => sort_missing_fields(cfg, &f, &mut found),
+                        Ok(f) => {
+                            let at = ConfigText {
+                                file: &config.source,
+                                text: &text,
+                                connector: name,
+                            };
+                            sort_missing_fields(cfg, &f, &mut found, &at);
+                        }
                         Err(errs) => found.problems.extend(errs.iter().map(|e| e.to_string())),
                     }
                     found.problems.extend(conn.online_problems().await);
@@ -125,21 +152,32 @@ fn sort_missing_fields(
     cfg: &ConnectorConfig,
     fitted: &crate::mapping::Fitted,
     found: &mut OnlineFindings,
+    rules_at: &ConfigText<'_>,
 ) {
-    let own = crate::mapping::MappingRules {
-        use_defaults: false,
-        ignore: Vec::new(),
-        fields: cfg.mapping().fields.clone(),
-    };
-    let own = crate::mapping::Mapping::compile(cfg.kind(), &own)
-        .map(|m| m.vendor_keys())
-        .unwrap_or_default();
+    // The vendor keys of each of the config's own rules, in order.
+    let own: Vec<Vec<String>> = cfg
+        .mapping()
+        .fields
+        .iter()
+        .map(|rule| {
+            let alone = crate::mapping::MappingRules {
+                use_defaults: false,
+                ignore: Vec::new(),
+                fields: vec![rule.clone()],
+            };
+            crate::mapping::Mapping::compile(cfg.kind(), &alone)
+                .map(|m| m.vendor_keys())
+                .unwrap_or_default()
+        })
+        .collect();
     let full = crate::mapping::Mapping::compile(cfg.kind(), cfg.mapping());
     for key in &fitted.missing {
-        if own.contains(key) {
-            found.problems.push(format!(
-                "mapped vendor field {key:?} does not exist on this instance"
-            ));
+        if let Some(index) = own.iter().position(|keys| keys.contains(key)) {
+            let problem = format!("mapped vendor field {key:?} does not exist on this instance");
+            found.problems.push(match rules_at.rule(index) {
+                Some(at) => format!("{at}: {problem}"),
+                None => problem,
+            });
         } else {
             let fields = full
                 .as_ref()
@@ -186,6 +224,9 @@ base_url = "http://127.0.0.1:1"
 type = "long_lived"
 token = { env = "UNUSED_TOKEN" }
 [[connectors.amo.mapping.fields]]
+canonical = "city"
+field_name = "Town"
+[[connectors.amo.mapping.fields]]
 canonical = "industry"
 field_name = "Sector"
 "#;
@@ -201,10 +242,18 @@ field_name = "Sector"
             })
             .unwrap();
             let mut found = OnlineFindings::default();
-            sort_missing_fields(cfg, &fitted, &mut found);
+            let at = ConfigText {
+                file: std::path::Path::new("t.toml"),
+                text: toml,
+                connector: "amo",
+            };
+            sort_missing_fields(cfg, &fitted, &mut found, &at);
             assert_eq!(
                 found.problems,
-                ["mapped vendor field \"cf.name.Sector\" does not exist on this instance"]
+                [
+                    "t.toml:16:14: connectors.amo.mapping.fields[1].field_name: mapped vendor \
+                     field \"cf.name.Sector\" does not exist on this instance"
+                ]
             );
             found.notes
         };
