@@ -697,6 +697,11 @@ async fn rejected_static_key_is_an_auth_error_without_a_second_call() {
     assert!(matches!(err, HttpError::Auth { .. }), "{err:?}");
     assert!(!format!("{err} {err:?}").contains("rk_bad"), "{err:?}");
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    // What a user reads: the connector, the call and the reason, each once.
+    assert_eq!(
+        ConnectorError::from(err).to_string(),
+        "rally: authentication failed: GET companies: the x-api-key credential was rejected"
+    );
 }
 
 /// A server answering the first `n` GETs with `first`, then `ok_json()`.

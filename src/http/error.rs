@@ -196,7 +196,15 @@ impl From<HttpError> for ConnectorError {
                     retry_after: None,
                 }
             }
-            HttpError::Auth { .. } => ConnectorError::Auth { connector, detail },
+            // `ConnectorError::Auth` says "authentication failed" and names the connector.
+            HttpError::Auth {
+                endpoint,
+                detail: why,
+                ..
+            } => ConnectorError::Auth {
+                connector,
+                detail: format!("{endpoint}: {why}"),
+            },
             HttpError::Suspended { until, .. } => ConnectorError::Suspended {
                 connector,
                 detail,

@@ -1024,6 +1024,26 @@ impl HttpClient {
             | HttpError::Transient { .. }
             | HttpError::Timeout { .. }
             | HttpError::Connection { .. } => e,
+            // Already an authentication failure (of the credentials, or of the token
+            // endpoint): say where, without saying "authentication failed" twice.
+            HttpError::Auth {
+                endpoint: "auth",
+                detail,
+                ..
+            } => HttpError::Auth {
+                connector: self.inner.cfg.connector.clone(),
+                endpoint,
+                detail,
+            },
+            HttpError::Auth {
+                endpoint: inner,
+                detail,
+                ..
+            } => HttpError::Auth {
+                connector: self.inner.cfg.connector.clone(),
+                endpoint,
+                detail: format!("{inner}: {detail}"),
+            },
             other => HttpError::Auth {
                 connector: self.inner.cfg.connector.clone(),
                 endpoint,
