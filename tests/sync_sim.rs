@@ -412,7 +412,7 @@ async fn a_backfill_of_one_crm_pushes_only_to_crms_read_in_full() {
         .amocrm
         .create(json!({"name": "Twice Ltd", "custom_fields_values": domain}));
     // amoCRM's connector reads a second only once it is over: let this one end.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    amocrm_second_settled().await;
     let (engine, _metrics) = engine_for(&path).await;
     let sd = CancellationToken::new();
     let only_rally = BackfillOptions {
@@ -466,13 +466,24 @@ async fn a_company_with_two_numbers_in_amocrm(
     );
     // amoCRM timestamps have whole seconds, and a read of amoCRM leaves the current
     // second to the next one: the edit is read once its second is over.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    amocrm_second_settled().await;
     engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
     assert_eq!(
         amo_phones(&cluster, amo_id),
         ["+1 555 0100", "+1 650 555 0123"]
     );
     (cluster, engine, rally_id, amo_id)
+}
+
+/// Returns once the current second is one amoCRM's connector reads: over, and settled
+/// (`SETTLE`). amoCRM stamps whole seconds, so there is no event to wait for.
+async fn amocrm_second_settled() {
+    let now = Utc::now();
+    let next_second = now.timestamp() + 1;
+    let settled = chrono::DateTime::from_timestamp(next_second, 0).unwrap()
+        + chrono::Duration::from_std(crmbridge::connectors::amocrm::poll::SETTLE).unwrap()
+        + chrono::Duration::milliseconds(50);
+    tokio::time::sleep((settled - now).to_std().unwrap()).await;
 }
 
 /// The PHONE values amoCRM holds for company `id`.
@@ -520,11 +531,11 @@ async fn a_phone_cleared_elsewhere_keeps_the_other_numbers_amocrm_holds() {
     cluster.rally.update(&rally_id, json!({"phone": null}));
     // As a daemon would (its poll interval apart): the write to amoCRM lands in a later
     // second than the clear, so what amoCRM then shows is the newer value.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    amocrm_second_settled().await;
     engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
     assert_eq!(amo_phones(&cluster, amo_id), ["+1 650 555 0123"]);
     // Read once that write's second is over.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    amocrm_second_settled().await;
     engine.backfill(&all, &sd, &|_, _| {}).await.unwrap();
     assert_eq!(
         cluster.rally.get(&rally_id).unwrap()["phone"],

@@ -11,8 +11,11 @@
 //! # Reading changes (cursor scheme)
 //! The cursor is `(ts, ids)`: every company updated before second `ts` has been returned,
 //! and of those updated *at* `ts`, the ids listed. Each poll cycle fixes its upper bound
-//! at `now − 1 s` when it starts (amoCRM stamps whole seconds, so a second that is over
-//! can gain no more writes) and keeps it in the cursor until the cycle ends.
+//! when it starts at the last whole second that ended at least 300 ms before (amoCRM
+//! stamps whole seconds, so a second that is over can gain no more writes; the 300 ms
+//! let a write stamped at its very end be stored, and cover a server clock slightly behind
+//! ours) and keeps it in the cursor until the cycle ends. Cycles are timed to begin just
+//! after that point.
 //!
 //! With API filtering (`GET /api/v4/account?with=is_api_filter_enabled`) each call is
 //! `filter[updated_at][from]=ts&filter[updated_at][to]=upper+1&order[updated_at]=asc&
@@ -397,9 +400,10 @@ impl Connector for AmocrmConnector {
     }
 
     fn poll_phase(&self) -> Option<std::time::Duration> {
-        // A cycle reads the seconds that are over (`updated_at` has whole seconds): begun
-        // just after a second starts, it reads a change of the second before at once.
-        Some(std::time::Duration::from_millis(20))
+        // A cycle reads the seconds that are over (`updated_at` has whole seconds) and
+        // have settled: begun just after that, it reads a change of the second before
+        // at once.
+        Some(poll::SETTLE + std::time::Duration::from_millis(20))
     }
 
     fn updates_are_partial(&self) -> bool {

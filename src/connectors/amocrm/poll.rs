@@ -104,6 +104,18 @@ impl AmoCursor {
     }
 }
 
+/// How long after a second ends the writes stamped with it are all taken to be listed: a
+/// write stamped just before the second ended may be stored a little later (a batch of
+/// 250 takes the server a while), and the server's clock may be a little behind ours.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// The last second a cycle starting at `now` reads: whole seconds that were over
+/// [`SETTLE`] ago, so a later write cannot land in them.
+fn upper_bound(now: chrono::DateTime<Utc>) -> i64 {
+    let settled = now - chrono::Duration::from_std(SETTLE).expect("a short duration");
+    settled.timestamp() - 1
+}
+
 /// Drops from `p` the records updated after second `last` (they stay uncounted in its raw
 /// count); true if there were any.
 fn drop_after(p: &mut ParsedPage, last: i64) -> bool {
@@ -176,8 +188,7 @@ impl AmocrmConnector {
         let upper = match c.upper {
             Some(u) => u,
             None => {
-                // Only whole seconds that are over: a later write cannot land in them.
-                let u = Utc::now().timestamp() - 1;
+                let u = upper_bound(Utc::now());
                 if c.ts > u {
                     return Ok(Page {
                         next: c.to_cursor(),
@@ -372,6 +383,16 @@ mod tests {
         assert_eq!(c.ts, 1_650_000_000);
         let c = AmoCursor::from_cursor(&Cursor::start(), &PollMode::Incremental).unwrap();
         assert_eq!(c.ts, 0);
+    }
+
+    #[test]
+    fn a_cycle_reads_only_seconds_over_for_longer_than_the_settling_time() {
+        let at = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap();
+        // 100.35 s: second 99 ended 350 ms ago.
+        assert_eq!(upper_bound(at(100_350)), 99);
+        // 100.10 s: second 99 ended only 100 ms ago; a write stamped 99 may not be
+        // stored yet.
+        assert_eq!(upper_bound(at(100_100)), 98);
     }
 
     #[test]

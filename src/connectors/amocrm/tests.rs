@@ -110,8 +110,8 @@ async fn cycle(conn: &AmocrmConnector, cursor: &mut Cursor) -> Vec<VendorRecord>
     panic!("the poll cycle never ended (cursor {cursor:?})");
 }
 
-/// Waits until the current whole second is over, so that writes made so far fall at or
-/// before the next cycle's upper bound (`now − 1 s`): that boundary is the behaviour.
+/// Waits until the current whole second is over and settled, so that writes made so far
+/// fall at or before the next cycle's upper bound: that boundary is the behaviour.
 async fn let_second_pass() {
     tokio::time::sleep(Duration::from_millis(2_050)).await;
 }
