@@ -544,6 +544,11 @@ impl Engine {
             let unconfirmed_since = tx
                 .outbox_mark_sending(target, seq)?
                 .and_then(|e| e.unconfirmed_since);
+            if vendor_id.is_none() {
+                // Should the process die before the outcome is stored, a read of the target
+                // recognises the record this create made by its content.
+                tx.note_create_in_flight(target, &hash, &entry.canonical_id)?;
+            }
             items.push(PushItem {
                 canonical_id: entry.canonical_id.clone(),
                 vendor_id,
@@ -624,6 +629,9 @@ impl Engine {
                         ..planned_entry.clone()
                     };
                     let hash = &ledger.hash;
+                    if item.vendor_id.is_none() {
+                        tx.forget_create_in_flight(target, hash, &item.canonical_id)?;
+                    }
                     // A create the target resolved to a record that belongs to another
                     // company (both have the domain a Rally upsert matches, a replay found
                     // the other's record): the target holds one record for the two. Moving
@@ -685,6 +693,13 @@ impl Engine {
                     debug!(vendor_id = %vendor_id, created, "written");
                 }
                 Some(PushOutcome::Rejected { reason }) => {
+                    if item.vendor_id.is_none() {
+                        tx.forget_create_in_flight(
+                            target,
+                            &planned_entry.hash,
+                            &item.canonical_id,
+                        )?;
+                    }
                     warn!(vendor_id = item.vendor_id.as_deref().unwrap_or("-"), reason = %reason, "rejected by target; dead-lettered");
                     tx.add_dead_letter(DeadLetterNew {
                         connector: target.to_string(),

@@ -39,6 +39,9 @@ struct FakeCrm {
     one_per_website: bool,
     /// Declares its updates partial (it always stores only the fields sent).
     partial: bool,
+    /// Once set, a push stores its records, notifies this, and never answers (the
+    /// process dies before the outcome is stored).
+    dies_after_storing: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl FakeCrm {
@@ -53,6 +56,7 @@ impl FakeCrm {
             pushes: Mutex::default(),
             one_per_website: false,
             partial: false,
+            dies_after_storing: None,
         }
     }
 
@@ -107,6 +111,18 @@ impl Connector for FakeCrm {
         100
     }
     async fn push(&self, items: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
+        let out = self.store_pushed(items);
+        if let Some(stored) = &self.dies_after_storing {
+            stored.notify_one();
+            std::future::pending::<()>().await;
+        }
+        Ok(out)
+    }
+}
+
+impl FakeCrm {
+    /// Stores what `items` write, as the CRM would, and says what became of each.
+    fn store_pushed(&self, items: &[PushItem]) -> Vec<PushOutcome> {
         let mut records = self.records.lock().unwrap();
         let mut out = Vec::new();
         for it in items {
@@ -141,7 +157,7 @@ impl Connector for FakeCrm {
                 created,
             });
         }
-        Ok(out)
+        out
     }
 }
 
@@ -676,4 +692,86 @@ async fn a_change_the_record_already_holds_in_full_sends_nothing() {
     let s = e.drain_all("b", &sd).await.unwrap();
     assert_eq!((s.written, s.skipped), (0, 1), "{s:?}");
     assert_eq!(b.pushes.lock().unwrap().len(), pushes, "nothing sent");
+}
+
+/// The process dies after a create reached "b" and before its outcome was stored; "b" is
+/// read before the create is replayed. The record it made has no domain, so no key can
+/// match it: it is recognised by its content as our create, not made a second company
+/// (which would then be created again in every other CRM).
+#[tokio::test]
+async fn a_create_whose_outcome_was_lost_is_recognised_when_read_back() {
+    // Read alone (looked up in the write transaction) and among 40 other records (looked
+    // up ahead on the page's snapshot).
+    for others in [0, 40] {
+        a_lost_create_read_back_among(others).await;
+    }
+}
+
+async fn a_lost_create_read_back_among(others: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = Arc::new(tokio::sync::Notify::new());
+    let b = Arc::new(FakeCrm {
+        dies_after_storing: Some(stored.clone()),
+        ..FakeCrm::new("b", PreWriteRead::Nothing)
+    });
+    let store = Arc::new(Store::open(&dir.path().join("lost.redb")).unwrap());
+    let endpoint = |name: &str, connector: Arc<dyn Connector>| Endpoint {
+        name: name.into(),
+        connector,
+        mapping: Mapping::compile(CrmKind::Rally, &MappingRules::default()).unwrap(),
+        poll_interval: std::time::Duration::from_secs(60),
+    };
+    let e = Arc::new(Engine::new(
+        store,
+        vec![endpoint("a", Arc::new(FedOnly)), endpoint("b", b.clone())],
+        EngineSettings {
+            targets: [
+                ("a".into(), vec!["b".into()]),
+                ("b".into(), vec!["a".into()]),
+            ]
+            .into(),
+            match_keys: vec![MatchKeyKind::Domain],
+            ..Default::default()
+        },
+        Arc::new(Metrics::new()),
+    ));
+    let page = Page {
+        records: vec![vendor_record(
+            "a1",
+            100,
+            json!({"name": "Nameless Ltd", "city": "Leeds"}),
+        )],
+        next: Cursor(json!(1)),
+        ..Default::default()
+    };
+    e.ingest_page("a", &page, "a").unwrap();
+    let drain = tokio::spawn({
+        let e = e.clone();
+        async move { e.drain_batch("b").await }
+    });
+    stored.notified().await;
+    drain.abort();
+    let _ = drain.await;
+
+    // "b" is read: the record our create made, unlinked, after `others` of its own.
+    let mut records: Vec<VendorRecord> = (0..others)
+        .map(|i| {
+            let fields = json!({"name": format!("B {i}"), "domain": format!("b{i}.example")});
+            vendor_record(&format!("own{i}"), 50, fields)
+        })
+        .collect();
+    records.push(b.record("b1"));
+    let page = Page {
+        records,
+        next: Cursor(json!(2)),
+        ..Default::default()
+    };
+    let stats = e.ingest_page("b", &page, "b").unwrap();
+    assert_eq!(stats.created, others, "{stats:?}");
+    let tx = e.store().begin_read().unwrap();
+    assert_eq!(tx.company_count().unwrap(), 1 + others as u64);
+    assert_eq!(
+        tx.link_of("b", "b1").unwrap(),
+        tx.link_of("a", "a1").unwrap()
+    );
 }

@@ -331,6 +331,11 @@ fn look_up(
             break;
         }
     }
+    // A create of ours that landed but whose outcome was never stored (the process died
+    // in between): without this, a company without a domain would be created twice.
+    if seen.found.is_none() {
+        seen.found = snap.unlinked_create_in_flight(source, hash)?;
+    }
     if seen.found.is_some() {
         return Ok((seen, Some(fields)));
     }
@@ -763,6 +768,10 @@ impl Engine {
                                 break;
                             }
                         }
+                    }
+                    // As in `look_up`: a create of ours whose outcome was never stored.
+                    if found.is_none() {
+                        found = tx.unlinked_create_in_flight(source, &hash)?;
                     }
                     match found {
                         Some(cid) => {

@@ -98,6 +98,12 @@ const PUSH_DEAD_LETTERS: Tbl<(&str, &str), u64> = tbl!("push_dead_letters", push
 /// another company's record: not created there again while its keys are the same (until
 /// its dead letter is retried or dropped).
 const BLOCKED_CREATES: Tbl<(&str, &str), &str> = tbl!("blocked_creates", blocked_creates);
+/// (target, content hash) → the companies whose create was sent to `target` with that
+/// content and has no recorded outcome yet (newline-separated ids; almost always one).
+/// A record read from `target` with that content and no link is such a create that
+/// landed — found after a crash between the send and its outcome, before the replay
+/// could look for it — and is linked to its company instead of becoming a new one.
+const CREATES_IN_FLIGHT: Tbl<(&str, &str), &str> = tbl!("creates_in_flight", creates_in_flight);
 // Tables of schema 2 and before, read only by the migrations (which then delete them).
 /// (connector, vendor_id) → canonical id.
 const V2_LINKS: Tbl<(&str, &str), &str> = tbl!("links", v2_links);
@@ -284,6 +290,7 @@ impl Store {
         tx.table(DEAD_LETTERS)?;
         tx.table(PUSH_DEAD_LETTERS)?;
         tx.table(BLOCKED_CREATES)?;
+        tx.table(CREATES_IN_FLIGHT)?;
         tx.table(TOKENS)?;
         tx.table(QUOTA)?;
         tx.commit()
@@ -556,6 +563,7 @@ struct OpenTables {
     dead_letters: Slot<u64, &'static [u8]>,
     push_dead_letters: Slot<(&'static str, &'static str), u64>,
     blocked_creates: Slot<(&'static str, &'static str), &'static str>,
+    creates_in_flight: Slot<(&'static str, &'static str), &'static str>,
     v2_links: Slot<(&'static str, &'static str), &'static str>,
     v2_ledger: Slot<(&'static str, &'static str), &'static [u8]>,
     v2_outbox_index: Slot<(&'static str, &'static str), u64>,
@@ -583,6 +591,7 @@ struct ReadTables {
     dead_letters: ReadSlot<u64, &'static [u8]>,
     push_dead_letters: ReadSlot<(&'static str, &'static str), u64>,
     blocked_creates: ReadSlot<(&'static str, &'static str), &'static str>,
+    creates_in_flight: ReadSlot<(&'static str, &'static str), &'static str>,
     v2_links: ReadSlot<(&'static str, &'static str), &'static str>,
     v2_ledger: ReadSlot<(&'static str, &'static str), &'static [u8]>,
     v2_outbox_index: ReadSlot<(&'static str, &'static str), u64>,
@@ -1281,6 +1290,60 @@ impl WriteTx {
         Ok(())
     }
 
+    /// Notes that a create of `canonical_id` with content `hash` is about to be sent to
+    /// `target` (commit it with the batch's "sending" marks).
+    pub fn note_create_in_flight(
+        &self,
+        target: &str,
+        hash: &str,
+        canonical_id: &str,
+    ) -> Result<(), StoreError> {
+        let mut t = self.table(CREATES_IN_FLIGHT)?;
+        let ids = t
+            .get((target, hash))
+            .at(CREATES_IN_FLIGHT.name, "get")?
+            .map(|v| v.value().to_string())
+            .unwrap_or_default();
+        if ids.lines().any(|id| id == canonical_id) {
+            return Ok(());
+        }
+        let ids = if ids.is_empty() {
+            canonical_id.to_string()
+        } else {
+            format!("{ids}\n{canonical_id}")
+        };
+        t.insert((target, hash), ids.as_str())
+            .at(CREATES_IN_FLIGHT.name, "insert")?;
+        Ok(())
+    }
+
+    /// Forgets the create noted by [`note_create_in_flight`](Self::note_create_in_flight)
+    /// once its outcome is known.
+    pub fn forget_create_in_flight(
+        &self,
+        target: &str,
+        hash: &str,
+        canonical_id: &str,
+    ) -> Result<(), StoreError> {
+        let mut t = self.table(CREATES_IN_FLIGHT)?;
+        let Some(ids) = t
+            .get((target, hash))
+            .at(CREATES_IN_FLIGHT.name, "get")?
+            .map(|v| v.value().to_string())
+        else {
+            return Ok(());
+        };
+        let rest: Vec<&str> = ids.lines().filter(|id| *id != canonical_id).collect();
+        if rest.is_empty() {
+            t.remove((target, hash))
+                .at(CREATES_IN_FLIGHT.name, "remove")?;
+        } else {
+            t.insert((target, hash), rest.join("\n").as_str())
+                .at(CREATES_IN_FLIGHT.name, "insert")?;
+        }
+        Ok(())
+    }
+
     /// Records the content hash last pushed to / read from a vendor record.
     pub fn put_ledger(
         &self,
@@ -1597,6 +1660,39 @@ macro_rules! getters {
                     .get((connector, canonical_id))
                     .at(BLOCKED_CREATES.name, "get")?
                     .map(|v| v.value().to_string()))
+            }
+
+            /// The companies whose create with content `hash` was sent to `target`
+            /// without a recorded outcome (see [`WriteTx::note_create_in_flight`]).
+            pub fn creates_in_flight(
+                &self,
+                target: &str,
+                hash: &str,
+            ) -> Result<Vec<CanonicalId>, StoreError> {
+                Ok(self
+                    .table(CREATES_IN_FLIGHT)?
+                    .get((target, hash))
+                    .at(CREATES_IN_FLIGHT.name, "get")?
+                    .map(|v| v.value().lines().map(str::to_string).collect())
+                    .unwrap_or_default())
+            }
+
+            /// Of [`creates_in_flight`](Self::creates_in_flight), the first company that
+            /// still exists and has no record of `target`: the one a first-seen record of
+            /// `target` with content `hash` was made for.
+            pub fn unlinked_create_in_flight(
+                &self,
+                target: &str,
+                hash: &str,
+            ) -> Result<Option<CanonicalId>, StoreError> {
+                for cid in self.creates_in_flight(target, hash)? {
+                    if self.vendor_id_of(&cid, target)?.is_none()
+                        && self.get_company(&cid)?.is_some()
+                    {
+                        return Ok(Some(cid));
+                    }
+                }
+                Ok(None)
             }
 
             /// How many dead letters there are.

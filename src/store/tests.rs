@@ -999,3 +999,35 @@ fn vendor_state_is_taken_from_a_scratch_copy_and_nothing_else() {
         "sync state was copied"
     );
 }
+
+#[test]
+fn creates_in_flight_are_noted_per_content_and_forgotten_one_by_one() {
+    let (_d, store) = temp_store();
+    let tx = store.begin_write().unwrap();
+    tx.put_company(&Company::new("c1".into())).unwrap();
+    tx.put_company(&Company::new("c2".into())).unwrap();
+    tx.note_create_in_flight("b", "h", "c1").unwrap();
+    tx.note_create_in_flight("b", "h", "c2").unwrap();
+    tx.note_create_in_flight("b", "h", "c1").unwrap();
+    tx.commit().unwrap();
+    let r = store.begin_read().unwrap();
+    assert_eq!(r.creates_in_flight("b", "h").unwrap(), ["c1", "c2"]);
+    assert!(r.creates_in_flight("a", "h").unwrap().is_empty());
+    assert_eq!(
+        r.unlinked_create_in_flight("b", "h").unwrap().as_deref(),
+        Some("c1")
+    );
+    drop(r);
+    // c1's record is linked: c2 is the one a record with that content was made for.
+    let tx = store.begin_write().unwrap();
+    tx.put_link("b", "b1", "c1").unwrap();
+    assert_eq!(
+        tx.unlinked_create_in_flight("b", "h").unwrap().as_deref(),
+        Some("c2")
+    );
+    tx.forget_create_in_flight("b", "h", "c2").unwrap();
+    assert_eq!(tx.unlinked_create_in_flight("b", "h").unwrap(), None);
+    tx.forget_create_in_flight("b", "h", "c1").unwrap();
+    assert!(tx.creates_in_flight("b", "h").unwrap().is_empty());
+    tx.commit().unwrap();
+}
