@@ -707,8 +707,9 @@ async fn a_create_whose_outcome_was_lost_is_recognised_when_read_back() {
     }
 }
 
-async fn a_lost_create_read_back_among(others: usize) {
-    let dir = tempfile::tempdir().unwrap();
+/// An engine syncing "a" and "b" (both with Rally's mapping, matching by domain) whose
+/// pushes to "b" die once stored; the `Notify` tells when they are.
+fn dying_pushes(dir: &tempfile::TempDir) -> (Arc<Engine>, Arc<FakeCrm>, Arc<tokio::sync::Notify>) {
     let stored = Arc::new(tokio::sync::Notify::new());
     let b = Arc::new(FakeCrm {
         dies_after_storing: Some(stored.clone()),
@@ -735,12 +736,17 @@ async fn a_lost_create_read_back_among(others: usize) {
         },
         Arc::new(Metrics::new()),
     ));
+    (e, b, stored)
+}
+
+/// Ingests `records` from "a", then pushes them to "b" until the process "dies".
+async fn pushed_and_died(
+    e: &Arc<Engine>,
+    stored: &tokio::sync::Notify,
+    records: Vec<VendorRecord>,
+) {
     let page = Page {
-        records: vec![vendor_record(
-            "a1",
-            100,
-            json!({"name": "Nameless Ltd", "city": "Leeds"}),
-        )],
+        records,
         next: Cursor(json!(1)),
         ..Default::default()
     };
@@ -752,6 +758,13 @@ async fn a_lost_create_read_back_among(others: usize) {
     stored.notified().await;
     drain.abort();
     let _ = drain.await;
+}
+
+async fn a_lost_create_read_back_among(others: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, b, stored) = dying_pushes(&dir);
+    let a1 = vendor_record("a1", 100, json!({"name": "Nameless Ltd", "city": "Leeds"}));
+    pushed_and_died(&e, &stored, vec![a1]).await;
 
     // "b" is read: the record our create made, unlinked, after `others` of its own.
     let mut records: Vec<VendorRecord> = (0..others)
@@ -773,5 +786,41 @@ async fn a_lost_create_read_back_among(others: usize) {
     assert_eq!(
         tx.link_of("b", "b1").unwrap(),
         tx.link_of("a", "a1").unwrap()
+    );
+}
+
+/// Two companies share a domain (two records of "a"; the key names the first), and the
+/// creates of both die unconfirmed. Read back second first, the second's record must not
+/// go to the first company by the key: its content says whose it is.
+#[tokio::test]
+async fn a_lost_create_is_linked_by_its_content_before_any_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, b, stored) = dying_pushes(&dir);
+    let shared = |id: &str, name: &str| {
+        vendor_record(id, 100, json!({"name": name, "domain": "shared.example"}))
+    };
+    pushed_and_died(
+        &e,
+        &stored,
+        vec![shared("a1", "First Ltd"), shared("a2", "Second Ltd")],
+    )
+    .await;
+    let (first, second) = (b.record("b1"), b.record("b2"));
+    assert_eq!(second.fields["name"], json!("Second Ltd"));
+    let page = Page {
+        records: vec![second, first],
+        next: Cursor(json!(2)),
+        ..Default::default()
+    };
+    e.ingest_page("b", &page, "b").unwrap();
+    let tx = e.store().begin_read().unwrap();
+    assert_eq!(tx.company_count().unwrap(), 2);
+    assert_eq!(
+        tx.link_of("b", "b1").unwrap(),
+        tx.link_of("a", "a1").unwrap()
+    );
+    assert_eq!(
+        tx.link_of("b", "b2").unwrap(),
+        tx.link_of("a", "a2").unwrap()
     );
 }

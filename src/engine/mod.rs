@@ -321,6 +321,14 @@ fn look_up(
         seen.found = Some(id.to_string());
         return Ok((seen, Some(fields)));
     }
+    // A create of ours that landed but whose outcome was never stored (the process died
+    // in between), recognised by its content: without this, a company without a domain
+    // would be created twice, and one with a domain another company shares could be
+    // linked to that other company by the key.
+    if let Some(cid) = snap.unlinked_create_in_flight(source, hash)? {
+        seen.found = Some(cid);
+        return Ok((seen, Some(fields)));
+    }
     for k in keys {
         let hit = snap.match_key(k)?;
         seen.looked_up.push(hit.is_some());
@@ -330,11 +338,6 @@ fn look_up(
             seen.found = Some(cid);
             break;
         }
-    }
-    // A create of ours that landed but whose outcome was never stored (the process died
-    // in between): without this, a company without a domain would be created twice.
-    if seen.found.is_none() {
-        seen.found = snap.unlinked_create_in_flight(source, hash)?;
     }
     if seen.found.is_some() {
         return Ok((seen, Some(fields)));
@@ -756,6 +759,10 @@ impl Engine {
                     {
                         found = Some(id.to_string());
                     }
+                    // As in `look_up`: a create of ours whose outcome was never stored.
+                    if found.is_none() {
+                        found = tx.unlinked_create_in_flight(source, &hash)?;
+                    }
                     let unnamed = found.is_none();
                     for k in keys.iter().filter(|_| unnamed) {
                         let hit = tx.match_key(k)?;
@@ -768,10 +775,6 @@ impl Engine {
                                 break;
                             }
                         }
-                    }
-                    // As in `look_up`: a create of ours whose outcome was never stored.
-                    if found.is_none() {
-                        found = tx.unlinked_create_in_flight(source, &hash)?;
                     }
                     match found {
                         Some(cid) => {
