@@ -710,9 +710,19 @@ async fn a_bulk_refused_as_a_whole_is_sent_one_by_one() {
 #[tokio::test]
 async fn a_retried_create_links_the_recent_record_of_the_same_name() {
     let server = MockServer::start().await;
+    // Two records of that name updated lately: the fixture's, created long before the
+    // first attempt (another company of the same name, agreeing on every field pushed),
+    // and one created since (ours; its city edited in Rally meanwhile).
+    let mut rows: Vec<Value> =
+        serde_json::from_str(fixture!("list_same_name_recent.json")).unwrap();
+    let mut ours = rows[0].clone();
+    ours["id"] = json!("00000000-0000-4000-8000-000000000008");
+    ours["createdAt"] = json!((chrono::Utc::now() - chrono::Duration::minutes(4)).to_rfc3339());
+    ours["city"] = json!("Munich");
+    rows.push(ours);
     Mock::given(method("GET"))
         .and(path("/api/v1/companies"))
-        .respond_with(ok_json(fixture!("list_same_name_recent.json")))
+        .respond_with(ok_json(&Value::Array(rows).to_string()))
         .expect(1)
         .mount(&server)
         .await;
@@ -724,13 +734,17 @@ async fn a_retried_create_links_the_recent_record_of_the_same_name() {
         .await;
     let out = connector(&server, 3)
         .conn
-        .push(&[item(None, json!({"name": "Nameless Ltd"}), 1)])
+        .push(&[item(
+            None,
+            json!({"name": "Nameless Ltd", "city": "Berlin", "country": "DE"}),
+            1,
+        )])
         .await
         .unwrap();
     assert_eq!(
         out,
         vec![PushOutcome::Written {
-            vendor_id: "00000000-0000-4000-8000-000000000009".into(),
+            vendor_id: "00000000-0000-4000-8000-000000000008".into(),
             created: true
         }]
     );

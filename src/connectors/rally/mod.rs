@@ -98,11 +98,12 @@
 //! - **without an id or domain, a replay**: `POST /api/v1/companies`, one by one, never
 //!   retried automatically after it may have landed (the item is then `Unconfirmed`).
 //!   Since the item comes back with `unconfirmed_since`, a record of the
-//!   same name updated within `lookup_window` (1 h) is linked instead of creating again
-//!   (the one agreeing on most pushed fields, then the newest). Residual risk: an earlier
-//!   attempt that landed more than `lookup_window` ago, or was renamed since, is created
-//!   twice; a same-named company someone else created in the window is linked
-//!   (updated by later writes) instead of ours being created.
+//!   same name updated within `lookup_window` (1 h), and created no earlier than a minute
+//!   before `unconfirmed_since` (an older record is someone else's: names repeat), is
+//!   linked instead of creating again (the one agreeing on most pushed fields, then the
+//!   newest). Residual risk: an earlier attempt that landed more than `lookup_window`
+//!   ago, or was renamed since, is created twice; a same-named company someone else
+//!   created since is linked (updated by later writes) instead of ours being created.
 //!
 //! Errors: 429 is throttled and retried after `Retry-After`; 5xx/408 retried for
 //! idempotent calls; 401 → `ConnectorError::Auth` (a static key cannot be refreshed).

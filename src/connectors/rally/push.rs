@@ -16,6 +16,10 @@ use super::wire::{RecordVerdictClassifier, error_message, list_rows, wire_time};
 use crate::connector::{ConnectorError, PushItem, PushOutcome};
 use crate::http::{ApiRequest, ApiResponse, HttpError};
 
+/// How much earlier than a create's first attempt, by our clock, Rally may date the record
+/// it made (clocks differ): a same-named record created before that is someone else's.
+const TWIN_CLOCK_SLACK: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
 /// Most records one `POST /companies/bulk` takes (Rally's documented limit).
 pub const BULK_MAX: usize = 100;
 
@@ -496,8 +500,8 @@ impl RallyConnector {
     /// earlier attempt (which may have landed unseen) a recent record of the same name is
     /// linked instead of creating a duplicate.
     async fn create_guarded(&self, item: &PushItem) -> ItemResult {
-        if item.unconfirmed_since.is_some() {
-            match self.find_recent_twin(&item.fields).await {
+        if let Some(since) = item.unconfirmed_since {
+            match self.find_recent_twin(&item.fields, since).await {
                 Ok(Some(id)) => {
                     tracing::info!(connector = %self.name, vendor_id = %id, "linking a record an earlier create attempt left behind");
                     return Ok(PushOutcome::Written {
@@ -547,7 +551,11 @@ impl RallyConnector {
     async fn find_recent_twin(
         &self,
         fields: &Map<String, Value>,
+        first_sent: chrono::DateTime<Utc>,
     ) -> Result<Option<String>, HttpError> {
+        // A record created before the first attempt cannot be its work (same-named
+        // companies are common); a minute of slack for the server's clock.
+        let not_before = first_sent - TWIN_CLOCK_SLACK;
         let Some(name) = fields.get("name").and_then(Value::as_str) else {
             return Ok(None);
         };
@@ -580,6 +588,13 @@ impl RallyConnector {
                 let Some(id) = row.get("id").and_then(Value::as_str) else {
                     continue;
                 };
+                let created_at = row
+                    .get("createdAt")
+                    .and_then(Value::as_str)
+                    .and_then(super::wire::parse_time);
+                if created_at.is_some_and(|t| t < not_before) {
+                    continue;
+                }
                 let agree = fields
                     .iter()
                     .filter(|(k, v)| row.get(*k) == Some(v))
