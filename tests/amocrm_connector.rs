@@ -1127,7 +1127,10 @@ async fn a_server_reading_the_upper_bound_as_exclusive_misses_nothing() {
     let template: Value = serde_json::from_str(&fixture("company_template.json")).unwrap();
     // The newest companies are stamped with the cycle's upper bound, the last second that
     // is over; 300 share one older second (the exact-second procedure).
-    let upper = chrono::Utc::now().timestamp() - 1;
+    // As the connector bounds a cycle: the last whole second over for `SETTLE` (the
+    // connector's own bound, computed a little later, is this one or the next).
+    let settle = chrono::Duration::from_std(crmbridge::connectors::amocrm::poll::SETTLE).unwrap();
+    let upper = (chrono::Utc::now() - settle).timestamp() - 1;
     let mut companies: Vec<(i64, i64)> = (0..300).map(|i| (8_000 + i, upper - 5)).collect();
     companies.extend((0..20).map(|i| (9_000 + i, upper - 5 + i / 5)));
     companies.extend((0..3).map(|i| (9_500 + i, upper)));

@@ -641,6 +641,24 @@ impl Engine {
                         .link_of(target, vendor_id)?
                         .filter(|owner| *owner != item.canonical_id)
                     {
+                        // A replay of a create that may have landed looked for its record
+                        // and took another company's (same name or domain: they repeat).
+                        // Had ours landed, the reads since would have linked it by its
+                        // content; so it is created afresh — once: should that land on
+                        // the other's record too, the target keeps one record for both.
+                        if item.unconfirmed_since.is_some() && item.vendor_id.is_none() {
+                            debug!(vendor_id = %vendor_id, owner = %owner, "a replayed create resolved to another company's record: creating it afresh");
+                            tx.put_ledger(target, vendor_id, &ledger)?;
+                            tx.enqueue(target, &owner, now)?;
+                            tx.outbox_fail_as_not_landed(
+                                target,
+                                *seq,
+                                "its replay resolved to another company's record",
+                            )?;
+                            stats.retried += 1;
+                            retried.push(*seq);
+                            continue;
+                        }
                         let reason = format!(
                             "{target} resolved this new company to its record {vendor_id}, which \
                              belongs to another company ({owner}); {target} keeps one record for \

@@ -824,3 +824,104 @@ async fn a_lost_create_is_linked_by_its_content_before_any_key() {
         tx.link_of("a", "a2").unwrap()
     );
 }
+
+/// A CRM whose first push leaves its creates unconfirmed (a lost answer), whose replays
+/// then "find" record `b1` (another company's, of the same name), and which otherwise
+/// creates `b2`, `b3`, ….
+#[derive(Default)]
+struct TwinGuesser {
+    calls: AtomicUsize,
+    created: AtomicUsize,
+}
+
+#[async_trait]
+impl Connector for TwinGuesser {
+    fn name(&self) -> &str {
+        "b"
+    }
+    async fn start(&self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+    async fn poll(&self, _: &Cursor, _: &PollMode) -> Result<Page, ConnectorError> {
+        Ok(Page::default())
+    }
+    fn pre_write_read(&self) -> PreWriteRead {
+        PreWriteRead::Nothing
+    }
+    fn max_batch(&self) -> usize {
+        100
+    }
+    async fn push(&self, items: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
+        let first = self.calls.fetch_add(1, Ordering::SeqCst) == 0;
+        Ok(items
+            .iter()
+            .map(|it| match (&it.vendor_id, it.unconfirmed_since) {
+                (Some(id), _) => PushOutcome::Written {
+                    vendor_id: id.clone(),
+                    created: false,
+                },
+                (None, _) if first => PushOutcome::Unconfirmed {
+                    reason: "answer lost".into(),
+                },
+                (None, Some(_)) => PushOutcome::Written {
+                    vendor_id: "b1".into(),
+                    created: true,
+                },
+                (None, None) => PushOutcome::Written {
+                    vendor_id: format!("b{}", self.created.fetch_add(1, Ordering::SeqCst) + 2),
+                    created: true,
+                },
+            })
+            .collect())
+    }
+}
+
+/// A replayed create whose look-up took another company's record (names repeat) is
+/// created afresh, not dead-lettered: had it landed, the reads since would have linked
+/// it by its content.
+#[tokio::test]
+async fn a_replay_that_finds_another_companys_record_creates_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("twin.redb")).unwrap());
+    let endpoint = |name: &str, connector: Arc<dyn Connector>| Endpoint {
+        name: name.into(),
+        connector,
+        mapping: Mapping::compile(CrmKind::Rally, &MappingRules::default()).unwrap(),
+        poll_interval: std::time::Duration::from_secs(60),
+    };
+    let e = Arc::new(Engine::new(
+        store,
+        vec![
+            endpoint("a", Arc::new(FedOnly)),
+            endpoint("b", Arc::new(TwinGuesser::default())),
+        ],
+        EngineSettings {
+            targets: [("a".into(), vec!["b".into()])].into(),
+            match_keys: vec![MatchKeyKind::Domain],
+            ..Default::default()
+        },
+        Arc::new(Metrics::new()),
+    ));
+    let page = |id: &str, city: &str| Page {
+        records: vec![vendor_record(
+            id,
+            100,
+            json!({"name": "Same Ltd", "city": city}),
+        )],
+        next: Cursor(json!(1)),
+        ..Default::default()
+    };
+    // "b" holds another company of that name; "a" has its own, new to "b".
+    e.ingest_page("b", &page("b1", "Paris"), "b").unwrap();
+    e.ingest_page("a", &page("a1", "Leeds"), "a").unwrap();
+    let sd = CancellationToken::new();
+    for _ in 0..3 {
+        e.drain_all("b", &sd).await.unwrap();
+    }
+    let tx = e.store().begin_read().unwrap();
+    assert_eq!(tx.dead_letter_count().unwrap(), 0);
+    let ours = tx.link_of("a", "a1").unwrap();
+    assert_eq!(tx.link_of("b", "b2").unwrap(), ours);
+    assert_ne!(tx.link_of("b", "b1").unwrap(), ours);
+    assert_eq!(tx.outbox_len("b").unwrap(), 0);
+}

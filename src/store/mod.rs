@@ -1147,6 +1147,28 @@ impl WriteTx {
         self.outbox_failed(target, seq, error, Some(sent_at))
     }
 
+    /// Records a send of entry `seq` whose earlier, unconfirmed create is now known not to
+    /// be the record the target resolved it to (a replay's look-up found another
+    /// company's): like [`Self::outbox_fail`], and the entry is no longer unconfirmed, so
+    /// the next send creates the company instead of looking for it again.
+    pub fn outbox_fail_as_not_landed(
+        &self,
+        target: &str,
+        seq: u64,
+        error: &str,
+    ) -> Result<Option<OutboxEntry>, StoreError> {
+        let mut outbox = self.table(OUTBOX)?;
+        let Some(mut entry) = self.outbox_entry(&outbox, target, seq)? else {
+            return Ok(None);
+        };
+        entry.sending = false;
+        entry.changed_while_sending = false;
+        entry.last_error = Some(error.to_owned());
+        entry.unconfirmed_since = None;
+        self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
+        Ok(Some(entry))
+    }
+
     fn outbox_failed(
         &self,
         target: &str,
