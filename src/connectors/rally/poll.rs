@@ -309,7 +309,7 @@ impl RallyConnector {
                 return Err(ConnectorError::Transient {
                     connector: self.name.clone(),
                     detail: format!(
-                        "GET companies answered {} without a list of companies",
+                        "GET companies answered {} instead of a JSON array of companies",
                         wire::kind(other)
                     ),
                     retry_after: None,

@@ -161,22 +161,15 @@ fn is_text_field(key: &str) -> bool {
 /// A JSON value's kind, for reasons.
 /// The rows of a list answer. Rally's document shows a bare JSON array; a server wrapping
 /// the page in an object (`{"data": [...], "total": n}`, as many APIs do) is read too: the
-/// array under a usual key (`data`, `items`, `companies`, `results`, `records`), else the
-/// object's only array. `None`: no rows can be found in the answer.
+/// array under a usual key (`data`, `items`, `companies`, `results`, `records`). Any other
+/// object (a single company, say, whose `tags` are an array) is not a list: `None`.
 pub fn list_rows(v: &Value) -> Option<&[Value]> {
-    let obj = match v {
-        Value::Array(rows) => return Some(rows),
-        Value::Object(obj) => obj,
-        _ => return None,
-    };
-    for key in ["data", "items", "companies", "results", "records"] {
-        if let Some(Value::Array(rows)) = obj.get(key) {
-            return Some(rows);
-        }
-    }
-    let mut arrays = obj.values().filter_map(Value::as_array);
-    match (arrays.next(), arrays.next()) {
-        (Some(rows), None) => Some(rows),
+    match v {
+        Value::Array(rows) => Some(rows),
+        Value::Object(obj) => ["data", "items", "companies", "results", "records"]
+            .iter()
+            .find_map(|key| obj.get(*key).and_then(Value::as_array))
+            .map(Vec::as_slice),
         _ => None,
     }
 }
@@ -261,10 +254,11 @@ mod list_rows_tests {
             Some(&rows[..])
         );
         assert_eq!(
-            list_rows(&json!({"page": {"rows": [{"id": "a"}]}, "list": [{"id": "a"}]})),
+            list_rows(&json!({"companies": [{"id": "a"}], "next": null})),
             Some(&rows[..])
         );
-        assert_eq!(list_rows(&json!({"a": [], "b": []})), None);
+        // One company is not a list of its tags.
+        assert_eq!(list_rows(&json!({"id": "a", "tags": ["x"]})), None);
         assert_eq!(list_rows(&json!({"error": "no"})), None);
         assert_eq!(list_rows(&json!("x")), None);
     }
