@@ -475,17 +475,6 @@ async fn a_company_with_two_numbers_in_amocrm(
     (cluster, engine, rally_id, amo_id)
 }
 
-/// Returns once the current second is one amoCRM's connector reads: over, and settled
-/// (`SETTLE`). amoCRM stamps whole seconds, so there is no event to wait for.
-async fn amocrm_second_settled() {
-    let now = Utc::now();
-    let next_second = now.timestamp() + 1;
-    let settled = chrono::DateTime::from_timestamp(next_second, 0).unwrap()
-        + chrono::Duration::from_std(crmbridge::connectors::amocrm::poll::SETTLE).unwrap()
-        + chrono::Duration::milliseconds(50);
-    tokio::time::sleep((settled - now).to_std().unwrap()).await;
-}
-
 /// The PHONE values amoCRM holds for company `id`.
 fn amo_phones(cluster: &SimCluster, id: i64) -> Vec<String> {
     let record = cluster.amocrm.get(id).unwrap();

@@ -66,9 +66,9 @@ pub type Views = BTreeMap<String, BTreeMap<String, Vec<Fields>>>;
 /// The [`Views`] of the CRMs of a config, read with the product's own connectors and
 /// mappings into a scratch store, so it never touches the store under test.
 pub async fn crm_views(config_path: &Path) -> Views {
-    // amoCRM stamps whole seconds and its connector reads a second only once it is over:
-    // let the second of the last write end before looking.
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // amoCRM stamps whole seconds and its connector reads a second only once it is over
+    // and settled: let the second of the last write get there before looking.
+    amocrm_second_settled().await;
     let mut cfg = Config::load(config_path).unwrap_or_else(|e| panic!("{e}"));
     let scratch = tempfile::tempdir().unwrap();
     cfg.store.path = scratch.path().join("view.redb");
@@ -103,6 +103,16 @@ pub async fn crm_views(config_path: &Path) -> Views {
         out.insert(ep.name.clone(), by_domain);
     }
     out
+}
+
+/// Returns once the current second is one amoCRM's connector reads: over, and settled
+/// (`SETTLE`). amoCRM stamps whole seconds, so there is no event to wait for.
+pub async fn amocrm_second_settled() {
+    let now = chrono::Utc::now();
+    let settled = chrono::DateTime::from_timestamp(now.timestamp() + 1, 0).unwrap()
+        + chrono::Duration::from_std(crmbridge::connectors::amocrm::poll::SETTLE).unwrap()
+        + chrono::Duration::milliseconds(50);
+    tokio::time::sleep((settled - now).to_std().unwrap()).await;
 }
 
 /// The normalised domain of canonical fields (domain, else website).
