@@ -1131,7 +1131,7 @@ impl WriteTx {
         seq: u64,
         error: &str,
     ) -> Result<Option<OutboxEntry>, StoreError> {
-        self.outbox_failed(target, seq, error, None)
+        self.outbox_failed(target, seq, error, |kept| kept)
     }
 
     /// Records a send of entry `seq`, started no earlier than `sent_at`, whose outcome is
@@ -1144,7 +1144,9 @@ impl WriteTx {
         error: &str,
         sent_at: DateTime<Utc>,
     ) -> Result<Option<OutboxEntry>, StoreError> {
-        self.outbox_failed(target, seq, error, Some(sent_at))
+        self.outbox_failed(target, seq, error, |kept| {
+            Some(kept.map_or(sent_at, |since| since.min(sent_at)))
+        })
     }
 
     /// Records a send of entry `seq` whose earlier, unconfirmed create is now known not to
@@ -1157,24 +1159,17 @@ impl WriteTx {
         seq: u64,
         error: &str,
     ) -> Result<Option<OutboxEntry>, StoreError> {
-        let mut outbox = self.table(OUTBOX)?;
-        let Some(mut entry) = self.outbox_entry(&outbox, target, seq)? else {
-            return Ok(None);
-        };
-        entry.sending = false;
-        entry.changed_while_sending = false;
-        entry.last_error = Some(error.to_owned());
-        entry.unconfirmed_since = None;
-        self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
-        Ok(Some(entry))
+        self.outbox_failed(target, seq, error, |_| None)
     }
 
+    /// Records a failed send of entry `seq`; `unconfirmed` maps the entry's
+    /// `unconfirmed_since` to its new value.
     fn outbox_failed(
         &self,
         target: &str,
         seq: u64,
         error: &str,
-        unconfirmed_at: Option<DateTime<Utc>>,
+        unconfirmed: impl FnOnce(Option<DateTime<Utc>>) -> Option<DateTime<Utc>>,
     ) -> Result<Option<OutboxEntry>, StoreError> {
         let mut outbox = self.table(OUTBOX)?;
         let Some(mut entry) = self.outbox_entry(&outbox, target, seq)? else {
@@ -1184,10 +1179,7 @@ impl WriteTx {
         // The next send maps the latest state anyway.
         entry.changed_while_sending = false;
         entry.last_error = Some(error.to_owned());
-        entry.unconfirmed_since = match (entry.unconfirmed_since, unconfirmed_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        entry.unconfirmed_since = unconfirmed(entry.unconfirmed_since);
         self.put_outbox_entry(&mut outbox, target, seq, &entry)?;
         Ok(Some(entry))
     }
