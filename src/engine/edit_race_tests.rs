@@ -715,28 +715,41 @@ fn dying_pushes(dir: &tempfile::TempDir) -> (Arc<Engine>, Arc<FakeCrm>, Arc<toki
         dies_after_storing: Some(stored.clone()),
         ..FakeCrm::new("b", PreWriteRead::Nothing)
     });
-    let store = Arc::new(Store::open(&dir.path().join("lost.redb")).unwrap());
+    let e = rally_pair(dir, b.clone(), &[("a", "b"), ("b", "a")]);
+    (e, b, stored)
+}
+
+/// An engine over "a" (fed pages) and `b`, both with Rally's mapping, matching by domain,
+/// with `flows` as (source, target) pairs.
+fn rally_pair(
+    dir: &tempfile::TempDir,
+    b: Arc<dyn Connector>,
+    flows: &[(&str, &str)],
+) -> Arc<Engine> {
+    let store = Arc::new(Store::open(&dir.path().join("pair.redb")).unwrap());
     let endpoint = |name: &str, connector: Arc<dyn Connector>| Endpoint {
         name: name.into(),
         connector,
         mapping: Mapping::compile(CrmKind::Rally, &MappingRules::default()).unwrap(),
         poll_interval: std::time::Duration::from_secs(60),
     };
-    let e = Arc::new(Engine::new(
+    let mut targets: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (source, target) in flows {
+        targets
+            .entry(source.to_string())
+            .or_default()
+            .push(target.to_string());
+    }
+    Arc::new(Engine::new(
         store,
-        vec![endpoint("a", Arc::new(FedOnly)), endpoint("b", b.clone())],
+        vec![endpoint("a", Arc::new(FedOnly)), endpoint("b", b)],
         EngineSettings {
-            targets: [
-                ("a".into(), vec!["b".into()]),
-                ("b".into(), vec!["a".into()]),
-            ]
-            .into(),
+            targets,
             match_keys: vec![MatchKeyKind::Domain],
             ..Default::default()
         },
         Arc::new(Metrics::new()),
-    ));
-    (e, b, stored)
+    ))
 }
 
 /// Ingests `records` from "a", then pushes them to "b" until the process "dies".
@@ -882,26 +895,7 @@ impl Connector for TwinGuesser {
 #[tokio::test]
 async fn a_replay_that_finds_another_companys_record_creates_afresh() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(&dir.path().join("twin.redb")).unwrap());
-    let endpoint = |name: &str, connector: Arc<dyn Connector>| Endpoint {
-        name: name.into(),
-        connector,
-        mapping: Mapping::compile(CrmKind::Rally, &MappingRules::default()).unwrap(),
-        poll_interval: std::time::Duration::from_secs(60),
-    };
-    let e = Arc::new(Engine::new(
-        store,
-        vec![
-            endpoint("a", Arc::new(FedOnly)),
-            endpoint("b", Arc::new(TwinGuesser::default())),
-        ],
-        EngineSettings {
-            targets: [("a".into(), vec!["b".into()])].into(),
-            match_keys: vec![MatchKeyKind::Domain],
-            ..Default::default()
-        },
-        Arc::new(Metrics::new()),
-    ));
+    let e = rally_pair(&dir, Arc::new(TwinGuesser::default()), &[("a", "b")]);
     let page = |id: &str, city: &str| Page {
         records: vec![vendor_record(
             id,

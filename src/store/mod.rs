@@ -1312,23 +1312,12 @@ impl WriteTx {
         hash: &str,
         canonical_id: &str,
     ) -> Result<(), StoreError> {
-        let mut t = self.table(CREATES_IN_FLIGHT)?;
-        let ids = t
-            .get((target, hash))
-            .at(CREATES_IN_FLIGHT.name, "get")?
-            .map(|v| v.value().to_string())
-            .unwrap_or_default();
-        if ids.lines().any(|id| id == canonical_id) {
+        let mut ids = self.creates_in_flight(target, hash)?;
+        if ids.iter().any(|id| id == canonical_id) {
             return Ok(());
         }
-        let ids = if ids.is_empty() {
-            canonical_id.to_string()
-        } else {
-            format!("{ids}\n{canonical_id}")
-        };
-        t.insert((target, hash), ids.as_str())
-            .at(CREATES_IN_FLIGHT.name, "insert")?;
-        Ok(())
+        ids.push(canonical_id.to_string());
+        self.put_creates_in_flight(target, hash, &ids)
     }
 
     /// Forgets the create noted by [`note_create_in_flight`](Self::note_create_in_flight)
@@ -1339,20 +1328,28 @@ impl WriteTx {
         hash: &str,
         canonical_id: &str,
     ) -> Result<(), StoreError> {
-        let mut t = self.table(CREATES_IN_FLIGHT)?;
-        let Some(ids) = t
-            .get((target, hash))
-            .at(CREATES_IN_FLIGHT.name, "get")?
-            .map(|v| v.value().to_string())
-        else {
+        let mut ids = self.creates_in_flight(target, hash)?;
+        let before = ids.len();
+        ids.retain(|id| id != canonical_id);
+        if ids.len() == before {
             return Ok(());
-        };
-        let rest: Vec<&str> = ids.lines().filter(|id| *id != canonical_id).collect();
-        if rest.is_empty() {
+        }
+        self.put_creates_in_flight(target, hash, &ids)
+    }
+
+    /// Stores the companies of a `(target, hash)` row (removing it when there are none).
+    fn put_creates_in_flight(
+        &self,
+        target: &str,
+        hash: &str,
+        ids: &[CanonicalId],
+    ) -> Result<(), StoreError> {
+        let mut t = self.table(CREATES_IN_FLIGHT)?;
+        if ids.is_empty() {
             t.remove((target, hash))
                 .at(CREATES_IN_FLIGHT.name, "remove")?;
         } else {
-            t.insert((target, hash), rest.join("\n").as_str())
+            t.insert((target, hash), ids.join("\n").as_str())
                 .at(CREATES_IN_FLIGHT.name, "insert")?;
         }
         Ok(())
