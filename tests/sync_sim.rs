@@ -532,3 +532,81 @@ async fn a_phone_cleared_elsewhere_keeps_the_other_numbers_amocrm_holds() {
     );
     cluster.shutdown().await;
 }
+
+/// The industry amoCRM's record `id` holds (the "Industry" select's value), if any.
+fn amo_industry(cluster: &SimCluster, id: i64) -> Option<String> {
+    let rec = cluster.amocrm.get(id).expect("amoCRM record");
+    rec["custom_fields_values"]
+        .as_array()?
+        .iter()
+        .find(|f| f["field_name"] == json!("Industry"))?["values"][0]["value"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// An industry amoCRM's "Industry" select does not offer: the company still reaches
+/// amoCRM, without it (a dead letter says so), instead of not at all; the other CRMs keep
+/// it, and reading the amoCRM record back is no news (its empty industry must not clear
+/// the company's). A record that held an industry the company has since left has it
+/// cleared rather than kept stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_industry_amocrm_cannot_hold_leaves_the_company_synced_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path, rally_id) = one_company_in_rally(dir.path(), "Odd Trade Ltd", "odd").await;
+    cluster
+        .rally
+        .update(&rally_id, json!({"industry": "Underwater Basket Weaving"}));
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("poll_interval = \"1h\"", "poll_interval = \"1s\"");
+    std::fs::write(&path, text).unwrap();
+    let (engine, metrics) = engine_for(&path).await;
+    let sd = CancellationToken::new();
+    let handle = engine.start(sd.clone());
+    let quiet = Duration::from_millis(2500);
+    settle(&engine, &metrics, quiet, Duration::from_secs(60)).await;
+    let (amo_id, mkto_id) = synced_ids(&cluster, "Odd Trade Ltd");
+    assert_eq!(amo_industry(&cluster, amo_id), None);
+    let mkto = |c: &SimCluster| {
+        c.marketo
+            .dump()
+            .into_iter()
+            .find(|r| r["id"] == json!(mkto_id))
+            .unwrap()["industry"]
+            .clone()
+    };
+    assert_eq!(mkto(&cluster), json!("Underwater Basket Weaving"));
+    let letters = engine
+        .store()
+        .begin_read()
+        .unwrap()
+        .dead_letters(100, 0)
+        .unwrap();
+    assert!(
+        letters.iter().any(|l| l.connector == "amocrm"
+            && l.reason.contains("written without industry")
+            && l.reason.contains("Underwater Basket Weaving")),
+        "{letters:?}"
+    );
+
+    // An industry amoCRM offers arrives; one it does not then clears it there.
+    cluster
+        .rally
+        .update(&rally_id, json!({"industry": "Retail"}));
+    settle(&engine, &metrics, quiet, Duration::from_secs(60)).await;
+    assert_eq!(amo_industry(&cluster, amo_id).as_deref(), Some("Retail"));
+    cluster
+        .rally
+        .update(&rally_id, json!({"industry": "Deep Sea Mining"}));
+    settle(&engine, &metrics, quiet, Duration::from_secs(60)).await;
+    sd.cancel();
+    handle.wait().await;
+    assert_eq!(amo_industry(&cluster, amo_id), None);
+    assert_eq!(mkto(&cluster), json!("Deep Sea Mining"));
+    assert_eq!(
+        cluster.rally.get(&rally_id).unwrap()["industry"],
+        json!("Deep Sea Mining"),
+        "amoCRM's empty industry came back as a change"
+    );
+    cluster.shutdown().await;
+}

@@ -245,8 +245,9 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     println!(
         "\nNotes: the simulators' mutators also delete companies; deletes are not propagated \
          (propagate_deletes = false), so a company deleted in one CRM during the live phase \
-         stays in the others. A record a CRM rejects (e.g. an industry that is not an option of \
-         amoCRM's select field) is a dead letter with the vendor's reason; the rest goes on."
+         stays in the others. A record a CRM rejects is a dead letter with the vendor's \
+         reason; a value it cannot hold (an industry that is not an option of amoCRM's select \
+         field) is left out of the write and noted as a dead letter; the rest goes on."
     );
     cluster.shutdown().await;
     Ok(rejections == 0)

@@ -205,6 +205,21 @@ pub trait Connector: Send + Sync {
         Vec::new()
     }
 
+    /// Of the flat vendor fields of one write, those this instance cannot hold as they
+    /// are, each with the reason (an amoCRM select field offers no such option). The
+    /// engine writes the record without them — cleared there, as the record cannot show
+    /// the company's value — and keeps a dead letter saying so, instead of refusing the
+    /// whole company (a user would rather have the company there without its industry
+    /// than not at all). Only fields that may be left empty belong here, never a name.
+    /// Called after [`Connector::start`].
+    fn unholdable(
+        &self,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> Vec<(String, String)> {
+        let _ = fields;
+        Vec::new()
+    }
+
     /// Counters of the connector's HTTP client (calls, retries, limiter waits,
     /// rejections, quota), for `/metrics`.
     fn http_metrics(&self) -> Option<crate::http::HttpMetrics> {

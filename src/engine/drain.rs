@@ -484,7 +484,7 @@ impl Engine {
                 continue;
             };
             let vendor_id = tx.vendor_id_of(&entry.canonical_id, target)?;
-            let values = ep.values_to_write(&company, vendor_id.is_none());
+            let (values, unheld) = ep.values_to_write(&company, vendor_id.is_none());
             // Its create landed on another company's record (a dead letter says so): sent
             // again with the same keys, it would land there again and overwrite that
             // record until the owner's content is restored.
@@ -548,6 +548,29 @@ impl Engine {
                 // Should the process die before the outcome is stored, a read of the target
                 // recognises the record this create made by its content.
                 tx.note_create_in_flight(target, &hash, &entry.canonical_id)?;
+            }
+            if !unheld.is_empty() {
+                let reason = unheld
+                    .iter()
+                    .map(|u| format!("written without {}: {}", u.field, u.reason))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                warn!(connector = target, canonical_id = %entry.canonical_id, reason = %reason, "a value the target cannot hold is left out; dead letter kept");
+                let held_back: Map<String, Json> = unheld
+                    .iter()
+                    .map(|u| (u.field.clone(), u.value.clone()))
+                    .collect();
+                tx.add_dead_letter(DeadLetterNew {
+                    connector: target.to_string(),
+                    direction: Direction::Push,
+                    canonical_id: Some(entry.canonical_id.clone()),
+                    vendor_id: vendor_id.clone(),
+                    record: Json::Object(held_back),
+                    reason,
+                    attempts: 1,
+                    first_at: Utc::now(),
+                    last_at: Utc::now(),
+                })?;
             }
             items.push(PushItem {
                 canonical_id: entry.canonical_id.clone(),
@@ -696,7 +719,7 @@ impl Engine {
                     let current = tx.get_company(&item.canonical_id)?.map(|c| {
                         visible_hash(
                             &ep.mapping,
-                            &ep.values_to_write(&c, item.vendor_id.is_none()),
+                            &ep.values_to_write(&c, item.vendor_id.is_none()).0,
                         )
                     });
                     if current.as_deref() == Some(hash.as_str()) {
@@ -763,11 +786,30 @@ impl Engine {
     }
 }
 
+/// A value of a company that a CRM cannot hold, left out of the write to it.
+pub(super) struct Unheld {
+    /// The canonical field.
+    field: String,
+    /// Its value as the write would have carried it.
+    value: Json,
+    /// Why the CRM cannot hold it.
+    reason: String,
+}
+
 impl Endpoint {
     /// The values a write of `company` carries here: the company's, plus its canonical
     /// id in the field a create fills with it (see
     /// [`Connector::create_fills_with_canonical_id`](crate::connector::Connector::create_fills_with_canonical_id)).
-    pub(super) fn values_to_write(&self, company: &Company, creating: bool) -> Fields {
+    ///
+    /// Values this CRM cannot hold ([`Connector::unholdable`](crate::connector::Connector::unholdable))
+    /// are left out of a new record and cleared in an existing one; they come back as
+    /// [`Unheld`]. The values are what the record then reads back as, so
+    /// reading it is no news and the write is not repeated.
+    pub(super) fn values_to_write(
+        &self,
+        company: &Company,
+        creating: bool,
+    ) -> (Fields, Vec<Unheld>) {
         let mut values = company.values();
         if creating
             && let Some(field) = self.connector.create_fills_with_canonical_id()
@@ -775,7 +817,26 @@ impl Endpoint {
         {
             values.insert(field.to_string(), Value::Text(company.id.clone()));
         }
-        values
+        // A mapping error is the caller's to report, on the write it makes.
+        let Ok(fields) = self.mapping.write(&values) else {
+            return (values, Vec::new());
+        };
+        let mut unheld = Vec::new();
+        for (key, reason) in self.connector.unholdable(&fields) {
+            for field in self.mapping.written_from(&key) {
+                if creating {
+                    values.remove(field);
+                } else {
+                    values.insert(field.to_string(), Value::Null);
+                }
+                unheld.push(Unheld {
+                    field: field.to_string(),
+                    value: fields.get(&key).cloned().unwrap_or(Json::Null),
+                    reason: reason.clone(),
+                });
+            }
+        }
+        (values, unheld)
     }
 
     /// Fits `fields` (the company `values` as [`Mapping::write`](crate::mapping::Mapping::write)

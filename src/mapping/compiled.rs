@@ -475,6 +475,15 @@ impl Mapping {
         set.into_iter().map(String::from).collect()
     }
 
+    /// The canonical fields [`write`](Self::write) puts under the flat vendor key `key`.
+    pub fn written_from(&self, key: &str) -> Vec<&str> {
+        self.rules
+            .iter()
+            .filter(|r| r.writes() && r.write_key() == key)
+            .map(|r| r.canonical.as_str())
+            .collect()
+    }
+
     /// Every vendor key used either way, without enum suffixes, sorted: the fields to
     /// request from the vendor and to check exist (`check --online`).
     pub fn vendor_keys(&self) -> Vec<String> {

@@ -143,6 +143,9 @@ def refused():
     pairs = set()
     for line in out.splitlines():
         parts = line.split()
+        # "written without …": the record was written, less a value it cannot hold.
+        if "written without" in line:
+            continue
         if len(parts) > 4 and parts[2] == "push" and parts[4].startswith("vendor="):
             pairs.add((parts[1], parts[4][len("vendor="):]))
     return pairs

@@ -394,6 +394,28 @@ impl Connector for AmocrmConnector {
             .collect()
     }
 
+    fn unholdable(
+        &self,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> Vec<(String, String)> {
+        // Custom fields only (the name is never left out): each alone, as the write would
+        // build it; what fails is what the account cannot hold (a select's missing option,
+        // text in a numeric field).
+        let catalogue = self.catalogue();
+        fields
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("cf.") && catalogue.resolve(split_enum_suffix(k).0).is_some()
+            })
+            .filter_map(|(k, v)| {
+                let one = serde_json::Map::from_iter([(k.clone(), v.clone())]);
+                push::build_body(&one, &catalogue)
+                    .err()
+                    .map(|reason| (k.clone(), reason))
+            })
+            .collect()
+    }
+
     async fn poll(&self, cursor: &Cursor, mode: &PollMode) -> Result<Page, ConnectorError> {
         self.ensure_started().await?;
         self.poll_step(cursor, mode).await
