@@ -146,7 +146,7 @@ pub async fn build_engine(
     store: Arc<Store>,
     metrics: Arc<Metrics>,
 ) -> Result<Arc<Engine>, DaemonError> {
-    let mut endpoints = Vec::new();
+    let mut built = Vec::new();
     for (name, cfg) in config.connectors.iter().filter(|(_, c)| c.common().enabled) {
         let ctx = crate::connectors::BuildContext {
             store: store.clone(),
@@ -157,7 +157,18 @@ pub async fn build_engine(
                 connector: name.clone(),
                 detail: e.to_string(),
             })?;
-        start_with_patience(name, connector.as_ref()).await?;
+        built.push((name, cfg, connector));
+    }
+    // Started together: one CRM's start (a token, a field catalogue, the rate window a
+    // previous run may still fill — Marketo's is 20 s) does not add to the others'.
+    futures::future::try_join_all(
+        built
+            .iter()
+            .map(|(name, _, connector)| start_with_patience(name, connector.as_ref())),
+    )
+    .await?;
+    let mut endpoints = Vec::new();
+    for (name, cfg, connector) in built {
         let fitted = Mapping::fit(cfg.kind(), cfg.mapping(), |keys| {
             connector.unavailable_fields(keys)
         })
