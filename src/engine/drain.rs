@@ -12,7 +12,7 @@
 //!
 //! [`Connector::max_in_flight`]: crate::connector::Connector::max_in_flight
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -34,17 +34,30 @@ use crate::store::{DeadLetterNew, Direction, LedgerEntry};
 /// leave to be re-sent.
 pub const MAX_IN_FLIGHT: usize = 16;
 
-/// Outbox entries (by seq, per target) that are in a batch of this process right now.
-/// Planning skips them; they are released once the batch's outcome is committed (or its
-/// recording failed). Empty after a restart: entries a crashed process left "sending" are
-/// planned again like any other.
+/// Outbox entries (by seq, per target) that are in a batch of this process right now, and
+/// what those batches write to existing records. Planning skips claimed entries; they are
+/// released once the batch's outcome is committed (or its recording failed). Empty after
+/// a restart: entries a crashed process left "sending" are planned again like any other.
 #[derive(Debug, Default)]
-pub(super) struct Claims(Mutex<BTreeMap<String, HashSet<u64>>>);
+pub(super) struct Claims(Mutex<ClaimState>);
+
+#[derive(Debug, Default)]
+struct ClaimState {
+    /// Claimed outbox seqs, per target.
+    seqs: BTreeMap<String, HashSet<u64>>,
+    /// Per `(target, vendor id)`: the ledger entry of what a claimed batch writes there.
+    writing: HashMap<(String, String), LedgerEntry>,
+}
 
 impl Claims {
     /// How many entries of `target` are claimed.
     fn count(&self, target: &str) -> usize {
-        self.0.lock().unwrap().get(target).map_or(0, HashSet::len)
+        self.0
+            .lock()
+            .unwrap()
+            .seqs
+            .get(target)
+            .map_or(0, HashSet::len)
     }
 
     /// True when entry `seq` of `target` is claimed.
@@ -52,22 +65,48 @@ impl Claims {
         self.0
             .lock()
             .unwrap()
+            .seqs
             .get(target)
             .is_some_and(|s| s.contains(&seq))
     }
 
-    /// Claims `seqs` of `target` until the returned guard is dropped.
-    fn claim(self: &Arc<Self>, target: &str, seqs: Vec<u64>) -> ClaimGuard {
-        let mut map = self.0.lock().unwrap();
-        let set = map.entry(target.to_string()).or_default();
+    /// What a batch in flight writes to `target`'s record `vendor_id`, if one does: a read
+    /// of that record may show it before its outcome is recorded.
+    pub(super) fn in_flight(&self, target: &str, vendor_id: &str) -> Option<LedgerEntry> {
+        self.0
+            .lock()
+            .unwrap()
+            .writing
+            .get(&(target.to_string(), vendor_id.to_string()))
+            .cloned()
+    }
+
+    /// Claims `seqs` of `target`, and notes `writes` (vendor id, what is written there),
+    /// until the returned guard is dropped.
+    fn claim(
+        self: &Arc<Self>,
+        target: &str,
+        seqs: Vec<u64>,
+        writes: Vec<(String, LedgerEntry)>,
+    ) -> ClaimGuard {
+        let mut state = self.0.lock().unwrap();
+        let set = state.seqs.entry(target.to_string()).or_default();
         for s in &seqs {
             let fresh = set.insert(*s);
             debug_assert!(fresh, "outbox entry {target}/{s} claimed twice");
+        }
+        let mut vendor_ids = Vec::with_capacity(writes.len());
+        for (vendor_id, entry) in writes {
+            state
+                .writing
+                .insert((target.to_string(), vendor_id.clone()), entry);
+            vendor_ids.push(vendor_id);
         }
         ClaimGuard {
             claims: self.clone(),
             target: target.to_string(),
             seqs,
+            vendor_ids,
         }
     }
 }
@@ -79,15 +118,20 @@ struct ClaimGuard {
     claims: Arc<Claims>,
     target: String,
     seqs: Vec<u64>,
+    /// The records the batch writes (see [`ClaimState::writing`]).
+    vendor_ids: Vec<String>,
 }
 
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
-        let mut map = self.claims.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(set) = map.get_mut(&self.target) {
+        let mut state = self.claims.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(set) = state.seqs.get_mut(&self.target) {
             for s in &self.seqs {
                 set.remove(s);
             }
+        }
+        for v in self.vendor_ids.drain(..) {
+            state.writing.remove(&(self.target.clone(), v));
         }
     }
 }
@@ -585,9 +629,14 @@ impl Engine {
         }
         // Claimed before the commit makes them visible as "sending"; a failed commit drops
         // the guard and so releases them.
+        let writes = items
+            .iter()
+            .zip(&planned)
+            .filter_map(|(item, (_, entry))| Some((item.vendor_id.clone()?, entry.clone())))
+            .collect();
         let claim = self
             .claims
-            .claim(target, planned.iter().map(|(s, _)| *s).collect());
+            .claim(target, planned.iter().map(|(s, _)| *s).collect(), writes);
         tx.commit()?;
         Ok(Plan {
             stats,

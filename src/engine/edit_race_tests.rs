@@ -42,6 +42,21 @@ struct FakeCrm {
     /// Once set, a push stores its records, notifies this, and never answers (the
     /// process dies before the outcome is stored).
     dies_after_storing: Option<Arc<tokio::sync::Notify>>,
+    /// Once armed, the next push waits for the test's go, stores its records (noted as
+    /// changed, for the next poll) and never answers: a write whose outcome the engine
+    /// has not recorded yet.
+    held: Mutex<Option<HeldPush>>,
+}
+
+/// The steps of a held push (see [`FakeCrm::held`]).
+#[derive(Clone, Default)]
+struct HeldPush {
+    /// Notified when the push arrives (its batch is planned).
+    arrived: Arc<tokio::sync::Notify>,
+    /// The test lets it store its records.
+    go: Arc<tokio::sync::Notify>,
+    /// Notified once they are stored.
+    stored: Arc<tokio::sync::Notify>,
 }
 
 impl FakeCrm {
@@ -57,6 +72,7 @@ impl FakeCrm {
             one_per_website: false,
             partial: false,
             dies_after_storing: None,
+            held: Mutex::default(),
         }
     }
 
@@ -111,6 +127,18 @@ impl Connector for FakeCrm {
         100
     }
     async fn push(&self, items: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
+        let held = self.held.lock().unwrap().take();
+        if let Some(h) = held {
+            h.arrived.notify_one();
+            h.go.notified().await;
+            for out in self.store_pushed(items) {
+                if let PushOutcome::Written { vendor_id, .. } = out {
+                    self.changed.lock().unwrap().push(vendor_id);
+                }
+            }
+            h.stored.notify_one();
+            std::future::pending::<()>().await;
+        }
         let out = self.store_pushed(items);
         if let Some(stored) = &self.dies_after_storing {
             stored.notify_one();
@@ -918,4 +946,70 @@ async fn a_replay_that_finds_another_companys_record_creates_afresh() {
     assert_eq!(tx.link_of("b", "b2").unwrap(), ours);
     assert_ne!(tx.link_of("b", "b1").unwrap(), ours);
     assert_eq!(tx.outbox_len("b").unwrap(), 0);
+}
+
+/// Company acme.example synced to "b" (`b1`); "a" then changes its phone, and the write
+/// of that to "b" is planned and held (see [`FakeCrm::held`]) while a user of "b" renames
+/// the company there and the engine reads that. Returns the held push and the drain.
+async fn write_planned_before_an_edit_in_the_target(
+    dir: &tempfile::TempDir,
+) -> (
+    Arc<FakeCrm>,
+    Arc<Engine>,
+    HeldPush,
+    tokio::task::JoinHandle<()>,
+) {
+    let b = Arc::new(FakeCrm::new("b", PreWriteRead::Nothing));
+    let e = synced(&b, dir).await;
+    e.ingest_page("a", &rally("Acme", "+1 555 0111", 200), "a")
+        .unwrap();
+    let held = HeldPush::default();
+    *b.held.lock().unwrap() = Some(held.clone());
+    let drain = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            let _ = e.drain_all("b", &CancellationToken::new()).await;
+        })
+    };
+    held.arrived.notified().await;
+    b.edit("b1", json!({"company": "Acme Edited In B"}), 300);
+    assert_eq!(read_b(&e, &b).await.merged, 1);
+    assert_eq!(company(&e), (text("Acme Edited In B"), text("+1 555 0111")));
+    (b, e, held, drain)
+}
+
+#[tokio::test]
+async fn our_write_read_back_before_its_outcome_is_recorded_is_no_news() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, e, held, drain) = write_planned_before_an_edit_in_the_target(&dir).await;
+    // The write planned before the rename lands (a full write: it puts the old name back
+    // there) and is read back before its answer is in.
+    held.go.notify_one();
+    held.stored.notified().await;
+    assert_eq!(b.record("b1").fields["company"], json!("Acme"));
+    assert_eq!(read_b(&e, &b).await.merged, 0, "our own write came back");
+    assert_eq!(
+        company(&e),
+        (text("Acme Edited In B"), text("+1 555 0111")),
+        "the rename made in b was undone by our write coming back"
+    );
+    drain.abort();
+}
+
+#[tokio::test]
+async fn a_value_our_write_in_flight_put_there_is_no_news_beside_a_later_edit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, e, held, drain) = write_planned_before_an_edit_in_the_target(&dir).await;
+    held.go.notify_one();
+    held.stored.notified().await;
+    // A user of "b" changes the phone after our write landed, before its answer is in:
+    // the record is not what we wrote, but its name still is.
+    b.edit("b1", json!({"mainPhone": "+1 555 0199"}), 20_000);
+    assert_eq!(read_b(&e, &b).await.merged, 1);
+    assert_eq!(
+        company(&e),
+        (text("Acme Edited In B"), text("+1 555 0199")),
+        "the name our write put back in b was taken for a change"
+    );
+    drain.abort();
 }

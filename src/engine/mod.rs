@@ -705,6 +705,8 @@ impl Engine {
                 Some(s) => (s.link.clone(), s.ledger.clone()),
                 None => tx.link_and_ledger(source, &rec.vendor_id)?,
             };
+            // What a write of ours in flight puts there (see below).
+            let mut in_flight: Option<LedgerEntry> = None;
             // What the linked record held when last read or written: the base that tells
             // the fields it changed since from those it merely still holds.
             let base = match (ledger, &link) {
@@ -722,6 +724,24 @@ impl Engine {
                             };
                             tx.put_ledger_linked(source, &rec.vendor_id, linked, &entry)?;
                         }
+                        stats.unchanged += 1;
+                        continue;
+                    }
+                    // Our own write read back before its outcome was recorded (a poll
+                    // between the CRM storing it and its answer reaching us) is no news.
+                    // Taken for a change of this CRM's, it would undo what the company
+                    // got since the write was planned — e.g. an edit made here meanwhile,
+                    // which the write may just have overwritten (the company's newer
+                    // content goes out again: its entry stays queued).
+                    in_flight = self.claims.in_flight(source, &rec.vendor_id);
+                    if in_flight.as_ref().is_some_and(|w| w.hash == hash) {
+                        debug!(vendor_id = %rec.vendor_id, "our write in flight, read back");
+                        let entry = LedgerEntry {
+                            hash,
+                            at: now,
+                            prints: Some(prints),
+                        };
+                        tx.put_ledger_linked(source, &rec.vendor_id, linked, &entry)?;
                         stats.unchanged += 1;
                         continue;
                     }
@@ -806,6 +826,12 @@ impl Engine {
                     let mut fields = fields;
                     if let Some(base) = &base {
                         stale_here = drop_unchanged(mapping, &mut fields, &prints, base, &company);
+                        // A value our write in flight put there is no news either, whether
+                        // read before or after that write landed.
+                        if let Some(written) = in_flight.as_ref().and_then(|w| w.prints.as_ref()) {
+                            stale_here |=
+                                drop_unchanged(mapping, &mut fields, &prints, written, &company);
+                        }
                     } else if link.is_none() && !is_new {
                         stale_here = drop_empty(&mut fields, &company);
                     }
