@@ -8,7 +8,7 @@ W = os.environ.get("W", "/tmp/crmbridge-indep")
 BIN = os.environ.get("CRMBRIDGE", os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "../../target/release/crmbridge"))
 ENV = dict(os.environ, RALLY_KEY="rk_test", MKTO_ID="mid", MKTO_SECRET="msecret",
-           AMO_ID="aid", AMO_SECRET="asecret", RUST_LOG="info")
+           AMO_ID="aid", AMO_SECRET="asecret", RUST_LOG=os.environ.get("RUST_LOG", "info"))
 PORTS = {"rally": 9701, "marketo": 9702, "amocrm": 9703}
 DURATION = int(sys.argv[1]) if len(sys.argv) > 1 else 120
 random.seed(7)
@@ -91,6 +91,8 @@ idx = by_domain()
 # Companies whose domain is unique in all three CRMs: the only ones we can follow by domain.
 common = [d for d in idx["rally"] if all(len(idx[c].get(d, [])) == 1 for c in PORTS)]
 print("followable domains:", len(common), "counts before:", counts0, flush=True)
+# Every mutation, with the time (UTC) it was made: what to look for in the daemon's log.
+mlog = open(os.path.join(W, "logs/mutations.log"), "w", buffering=1)
 daemon = start()
 t0 = time.time()
 kills = sorted(random.uniform(10, DURATION - 10) for _ in range(3))
@@ -124,10 +126,14 @@ while time.time() - t0 < DURATION:
     else:
         post(9703, "/__admin/mutate", {"id": c["id"], "name": new})
     expected[d] = (new, crm)
+    mlog.write(f"{time.strftime('%H:%M:%S', time.gmtime())}.{int(time.time() * 1000) % 1000:03d} "
+               f"{crm} {c['id']} {d} name={new!r}\n")
     if n % 5 == 0:
         other = random.choice([x for x in PORTS if x != crm])
         city = f"City {n}"
         set_city(other, idx[other][d][0], city)
+        mlog.write(f"{time.strftime('%H:%M:%S', time.gmtime())} {other} {idx[other][d][0]['id']} "
+                   f"{d} city={city!r}\n")
         expected_city[d] = (city, other)
     time.sleep(1.0)
 for p in PORTS.values():
