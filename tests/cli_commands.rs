@@ -173,10 +173,12 @@ async fn backfill_dry_run_writes_nothing_then_backfill_syncs_and_a_rerun_finds_n
 async fn a_rejected_record_can_be_listed_retried_and_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let (cluster, path) = scaled_cluster(3, dir.path(), None).await;
-    // amoCRM's "Industry" is a select field without this option: amoCRM rejects it.
+    // Marketo's company names hold 255 characters, and a name is never left out of a
+    // write (unlike a value a CRM cannot hold in another field): Marketo rejects it.
+    let name = format!("Odd Name {}", "Ltd ".repeat(70));
     cluster.rally.create(json!({
-        "name": "Odd Industry Ltd", "domain": "odd-industry.example.org",
-        "website": "https://odd-industry.example.org", "industry": "Underwater Basket Weaving"
+        "name": name, "domain": "odd-name.example.org",
+        "website": "https://odd-name.example.org"
     }));
     let run = crmbridge(&["backfill"], &path);
     assert_eq!(
@@ -189,21 +191,21 @@ async fn a_rejected_record_can_be_listed_retried_and_dropped() {
     let list = crmbridge(&["dead-letters", "list"], &path);
     let out = text(&list);
     assert!(list.status.success(), "{out}");
-    assert!(out.contains("amocrm"), "{out}");
+    assert!(out.contains("marketo"), "{out}");
     assert!(
-        out.contains("Underwater Basket Weaving"),
+        out.contains("maximum length"),
         "vendor reason missing: {out}"
     );
     let id = out
         .lines()
-        .find(|l| l.contains("amocrm"))
+        .find(|l| l.contains("marketo"))
         .and_then(|l| l.trim_start_matches('#').split_whitespace().next())
         .expect("an id")
         .to_string();
 
     let retry = crmbridge(&["dead-letters", "retry", &id], &path);
     assert!(
-        text(&retry).contains("queued for amocrm"),
+        text(&retry).contains("queued for marketo"),
         "{}",
         text(&retry)
     );

@@ -610,3 +610,55 @@ async fn an_industry_amocrm_cannot_hold_leaves_the_company_synced_without_it() {
     );
     cluster.shutdown().await;
 }
+
+/// Text longer than a Marketo field holds (255 characters): the company reaches Marketo
+/// without it (a dead letter says so) instead of not at all, and keeps it elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_longer_than_a_marketo_field_holds_leaves_the_company_synced_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path, rally_id) = one_company_in_rally(dir.path(), "Long Way Ltd", "long").await;
+    let street = format!("{} Road", "Very Long ".repeat(30));
+    cluster.rally.update(&rally_id, json!({"address": street}));
+    let (engine, metrics) = engine_for(&path).await;
+    let sd = CancellationToken::new();
+    let handle = engine.start(sd.clone());
+    settle(
+        &engine,
+        &metrics,
+        Duration::from_millis(2500),
+        Duration::from_secs(60),
+    )
+    .await;
+    sd.cancel();
+    handle.wait().await;
+    let (_, mkto_id) = synced_ids(&cluster, "Long Way Ltd");
+    let mkto = cluster
+        .marketo
+        .dump()
+        .into_iter()
+        .find(|r| r["id"] == json!(mkto_id))
+        .unwrap();
+    assert!(
+        mkto.get("billingStreet").is_none_or(|v| v.is_null()),
+        "{mkto}"
+    );
+    assert_eq!(mkto["billingCity"], json!("Leeds"));
+    assert_eq!(
+        cluster.rally.get(&rally_id).unwrap()["address"],
+        json!(street),
+        "Marketo's empty street came back as a change"
+    );
+    let letters = engine
+        .store()
+        .begin_read()
+        .unwrap()
+        .dead_letters(100, 0)
+        .unwrap();
+    assert!(
+        letters.iter().any(|l| l.connector == "marketo"
+            && l.reason.contains("written without address")
+            && l.reason.contains("255")),
+        "{letters:?}"
+    );
+    cluster.shutdown().await;
+}

@@ -335,6 +335,31 @@ impl Connector for MarketoConnector {
 
     /// Mapped keys `describe` did not list. The others that are not standard read fields
     /// (custom fields) are added to the scan's `fields=`.
+    fn unholdable(
+        &self,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> Vec<(String, String)> {
+        // Text longer than its field holds (Marketo refuses the whole record otherwise);
+        // never the name nor a key the record is found by.
+        let Some(d) = self.described() else {
+            return Vec::new();
+        };
+        fields
+            .iter()
+            .filter(|(k, _)| k.as_str() != "company" && !d.dedupe.contains(k))
+            .filter_map(|(k, v)| {
+                let most = d.field(k)?.length?;
+                let chars = v.as_str()?.chars().count();
+                (chars > most).then(|| {
+                    (
+                        k.clone(),
+                        format!("{chars} characters, more than the {most} that Marketo's field {k:?} holds"),
+                    )
+                })
+            })
+            .collect()
+    }
+
     fn unavailable_fields(&self, vendor_keys: &[String]) -> Vec<String> {
         let Some(d) = self.described() else {
             return Vec::new();

@@ -156,6 +156,9 @@ pub struct FieldMeta {
     pub name: String,
     /// Whether a sync may write it (`externalCompanyId` is settable only at creation).
     pub updateable: bool,
+    /// The most characters a text field holds (`length`; 255 for Marketo's strings), when
+    /// described.
+    pub length: Option<usize>,
 }
 
 /// What `GET companies/describe.json` told us about this instance.
@@ -194,6 +197,11 @@ impl Describe {
                         .get("updateable")
                         .and_then(Value::as_bool)
                         .unwrap_or(!system),
+                    length: f
+                        .get("length")
+                        .and_then(Value::as_u64)
+                        .and_then(|l| usize::try_from(l).ok())
+                        .filter(|l| *l > 0),
                 })
             })
             .collect();
