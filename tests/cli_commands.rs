@@ -180,11 +180,21 @@ async fn a_rejected_record_can_be_listed_retried_and_dropped() {
         "name": name, "domain": "odd-name.example.org",
         "website": "https://odd-name.example.org"
     }));
+    // A street longer than Marketo's field holds only leaves the street out.
+    cluster.rally.create(json!({
+        "name": "Long Street Ltd", "domain": "long-street.example.org",
+        "address": "Long ".repeat(60)
+    }));
     let run = crmbridge(&["backfill"], &path);
     assert_eq!(
         run.status.code(),
         Some(1),
         "a rejection must fail the exit status: {}",
+        text(&run)
+    );
+    assert!(
+        text(&run).contains("1 of them without a value marketo cannot hold"),
+        "{}",
         text(&run)
     );
 

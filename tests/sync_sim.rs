@@ -533,6 +533,32 @@ async fn a_phone_cleared_elsewhere_keeps_the_other_numbers_amocrm_holds() {
     cluster.shutdown().await;
 }
 
+/// Marketo's record `id`.
+fn marketo_record(cluster: &SimCluster, id: i64) -> serde_json::Value {
+    cluster
+        .marketo
+        .dump()
+        .into_iter()
+        .find(|r| r["id"] == json!(id))
+        .expect("Marketo record")
+}
+
+/// Asserts that `connector` has a push dead letter whose reason contains each of `words`.
+fn assert_dead_letter(engine: &Engine, connector: &str, words: &[&str]) {
+    let letters = engine
+        .store()
+        .begin_read()
+        .unwrap()
+        .dead_letters(100, 0)
+        .unwrap();
+    assert!(
+        letters
+            .iter()
+            .any(|l| l.connector == connector && words.iter().all(|w| l.reason.contains(w))),
+        "no {connector} letter saying {words:?}: {letters:?}"
+    );
+}
+
 /// The industry amoCRM's record `id` holds (the "Industry" select's value), if any.
 fn amo_industry(cluster: &SimCluster, id: i64) -> Option<String> {
     let rec = cluster.amocrm.get(id).expect("amoCRM record");
@@ -567,26 +593,12 @@ async fn an_industry_amocrm_cannot_hold_leaves_the_company_synced_without_it() {
     settle(&engine, &metrics, quiet, Duration::from_secs(60)).await;
     let (amo_id, mkto_id) = synced_ids(&cluster, "Odd Trade Ltd");
     assert_eq!(amo_industry(&cluster, amo_id), None);
-    let mkto = |c: &SimCluster| {
-        c.marketo
-            .dump()
-            .into_iter()
-            .find(|r| r["id"] == json!(mkto_id))
-            .unwrap()["industry"]
-            .clone()
-    };
+    let mkto = |c: &SimCluster| marketo_record(c, mkto_id)["industry"].clone();
     assert_eq!(mkto(&cluster), json!("Underwater Basket Weaving"));
-    let letters = engine
-        .store()
-        .begin_read()
-        .unwrap()
-        .dead_letters(100, 0)
-        .unwrap();
-    assert!(
-        letters.iter().any(|l| l.connector == "amocrm"
-            && l.reason.contains("written without industry")
-            && l.reason.contains("Underwater Basket Weaving")),
-        "{letters:?}"
+    assert_dead_letter(
+        &engine,
+        "amocrm",
+        &["written without industry", "Underwater Basket Weaving"],
     );
 
     // An industry amoCRM offers arrives; one it does not then clears it there.
@@ -632,12 +644,7 @@ async fn text_longer_than_a_marketo_field_holds_leaves_the_company_synced_withou
     sd.cancel();
     handle.wait().await;
     let (_, mkto_id) = synced_ids(&cluster, "Long Way Ltd");
-    let mkto = cluster
-        .marketo
-        .dump()
-        .into_iter()
-        .find(|r| r["id"] == json!(mkto_id))
-        .unwrap();
+    let mkto = marketo_record(&cluster, mkto_id);
     assert!(
         mkto.get("billingStreet").is_none_or(|v| v.is_null()),
         "{mkto}"
@@ -648,17 +655,6 @@ async fn text_longer_than_a_marketo_field_holds_leaves_the_company_synced_withou
         json!(street),
         "Marketo's empty street came back as a change"
     );
-    let letters = engine
-        .store()
-        .begin_read()
-        .unwrap()
-        .dead_letters(100, 0)
-        .unwrap();
-    assert!(
-        letters.iter().any(|l| l.connector == "marketo"
-            && l.reason.contains("written without address")
-            && l.reason.contains("255")),
-        "{letters:?}"
-    );
+    assert_dead_letter(&engine, "marketo", &["written without address", "255"]);
     cluster.shutdown().await;
 }

@@ -208,6 +208,12 @@ fn print_report(r: &BackfillReport, dry_run: bool) {
                 "  {t:<12} {:>8} written ({} created), {:>6} unchanged, {:>5} rejected, {:>5} pending",
                 s.written, s.created, s.skipped, s.rejected, pending
             );
+            if s.left_out > 0 {
+                println!(
+                    "  {:<12} {:>8} of them without a value {t} cannot hold (see `dead-letters list`)",
+                    "", s.left_out
+                );
+            }
         }
     }
     for t in &r.never_read {

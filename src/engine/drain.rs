@@ -190,6 +190,7 @@ fn add_drain(total: &mut DrainStats, s: &DrainStats) {
     total.skipped += s.skipped;
     total.rejected += s.rejected;
     total.retried += s.retried;
+    total.left_out += s.left_out;
 }
 
 impl Engine {
@@ -594,6 +595,7 @@ impl Engine {
                 tx.note_create_in_flight(target, &hash, &entry.canonical_id)?;
             }
             if !unheld.is_empty() {
+                stats.left_out += 1;
                 let reason = unheld
                     .iter()
                     .map(|u| format!("written without {}: {}", u.field, u.reason))

@@ -105,6 +105,8 @@ pub struct DrainStats {
     pub rejected: usize,
     /// Entries kept for a later attempt.
     pub retried: usize,
+    /// Records sent without a value the target cannot hold (each noted in a dead letter).
+    pub left_out: usize,
 }
 
 /// The engine: connectors, their mappings, the store and the sync rules.
