@@ -139,18 +139,7 @@ async fn a_company_created_anywhere_reaches_the_others_and_comes_back_unchanged(
         "numberOfEmployees": 7,
     }));
 
-    let (engine, metrics) = engine_for(&path).await;
-    let sd = CancellationToken::new();
-    let handle = engine.start(sd.clone());
-    settle(
-        &engine,
-        &metrics,
-        Duration::from_millis(2500),
-        Duration::from_secs(60),
-    )
-    .await;
-    sd.cancel();
-    handle.wait().await;
+    sync_until_settled(&path).await;
 
     let views = crm_views(&path).await;
     assert_converged(&views);
@@ -177,6 +166,24 @@ async fn a_company_created_anywhere_reaches_the_others_and_comes_back_unchanged(
         "the source record was modified by its own echo"
     );
     cluster.shutdown().await;
+}
+
+/// Runs the daemon's loops for the config at `path` until nothing is left to push and
+/// nothing was pushed for 2.5 s, then stops them; returns the engine (its store open).
+async fn sync_until_settled(path: &std::path::Path) -> Arc<Engine> {
+    let (engine, metrics) = engine_for(path).await;
+    let sd = CancellationToken::new();
+    let handle = engine.start(sd.clone());
+    settle(
+        &engine,
+        &metrics,
+        Duration::from_millis(2500),
+        Duration::from_secs(60),
+    )
+    .await;
+    sd.cancel();
+    handle.wait().await;
+    engine
 }
 
 /// Simulators holding one company, created in Rally (domain `<slug>.example`, phone
@@ -631,18 +638,7 @@ async fn text_longer_than_a_marketo_field_holds_leaves_the_company_synced_withou
     let (cluster, path, rally_id) = one_company_in_rally(dir.path(), "Long Way Ltd", "long").await;
     let street = format!("{} Road", "Very Long ".repeat(30));
     cluster.rally.update(&rally_id, json!({"address": street}));
-    let (engine, metrics) = engine_for(&path).await;
-    let sd = CancellationToken::new();
-    let handle = engine.start(sd.clone());
-    settle(
-        &engine,
-        &metrics,
-        Duration::from_millis(2500),
-        Duration::from_secs(60),
-    )
-    .await;
-    sd.cancel();
-    handle.wait().await;
+    let engine = sync_until_settled(&path).await;
     let (_, mkto_id) = synced_ids(&cluster, "Long Way Ltd");
     let mkto = marketo_record(&cluster, mkto_id);
     assert!(
