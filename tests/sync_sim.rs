@@ -614,6 +614,16 @@ async fn an_industry_amocrm_cannot_hold_leaves_the_company_synced_without_it() {
         .update(&rally_id, json!({"industry": "Retail"}));
     settle(&engine, &metrics, quiet, Duration::from_secs(60)).await;
     assert_eq!(amo_industry(&cluster, amo_id).as_deref(), Some("Retail"));
+    let letters = engine
+        .store()
+        .begin_read()
+        .unwrap()
+        .dead_letters(100, 0)
+        .unwrap();
+    assert!(
+        letters.iter().all(|l| l.connector != "amocrm"),
+        "the letter outlived the write that held everything: {letters:?}"
+    );
     cluster
         .rally
         .update(&rally_id, json!({"industry": "Deep Sea Mining"}));
@@ -622,6 +632,11 @@ async fn an_industry_amocrm_cannot_hold_leaves_the_company_synced_without_it() {
     handle.wait().await;
     assert_eq!(amo_industry(&cluster, amo_id), None);
     assert_eq!(mkto(&cluster), json!("Deep Sea Mining"));
+    assert_dead_letter(
+        &engine,
+        "amocrm",
+        &["written without industry", "Deep Sea Mining"],
+    );
     assert_eq!(
         cluster.rally.get(&rally_id).unwrap()["industry"],
         json!("Deep Sea Mining"),

@@ -143,6 +143,8 @@ struct Plan {
     /// Per item: its outbox seq, and the ledger entry of the content pushed (recorded
     /// once the target stored it).
     planned: Vec<(u64, LedgerEntry)>,
+    /// The seqs of items sent without a value the target cannot hold.
+    left_out: HashSet<u64>,
     /// Held until the outcome is committed.
     claim: Option<ClaimGuard>,
     /// When the batch was planned: its send starts no earlier.
@@ -497,12 +499,14 @@ impl Engine {
                 stats,
                 items: Vec::new(),
                 planned: Vec::new(),
+                left_out: HashSet::new(),
                 claim: None,
                 planned_at: Utc::now(),
             });
         }
         let mut items = Vec::new();
         let mut planned = Vec::new();
+        let mut left_out = HashSet::new();
         for (seq, entry) in entries {
             if entry.attempts >= MAX_PUSH_ATTEMPTS {
                 warn!(connector = target, canonical_id = %entry.canonical_id, attempts = entry.attempts, "giving up on push; dead-lettered");
@@ -596,6 +600,7 @@ impl Engine {
             }
             if !unheld.is_empty() {
                 stats.left_out += 1;
+                left_out.insert(seq);
                 let reason = unheld
                     .iter()
                     .map(|u| format!("written without {}: {}", u.field, u.reason))
@@ -644,6 +649,7 @@ impl Engine {
             stats,
             items,
             planned,
+            left_out,
             claim: Some(claim),
             planned_at: Utc::now(),
         })
@@ -663,6 +669,7 @@ impl Engine {
             mut stats,
             items,
             planned,
+            left_out,
             claim,
             planned_at,
         } = plan;
@@ -765,6 +772,11 @@ impl Engine {
                     }
                     tx.put_link(target, vendor_id, &item.canonical_id)?;
                     tx.put_ledger(target, vendor_id, &ledger)?;
+                    // Written whole: an earlier letter about this company here (refused,
+                    // or written without a value) no longer holds.
+                    if !left_out.contains(seq) {
+                        tx.remove_push_dead_letter(target, &item.canonical_id)?;
+                    }
                     // The company may have changed while the push was in flight; the entry
                     // then stays so the newer content goes out next time.
                     let current = tx.get_company(&item.canonical_id)?.map(|c| {

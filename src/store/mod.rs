@@ -1262,6 +1262,24 @@ impl WriteTx {
         Ok(id)
     }
 
+    /// Removes the push dead letter of company `canonical_id` for `connector`, if any (a
+    /// later write of it landed whole); returns whether there was one.
+    pub fn remove_push_dead_letter(
+        &self,
+        connector: &str,
+        canonical_id: &str,
+    ) -> Result<bool, StoreError> {
+        let id = self
+            .table(PUSH_DEAD_LETTERS)?
+            .get((connector, canonical_id))
+            .at(PUSH_DEAD_LETTERS.name, "get")?
+            .map(|v| v.value());
+        match id {
+            Some(id) => Ok(self.remove_dead_letter(id)?.is_some()),
+            None => Ok(false),
+        }
+    }
+
     /// Removes a dead letter (replayed or discarded by an operator); returns it.
     pub fn remove_dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
         let letter: Option<DeadLetter> = self
