@@ -550,14 +550,19 @@ fn marketo_record(cluster: &SimCluster, id: i64) -> serde_json::Value {
         .expect("Marketo record")
 }
 
-/// Asserts that `connector` has a push dead letter whose reason contains each of `words`.
-fn assert_dead_letter(engine: &Engine, connector: &str, words: &[&str]) {
-    let letters = engine
+/// The dead letters in `engine`'s store (the first 100).
+fn dead_letters(engine: &Engine) -> Vec<crmbridge::store::DeadLetter> {
+    engine
         .store()
         .begin_read()
         .unwrap()
         .dead_letters(100, 0)
-        .unwrap();
+        .unwrap()
+}
+
+/// Asserts that `connector` has a push dead letter whose reason contains each of `words`.
+fn assert_dead_letter(engine: &Engine, connector: &str, words: &[&str]) {
+    let letters = dead_letters(engine);
     assert!(
         letters
             .iter()
@@ -614,12 +619,7 @@ async fn an_industry_amocrm_cannot_hold_leaves_the_company_synced_without_it() {
         .update(&rally_id, json!({"industry": "Retail"}));
     settle(&engine, &metrics, quiet, Duration::from_secs(60)).await;
     assert_eq!(amo_industry(&cluster, amo_id).as_deref(), Some("Retail"));
-    let letters = engine
-        .store()
-        .begin_read()
-        .unwrap()
-        .dead_letters(100, 0)
-        .unwrap();
+    let letters = dead_letters(&engine);
     assert!(
         letters.iter().all(|l| l.connector != "amocrm"),
         "the letter outlived the write that held everything: {letters:?}"
