@@ -595,11 +595,13 @@ fn role_fill() {
         ("amocrm", CrmKind::Amocrm),
     ]
     .iter()
-    .map(|(name, kind)| Endpoint {
-        name: name.to_string(),
-        connector: Arc::new(Offline(name.to_string())),
-        mapping: Mapping::compile(*kind, &MappingRules::default()).unwrap(),
-        poll_interval: Duration::from_secs(60),
+    .map(|(name, kind)| {
+        Endpoint::new(
+            name.to_string(),
+            Arc::new(Offline(name.to_string())),
+            Mapping::compile(*kind, &MappingRules::default()).unwrap(),
+            Duration::from_secs(60),
+        )
     })
     .collect();
     let settings = EngineSettings {

@@ -91,11 +91,13 @@ fn main() {
     let mapping = Mapping::compile(CrmKind::Rally, &MappingRules::default()).unwrap();
     let endpoints = ["rally", "marketo", "amocrm"]
         .iter()
-        .map(|n| Endpoint {
-            name: n.to_string(),
-            connector: Arc::new(Offline(n.to_string())),
-            mapping: mapping.clone(),
-            poll_interval: std::time::Duration::from_secs(60),
+        .map(|n| {
+            Endpoint::new(
+                n.to_string(),
+                Arc::new(Offline(n.to_string())),
+                mapping.clone(),
+                std::time::Duration::from_secs(60),
+            )
         })
         .collect();
     let settings = EngineSettings {

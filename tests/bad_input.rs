@@ -228,12 +228,7 @@ async fn engine_for(crm: &str, server: &MockServer, dir: &TempDir) -> Arc<Engine
         .await
         .unwrap_or_else(|e| panic!("{crm} starts: {e}"));
     let mapping = Mapping::compile(kind, &MappingRules::default()).expect("default mapping");
-    let endpoint = Endpoint {
-        name: crm.to_string(),
-        connector,
-        mapping,
-        poll_interval: Duration::from_secs(60),
-    };
+    let endpoint = Endpoint::new(crm.to_string(), connector, mapping, Duration::from_secs(60));
     Arc::new(Engine::new(
         store,
         vec![endpoint],

@@ -154,11 +154,13 @@ fn rig(names: &[&str]) -> Rig {
     let mapping = Mapping::compile(CrmKind::Rally, &MappingRules::default()).unwrap();
     let endpoints = crms
         .iter()
-        .map(|c| Endpoint {
-            name: c.name.clone(),
-            connector: c.clone(),
-            mapping: mapping.clone(),
-            poll_interval: Duration::from_millis(20),
+        .map(|c| {
+            Endpoint::new(
+                c.name.clone(),
+                c.clone(),
+                mapping.clone(),
+                Duration::from_millis(20),
+            )
         })
         .collect();
     let targets = names

@@ -669,3 +669,94 @@ async fn text_longer_than_a_marketo_field_holds_leaves_the_company_synced_withou
     assert_dead_letter(&engine, "marketo", &["written without address", "255"]);
     cluster.shutdown().await;
 }
+
+/// Waits (up to `limit`) until `found` holds, checking every 100 ms: the daemon runs in
+/// this process, and the simulators have no event to await.
+async fn until(limit: Duration, what: &str, mut found: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !found() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crm_down_when_the_daemon_starts_does_not_hold_up_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path, _) = one_company_in_rally(dir.path(), "Halden Ropes", "halden").await;
+    // Marketo answers every call with a 5xx until further notice.
+    cluster
+        .marketo
+        .faults()
+        .set(crmbridge::sim::common::FaultConfig {
+            server_error: 1.0,
+            ..Default::default()
+        });
+    let config = crmbridge::config::Config::load(&path).unwrap();
+    let stop = CancellationToken::new();
+    let daemon = tokio::spawn(crmbridge::daemon::service::run(config, stop.clone()));
+    let in_amocrm = || {
+        cluster
+            .amocrm
+            .dump()
+            .iter()
+            .any(|r| r["name"] == json!("Halden Ropes"))
+    };
+    let in_marketo = || {
+        cluster
+            .marketo
+            .dump()
+            .iter()
+            .any(|r| r["company"] == json!("Halden Ropes"))
+    };
+    // Before: the daemon gave up after a few attempts to start Marketo, and nothing
+    // synced at all.
+    until(
+        Duration::from_secs(30),
+        "Rally's company in amoCRM",
+        in_amocrm,
+    )
+    .await;
+    assert!(!daemon.is_finished(), "the daemon stopped");
+    assert!(!in_marketo());
+    // Marketo comes back: its connector starts, reads, and gets the company.
+    cluster.marketo.faults().set(Default::default());
+    until(
+        Duration::from_secs(60),
+        "Rally's company in Marketo",
+        in_marketo,
+    )
+    .await;
+    stop.cancel();
+    daemon.await.unwrap().expect("the daemon stops cleanly");
+    let marketo: Vec<_> = cluster
+        .marketo
+        .dump()
+        .into_iter()
+        .filter(|r| r["company"] == json!("Halden Ropes"))
+        .collect();
+    assert_eq!(marketo.len(), 1, "{marketo:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_at_start_stop_the_daemon_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_cluster, path, _) = one_company_in_rally(dir.path(), "Orm Forge", "orm").await;
+    std::fs::write(dir.path().join("marketo_client_secret"), "not-the-secret").unwrap();
+    let config = crmbridge::config::Config::load(&path).unwrap();
+    let started = Instant::now();
+    // A mistake another attempt cannot mend shows at `systemctl start`, not as a
+    // connector that silently never syncs.
+    let err = crmbridge::daemon::service::run(config, CancellationToken::new())
+        .await
+        .expect_err("refused credentials stop the daemon");
+    let text = err.to_string();
+    assert!(text.starts_with("connector marketo:"), "{text}");
+    assert!(text.contains("authentication failed"), "{text}");
+    assert!(!text.contains("not-the-secret"), "{text}");
+    assert!(
+        started.elapsed() < crmbridge::daemon::service::FIRST_START_WAIT,
+        "after {:?}",
+        started.elapsed()
+    );
+}

@@ -139,14 +139,187 @@ pub fn connector_infos(config: &Config) -> Vec<ConnectorInfo> {
         .collect()
 }
 
-/// Builds and starts every enabled connector and compiles its mapping. Rules whose vendor
-/// field the instance lacks are dropped with a warning.
-pub async fn build_engine(
+/// A connector the engine holds but that is not up yet: [`ConnectorStart`] starts it
+/// (token, field catalogue) and fits its mapping to what the CRM has.
+pub struct ConnectorStart {
+    config: ConnectorConfig,
+    endpoint: Arc<Endpoint>,
+}
+
+/// Why one attempt to bring a connector up failed.
+enum StartFailure {
+    /// Worth another attempt (the CRM was unreachable, throttled, or its quota is spent
+    /// until the given time).
+    Later {
+        error: ConnectorError,
+        until: Option<chrono::DateTime<Utc>>,
+    },
+    /// Another attempt would fail the same way (credentials refused, mapping invalid).
+    Never(DaemonError),
+}
+
+impl ConnectorStart {
+    /// The connector's name.
+    pub fn name(&self) -> &str {
+        &self.endpoint.name
+    }
+
+    /// One attempt: starts the connector and, on success, brings its endpoint up with the
+    /// mapping fitted to the instance. Rules whose vendor field the instance lacks are
+    /// dropped with a warning.
+    async fn attempt(&self) -> Result<(), StartFailure> {
+        let name = &self.endpoint.name;
+        let connector = &self.endpoint.connector;
+        match connector.start().await {
+            Ok(()) => {}
+            Err(error @ ConnectorError::Suspended { until, .. }) => {
+                return Err(StartFailure::Later {
+                    error,
+                    until: Some(until),
+                });
+            }
+            Err(error @ ConnectorError::Transient { .. }) => {
+                return Err(StartFailure::Later { error, until: None });
+            }
+            Err(e) => {
+                return Err(StartFailure::Never(DaemonError::Connector {
+                    connector: name.clone(),
+                    detail: e.to_string(),
+                }));
+            }
+        }
+        let cfg = &self.config;
+        let fitted = Mapping::fit(cfg.kind(), cfg.mapping(), |keys| {
+            connector.unavailable_fields(keys)
+        })
+        .map_err(|errs| {
+            StartFailure::Never(DaemonError::Mapping {
+                connector: name.clone(),
+                detail: errs
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            })
+        })?;
+        if !fitted.missing.is_empty() {
+            warn!(connector = %name, missing = ?fitted.missing, dropped = ?fitted.dropped,
+                stand_ins = ?fitted.stand_ins,
+                "vendor fields missing on this instance; those mapping rules are skipped");
+        }
+        self.endpoint.bring_up(fitted.mapping);
+        info!(connector = %name, "connector up");
+        Ok(())
+    }
+
+    /// Starts the connector, retrying transient failures a few times (a CRM briefly
+    /// unreachable should not fail a one-shot command); any other failure is final.
+    pub async fn with_patience(&self) -> Result<(), DaemonError> {
+        let mut delay = Duration::from_millis(500);
+        for attempt in 1..=START_ATTEMPTS {
+            match self.attempt().await {
+                Ok(()) => return Ok(()),
+                Err(StartFailure::Later { error, .. }) if attempt < START_ATTEMPTS => {
+                    warn!(connector = self.name(), attempt, error = %error, "start failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(StartFailure::Later { error, .. }) => {
+                    return Err(DaemonError::Connector {
+                        connector: self.name().to_string(),
+                        detail: error.to_string(),
+                    });
+                }
+                Err(StartFailure::Never(e)) => return Err(e),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// Starts the connector in the background of a running daemon: retries until it is up
+    /// or `shutdown` fires, waiting out a suspension (a spent quota, a ban) and backing off
+    /// up to [`MAX_START_PAUSE`] otherwise. The first attempt's outcome goes to `first`: a
+    /// final failure then (refused credentials, a mapping the instance cannot take) ends
+    /// the task, for the daemon to stop on; a later one is logged and retried rarely,
+    /// while the other connectors keep syncing. Failures count in `engine`'s metrics.
+    async fn until_up(
+        &self,
+        engine: &Engine,
+        shutdown: &CancellationToken,
+        first: tokio::sync::oneshot::Sender<Result<(), DaemonError>>,
+    ) {
+        let mut first = Some(first);
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let outcome = tokio::select! {
+                o = self.attempt() => o,
+                _ = shutdown.cancelled() => return,
+            };
+            let pause = match outcome {
+                Ok(()) => {
+                    if let Some(first) = first.take() {
+                        let _ = first.send(Ok(()));
+                    }
+                    return;
+                }
+                Err(StartFailure::Later { error, until }) => {
+                    warn!(connector = self.name(), error = %error, "start failed; retrying (the other connectors sync meanwhile)");
+                    engine.note_start_error(self.name(), error);
+                    let pause = until
+                        .and_then(|u| (u - Utc::now()).to_std().ok())
+                        .unwrap_or(delay);
+                    delay = (delay * 2).min(MAX_START_PAUSE);
+                    pause
+                }
+                Err(StartFailure::Never(e)) => {
+                    if let Some(first) = first.take() {
+                        let _ = first.send(Err(e));
+                        return;
+                    }
+                    error!(connector = self.name(), error = %e,
+                        "connector cannot start; the others keep syncing (fix, then restart)");
+                    engine.note_start_error(
+                        self.name(),
+                        ConnectorError::Fatal {
+                            connector: self.name().to_string(),
+                            detail: e.to_string(),
+                        },
+                    );
+                    NEVER_START_PAUSE
+                }
+            };
+            if let Some(first) = first.take() {
+                let _ = first.send(Ok(()));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Attempts [`ConnectorStart::with_patience`] makes (0.5 + 1 + 2 + 4 s apart).
+const START_ATTEMPTS: u32 = 5;
+/// Longest pause between two background start attempts after transient failures.
+pub const MAX_START_PAUSE: Duration = Duration::from_secs(60);
+/// Pause before retrying a start that failed in a way another attempt should not mend.
+const NEVER_START_PAUSE: Duration = Duration::from_secs(300);
+/// How long the daemon waits for every connector's first start attempt before it goes
+/// on with those that are up: a final failure within it stops the daemon (a config or
+/// credential mistake shows at `systemctl start`), a slower start (a CRM down, a rate
+/// window the previous run may still fill — Marketo's is 20 s) goes on in the background.
+pub const FIRST_START_WAIT: Duration = Duration::from_secs(5);
+
+/// Builds every enabled connector and an engine over them, all still starting: each
+/// [`ConnectorStart`] brings its connector up.
+pub fn assemble_engine(
     config: &Config,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
-) -> Result<Arc<Engine>, DaemonError> {
-    let mut built = Vec::new();
+) -> Result<(Arc<Engine>, Vec<ConnectorStart>), DaemonError> {
+    let mut endpoints = Vec::new();
+    let mut configs = Vec::new();
     for (name, cfg) in config.connectors.iter().filter(|(_, c)| c.common().enabled) {
         let ctx = crate::connectors::BuildContext {
             store: store.clone(),
@@ -157,74 +330,73 @@ pub async fn build_engine(
                 connector: name.clone(),
                 detail: e.to_string(),
             })?;
-        built.push((name, cfg, connector));
-    }
-    // Started together: one CRM's start (a token, a field catalogue, the rate window a
-    // previous run may still fill — Marketo's is 20 s) does not add to the others'.
-    futures::future::try_join_all(
-        built
-            .iter()
-            .map(|(name, _, connector)| start_with_patience(name, connector.as_ref())),
-    )
-    .await?;
-    let mut endpoints = Vec::new();
-    for (name, cfg, connector) in built {
-        let fitted = Mapping::fit(cfg.kind(), cfg.mapping(), |keys| {
-            connector.unavailable_fields(keys)
-        })
-        .map_err(|errs| DaemonError::Mapping {
-            connector: name.clone(),
-            detail: errs
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; "),
-        })?;
-        if !fitted.missing.is_empty() {
-            warn!(connector = %name, missing = ?fitted.missing, dropped = ?fitted.dropped,
-                stand_ins = ?fitted.stand_ins,
-                "vendor fields missing on this instance; those mapping rules are skipped");
-        }
-        let mapping = fitted.mapping;
-        endpoints.push(Endpoint {
-            name: name.clone(),
+        endpoints.push(Endpoint::starting(
+            name.clone(),
             connector,
-            mapping,
-            poll_interval: cfg.common().poll_interval,
-        });
+            cfg.common().poll_interval,
+        ));
+        configs.push((name.clone(), cfg.clone()));
     }
-    Ok(Arc::new(Engine::new(
+    let engine = Arc::new(Engine::new(
         store,
         endpoints,
         engine_settings(config),
         metrics,
-    )))
+    ));
+    let starts = configs
+        .into_iter()
+        .map(|(name, config)| ConnectorStart {
+            endpoint: engine
+                .endpoint(&name)
+                .expect("the engine holds every connector built")
+                .clone(),
+            config,
+        })
+        .collect();
+    Ok((engine, starts))
 }
 
-/// Starts a connector, retrying transient failures a few times: a CRM that is briefly
-/// unreachable at boot should not stop the daemon.
-async fn start_with_patience(
-    name: &str,
-    connector: &dyn crate::connector::Connector,
+/// Builds and starts every enabled connector (all at once: one CRM's start does not add
+/// to the others') and compiles its mapping. For one-shot commands, which need them all.
+pub async fn build_engine(
+    config: &Config,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<Engine>, DaemonError> {
+    let (engine, starts) = assemble_engine(config, store, metrics)?;
+    futures::future::try_join_all(starts.iter().map(ConnectorStart::with_patience)).await?;
+    Ok(engine)
+}
+
+/// Brings the daemon's connectors up, each in its own task ([`ConnectorStart::until_up`]):
+/// the engine's loops for a connector begin once it is up, so the others sync meanwhile.
+/// Waits up to [`FIRST_START_WAIT`] for every first attempt, and fails on a final failure
+/// among them.
+async fn start_connectors(
+    engine: &Arc<Engine>,
+    starts: Vec<ConnectorStart>,
+    tracker: &tokio_util::task::TaskTracker,
+    shutdown: &CancellationToken,
 ) -> Result<(), DaemonError> {
-    let mut delay = Duration::from_millis(500);
-    for attempt in 1..=5 {
-        match connector.start().await {
-            Ok(()) => return Ok(()),
-            Err(ConnectorError::Transient { detail, .. }) if attempt < 5 => {
-                warn!(connector = name, attempt, error = %detail, "start failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-            Err(e) => {
-                return Err(DaemonError::Connector {
-                    connector: name.to_string(),
-                    detail: e.to_string(),
-                });
-            }
+    let mut firsts = Vec::new();
+    for start in starts {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (engine, shutdown) = (engine.clone(), shutdown.clone());
+        firsts.push((start.name().to_string(), rx));
+        tracker.spawn(async move { start.until_up(&engine, &shutdown, tx).await });
+    }
+    let deadline = tokio::time::Instant::now() + FIRST_START_WAIT;
+    for (name, rx) in firsts {
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Err(e))) => return Err(e),
+            Ok(_) => {}
+            Err(_) => info!(
+                connector = %name,
+                "start takes a while; the other connectors sync meanwhile"
+            ),
         }
     }
-    unreachable!("the last attempt returns")
+    Ok(())
 }
 
 fn notify(states: &[NotifyState]) {
@@ -239,7 +411,7 @@ pub async fn run(config: Config, external_stop: CancellationToken) -> Result<(),
     notify(&[NotifyState::ExtendTimeoutUsec(120_000_000)]);
     let store = open_store(&config)?;
     let metrics = Arc::new(Metrics::new());
-    let engine = build_engine(&config, store.clone(), metrics.clone()).await?;
+    let (engine, starts) = assemble_engine(&config, store.clone(), metrics.clone())?;
     let shutdown = CancellationToken::new();
 
     if let Some(addr) = config.daemon.listen {
@@ -260,7 +432,17 @@ pub async fn run(config: Config, external_stop: CancellationToken) -> Result<(),
         info!(%bound, "metrics and health endpoint listening");
     }
 
+    // The loops first: each begins as soon as its connector is up.
     let handle = engine.start(shutdown.clone());
+    let starting = tokio_util::task::TaskTracker::new();
+    if let Err(e) = start_connectors(&engine, starts, &starting, &shutdown).await {
+        shutdown.cancel();
+        starting.close();
+        handle.wait().await;
+        starting.wait().await;
+        return Err(e);
+    }
+    starting.close();
     let names: Vec<String> = engine.endpoints().map(|e| e.name.clone()).collect();
     info!(connectors = ?names, "crmbridge running");
     notify(&[
@@ -295,7 +477,11 @@ pub async fn run(config: Config, external_stop: CancellationToken) -> Result<(),
     info!("stopping: finishing in-flight pages and batches");
     notify(&[NotifyState::Stopping]);
     shutdown.cancel();
-    if tokio::time::timeout(config.daemon.shutdown_grace, handle.wait())
+    let stopped = async {
+        handle.wait().await;
+        starting.wait().await;
+    };
+    if tokio::time::timeout(config.daemon.shutdown_grace, stopped)
         .await
         .is_err()
     {

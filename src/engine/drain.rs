@@ -533,7 +533,7 @@ impl Engine {
                 continue;
             };
             let vendor_id = tx.vendor_id_of(&entry.canonical_id, target)?;
-            let (values, unheld) = ep.values_to_write(&company, vendor_id.is_none());
+            let (values, unheld) = ep.values_to_write(&company, vendor_id.is_none())?;
             // Its create landed on another company's record (a dead letter says so): sent
             // again with the same keys, it would land there again and overwrite that
             // record until the owner's content is restored.
@@ -546,7 +546,7 @@ impl Engine {
                 stats.skipped += 1;
                 continue;
             }
-            let mut fields = match ep.mapping.write(&values) {
+            let mut fields = match ep.mapping()?.write(&values) {
                 Ok(f) => f,
                 Err(e) => {
                     warn!(connector = target, canonical_id = %entry.canonical_id, error = %e, "cannot map for target");
@@ -566,7 +566,7 @@ impl Engine {
                     continue;
                 }
             };
-            let hash = visible_hash(&ep.mapping, &values);
+            let hash = visible_hash(ep.mapping()?, &values);
             if fields.is_empty() {
                 tx.outbox_remove(target, seq)?;
                 stats.skipped += 1;
@@ -581,7 +581,8 @@ impl Engine {
                 stats.skipped += 1;
                 continue;
             }
-            let prints = ep.trim_write(&values, &mut fields, vendor_id.is_some(), before.as_ref());
+            let prints =
+                ep.trim_write(&values, &mut fields, vendor_id.is_some(), before.as_ref())?;
             if fields.is_empty() {
                 // The record holds every value already (it differs only in fields the
                 // company lacks, which a write leaves alone).
@@ -779,12 +780,13 @@ impl Engine {
                     }
                     // The company may have changed while the push was in flight; the entry
                     // then stays so the newer content goes out next time.
-                    let current = tx.get_company(&item.canonical_id)?.map(|c| {
-                        visible_hash(
-                            &ep.mapping,
-                            &ep.values_to_write(&c, item.vendor_id.is_none()).0,
-                        )
-                    });
+                    let current = match tx.get_company(&item.canonical_id)? {
+                        Some(c) => Some(visible_hash(
+                            ep.mapping()?,
+                            &ep.values_to_write(&c, item.vendor_id.is_none())?.0,
+                        )),
+                        None => None,
+                    };
                     if current.as_deref() == Some(hash.as_str()) {
                         tx.outbox_remove(target, *seq)?;
                     } else {
@@ -872,7 +874,8 @@ impl Endpoint {
         &self,
         company: &Company,
         creating: bool,
-    ) -> (Fields, Vec<Unheld>) {
+    ) -> Result<(Fields, Vec<Unheld>), EngineError> {
+        let mapping = self.mapping()?;
         let mut values = company.values();
         if creating
             && let Some(field) = self.connector.create_fills_with_canonical_id()
@@ -881,12 +884,12 @@ impl Endpoint {
             values.insert(field.to_string(), Value::Text(company.id.clone()));
         }
         // A mapping error is the caller's to report, on the write it makes.
-        let Ok(fields) = self.mapping.write(&values) else {
-            return (values, Vec::new());
+        let Ok(fields) = mapping.write(&values) else {
+            return Ok((values, Vec::new()));
         };
         let mut unheld = Vec::new();
         for (key, reason) in self.connector.unholdable(&fields) {
-            for field in self.mapping.written_from(&key) {
+            for field in mapping.written_from(&key) {
                 if creating {
                     values.remove(field);
                 } else {
@@ -899,7 +902,7 @@ impl Endpoint {
                 });
             }
         }
-        (values, unheld)
+        Ok((values, unheld))
     }
 
     /// Fits `fields` (the company `values` as [`Mapping::write`](crate::mapping::Mapping::write)
@@ -914,9 +917,10 @@ impl Endpoint {
         fields: &mut Map<String, Json>,
         linked: bool,
         before: Option<&LedgerEntry>,
-    ) -> Option<FieldPrints> {
+    ) -> Result<Option<FieldPrints>, EngineError> {
+        let mapping = self.mapping()?;
         let held = before.and_then(|l| l.prints.as_ref());
-        let after = self.mapping.written_prints(
+        let after = mapping.written_prints(
             values,
             match (linked, held) {
                 (false, _) => Before::New,
@@ -927,9 +931,9 @@ impl Endpoint {
         if let (true, Some(held), Some(after)) = (linked, held, &after)
             && self.connector.updates_are_partial()
         {
-            self.mapping.drop_held_keys(fields, held, after);
+            mapping.drop_held_keys(fields, held, after);
         }
-        after
+        Ok(after)
     }
 }
 

@@ -217,11 +217,13 @@ fn ts(s: i64) -> chrono::DateTime<Utc> {
 
 fn engine(dir: &tempfile::TempDir, b: Arc<FakeCrm>) -> Arc<Engine> {
     let store = Arc::new(Store::open(&dir.path().join("race.redb")).unwrap());
-    let endpoint = |name: &str, kind, connector: Arc<dyn Connector>| Endpoint {
-        name: name.into(),
-        connector,
-        mapping: Mapping::compile(kind, &MappingRules::default()).unwrap(),
-        poll_interval: std::time::Duration::from_secs(60),
+    let endpoint = |name: &str, kind, connector: Arc<dyn Connector>| {
+        Endpoint::new(
+            name,
+            connector,
+            Mapping::compile(kind, &MappingRules::default()).unwrap(),
+            std::time::Duration::from_secs(60),
+        )
     };
     let endpoints = vec![
         endpoint("a", CrmKind::Rally, Arc::new(FedOnly)),
@@ -755,11 +757,13 @@ fn rally_pair(
     flows: &[(&str, &str)],
 ) -> Arc<Engine> {
     let store = Arc::new(Store::open(&dir.path().join("pair.redb")).unwrap());
-    let endpoint = |name: &str, connector: Arc<dyn Connector>| Endpoint {
-        name: name.into(),
-        connector,
-        mapping: Mapping::compile(CrmKind::Rally, &MappingRules::default()).unwrap(),
-        poll_interval: std::time::Duration::from_secs(60),
+    let endpoint = |name: &str, connector: Arc<dyn Connector>| {
+        Endpoint::new(
+            name,
+            connector,
+            Mapping::compile(CrmKind::Rally, &MappingRules::default()).unwrap(),
+            std::time::Duration::from_secs(60),
+        )
     };
     let mut targets: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for (source, target) in flows {

@@ -50,11 +50,13 @@ fn engine(dir: &tempfile::TempDir, name: &str) -> Engine {
     let mapping = Mapping::compile(CrmKind::Rally, &MappingRules::default()).unwrap();
     let endpoints = SOURCES
         .iter()
-        .map(|n| Endpoint {
-            name: n.to_string(),
-            connector: Arc::new(Unused(n.to_string())),
-            mapping: mapping.clone(),
-            poll_interval: std::time::Duration::from_secs(60),
+        .map(|n| {
+            Endpoint::new(
+                n.to_string(),
+                Arc::new(Unused(n.to_string())),
+                mapping.clone(),
+                std::time::Duration::from_secs(60),
+            )
         })
         .collect();
     let targets = SOURCES

@@ -12,7 +12,7 @@ pub mod merge;
 mod run;
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -38,10 +38,69 @@ pub struct Endpoint {
     pub name: String,
     /// The CRM client.
     pub connector: Arc<dyn Connector>,
-    /// Its compiled mapping.
-    pub mapping: Mapping,
     /// How long to wait between poll cycles once caught up.
     pub poll_interval: Duration,
+    /// Its compiled mapping, fitted to what the CRM has: known once the connector is up
+    /// (its start read the field catalogue), and never replaced.
+    mapping: OnceLock<Mapping>,
+    /// True once `mapping` is set; the connector's loops wait for it.
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl Endpoint {
+    /// A connector that is up, with its fitted `mapping`.
+    pub fn new(
+        name: impl Into<String>,
+        connector: Arc<dyn Connector>,
+        mapping: Mapping,
+        poll_interval: Duration,
+    ) -> Self {
+        let ep = Endpoint::starting(name, connector, poll_interval);
+        ep.bring_up(mapping);
+        ep
+    }
+
+    /// A connector still starting: nothing is read from or written to it until
+    /// [`Endpoint::bring_up`] gives it its mapping. The others sync meanwhile.
+    pub fn starting(
+        name: impl Into<String>,
+        connector: Arc<dyn Connector>,
+        poll_interval: Duration,
+    ) -> Self {
+        Endpoint {
+            name: name.into(),
+            connector,
+            poll_interval,
+            mapping: OnceLock::new(),
+            up: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Marks the connector up with its fitted `mapping`; its loops start. A second call
+    /// changes nothing (a mapping in use is never swapped).
+    pub fn bring_up(&self, mapping: Mapping) {
+        if self.mapping.set(mapping).is_ok() {
+            self.up.send_replace(true);
+        }
+    }
+
+    /// True once the connector is up.
+    pub fn is_up(&self) -> bool {
+        self.mapping.get().is_some()
+    }
+
+    /// Waits until the connector is up.
+    pub async fn wait_up(&self) {
+        // The sender lives as long as `self`: the wait ends only by the value.
+        let _ = self.up.subscribe().wait_for(|up| *up).await;
+    }
+
+    /// The fitted mapping; an error while the connector is still starting.
+    pub fn mapping(&self) -> Result<&Mapping, EngineError> {
+        self.mapping
+            .get()
+            .ok_or_else(|| EngineError::NotUp(self.name.clone()))
+    }
 }
 
 /// Sync rules derived from the configuration.
@@ -71,6 +130,9 @@ pub enum EngineError {
     /// A blocking store task panicked or was cancelled.
     #[error("store task failed: {0}")]
     Join(String),
+    /// The connector has not started yet (its CRM was unreachable so far).
+    #[error("connector {0:?} has not started yet")]
+    NotUp(String),
 }
 
 /// What ingesting one page did.
@@ -502,7 +564,11 @@ impl Engine {
                     .metrics
                     .get("crmbridge_records_pushed_total", &l)
                     .unwrap_or(0.0);
-                format!("{n}: {read} read, {pushed} pushed")
+                if self.endpoints[n].is_up() {
+                    format!("{n}: {read} read, {pushed} pushed")
+                } else {
+                    format!("{n}: starting")
+                }
             })
             .collect::<Vec<_>>()
             .join("; ")
@@ -569,7 +635,7 @@ impl Engine {
         page: &Page,
         cursor_key: Option<&str>,
     ) -> Result<IngestStats, EngineError> {
-        let mapping = &self.endpoint(source)?.mapping;
+        let mapping = self.endpoint(source)?.mapping()?;
         let kinds = &self.settings.match_keys;
         let policy = &self.settings.policy;
         let tx = self.store.begin_write()?;
@@ -622,7 +688,7 @@ impl Engine {
         prepared: impl Iterator<Item = Result<Prepared, StoreError>>,
     ) -> Result<IngestStats, EngineError> {
         let targets = self.targets_of(source);
-        let mapping = &self.endpoint(source)?.mapping;
+        let mapping = self.endpoint(source)?.mapping()?;
         let derived = mapping.derived_fields();
         let receives_pushes = self
             .settings
@@ -700,7 +766,7 @@ impl Engine {
                 // Used by the new company, which is still what the record makes.
                 (None, Some(_)) => Fields::new(),
                 // The new company made ahead is stale: map the record again.
-                (None, None) => mapping_of(&self.endpoint(source)?.mapping, rec)?,
+                (None, None) => mapping_of(self.endpoint(source)?.mapping()?, rec)?,
             };
             // The link and the ledger entry share a row: one look-up for both.
             let (link, ledger) = match &seen {

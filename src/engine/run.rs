@@ -128,6 +128,7 @@ pub fn error_class(err: &EngineError) -> &'static str {
         EngineError::Connector(_) => "fatal",
         EngineError::Store(_) | EngineError::Join(_) => "store",
         EngineError::UnknownConnector(_) => "config",
+        EngineError::NotUp(_) => "starting",
     }
 }
 
@@ -242,6 +243,11 @@ impl Engine {
         Ok(total)
     }
 
+    /// Counts a failed start of `connector` like a failed poll (metrics, suspension).
+    pub fn note_start_error(&self, connector: &str, err: ConnectorError) {
+        self.note_error(connector, &EngineError::Connector(err));
+    }
+
     /// Counts an error in the metrics, and records a suspension's end.
     pub(super) fn note_error(&self, connector: &str, err: &EngineError) {
         let l = [("connector", connector)];
@@ -279,7 +285,14 @@ impl Engine {
             {
                 let (me, sd, name) = (self.clone(), shutdown.clone(), name.clone());
                 let first_read = first_read.clone();
+                let ep = ep.clone();
                 tracker.spawn(async move {
+                    // Nothing to read until the connector is up (its start may take
+                    // long: a CRM down, a rate window to wait out).
+                    tokio::select! {
+                        _ = ep.wait_up() => {}
+                        _ = sd.cancelled() => return,
+                    }
                     while !sd.is_cancelled() {
                         // A cycle another task (a drain reading before a write) began while
                         // this one waited for the gate has read what this one would.
@@ -328,8 +341,14 @@ impl Engine {
             {
                 let (me, sd) = (self.clone(), shutdown.clone());
                 let mut read_once = first_read.get(&name).map(|tx| tx.subscribe());
+                let ep = ep.clone();
                 tracker.spawn(async move {
                     let notify: Arc<Notify> = me.wake.get(&name).cloned().unwrap_or_default();
+                    // Entries for a connector not up yet wait in its outbox.
+                    tokio::select! {
+                        _ = ep.wait_up() => {}
+                        _ = sd.cancelled() => return,
+                    }
                     if let Some(rx) = read_once.as_mut() {
                         tokio::select! {
                             _ = rx.wait_for(|done| *done) => {}
@@ -517,7 +536,7 @@ impl Engine {
                 continue;
             };
             let values = company.values();
-            let Ok(mut fields) = ep.mapping.write(&values) else {
+            let Ok(mut fields) = ep.mapping()?.write(&values) else {
                 counts.invalid += 1;
                 continue;
             };
@@ -532,14 +551,14 @@ impl Engine {
                 }
                 None => counts.would_create += 1,
                 Some(vid) => {
-                    let hash = visible_hash(&ep.mapping, &values);
+                    let hash = visible_hash(ep.mapping()?, &values);
                     let before = tx.ledger(target, &vid)?;
                     if before.as_ref().is_some_and(|l| l.hash == hash) {
                         counts.unchanged += 1;
                         continue;
                     }
                     // What the drain would send (see `plan_batch`).
-                    ep.trim_write(&values, &mut fields, true, before.as_ref());
+                    ep.trim_write(&values, &mut fields, true, before.as_ref())?;
                     if fields.is_empty() {
                         counts.unchanged += 1;
                     } else {

@@ -88,7 +88,11 @@ pub async fn crm_views(config_path: &Path) -> Views {
                 if rec.deleted {
                     continue;
                 }
-                let fields = ep.mapping.read(&rec.fields).expect("mappable");
+                let fields = ep
+                    .mapping()
+                    .expect("up")
+                    .read(&rec.fields)
+                    .expect("mappable");
                 seen.insert(rec.vendor_id.clone(), fields);
             }
             cursor = page.next;

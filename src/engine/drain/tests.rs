@@ -218,12 +218,12 @@ fn fixture(target: FakeTarget, n: usize) -> Fixture {
     }
     tx.commit().unwrap();
     let target = Arc::new(target);
-    let endpoint = Endpoint {
-        name: TARGET.into(),
-        connector: target.clone(),
-        mapping: Mapping::compile(CrmKind::Rally, &MappingRules::default()).unwrap(),
-        poll_interval: Duration::from_secs(1),
-    };
+    let endpoint = Endpoint::new(
+        TARGET,
+        target.clone(),
+        Mapping::compile(CrmKind::Rally, &MappingRules::default()).unwrap(),
+        Duration::from_secs(1),
+    );
     let engine = Arc::new(Engine::new(
         store,
         vec![endpoint],
