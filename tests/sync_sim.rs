@@ -760,3 +760,48 @@ async fn refused_credentials_at_start_stop_the_daemon_with_a_clear_error() {
         started.elapsed()
     );
 }
+
+/// Rally's updates are whole: every write to it is preceded by a read that began after
+/// the write was asked for, so an edit made there a moment before is merged, not
+/// overwritten — even when Rally was read for an earlier write just before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_made_in_rally_just_after_a_read_for_a_write_is_not_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path, rally_id) = one_company_in_rally(dir.path(), "Tern Ltd", "tern").await;
+    let (engine, _metrics) = engine_for(&path).await;
+    let sd = CancellationToken::new();
+    let none = |_: &str, _: &crmbridge::engine::IngestStats| {};
+    engine
+        .backfill(&BackfillOptions::default(), &sd, &none)
+        .await
+        .unwrap();
+    let (_, mkto_id) = synced_ids(&cluster, "Tern Ltd");
+    let key = crmbridge::engine::cursor_key("marketo");
+    let marketo_edit = |patch: serde_json::Value| {
+        cluster.marketo.update(mkto_id, patch);
+        engine.poll_cycle(
+            "marketo",
+            &key,
+            &crmbridge::connector::PollMode::Incremental,
+            &sd,
+            &|_| {},
+        )
+    };
+    // A Marketo edit goes to Rally: the drain reads Rally, then writes.
+    marketo_edit(json!({"billingCity": "York"})).await.unwrap();
+    assert_eq!(engine.drain_fresh("rally", &sd).await.unwrap().written, 1);
+    // A moment later Rally's user renames the company and Marketo's edits the city again.
+    cluster
+        .rally
+        .update(&rally_id, json!({"name": "Tern Renamed Ltd"}));
+    marketo_edit(json!({"billingCity": "Hull"})).await.unwrap();
+    let s = engine.drain_fresh("rally", &sd).await.unwrap();
+    assert_eq!(s.written, 1, "{s:?}");
+    let rally = cluster.rally.get(&rally_id).unwrap();
+    assert_eq!(
+        (rally["name"].as_str(), rally["city"].as_str()),
+        (Some("Tern Renamed Ltd"), Some("Hull")),
+        "{rally}"
+    );
+    cluster.shutdown().await;
+}

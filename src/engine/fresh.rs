@@ -6,7 +6,7 @@
 //! ([`PreWriteRead::Poll`], one call when little changed) or the batch's own records by id
 //! ([`PreWriteRead::ById`]) — and merges it; the field prints in the ledger then keep B's
 //! untouched fields from undoing the other change. What is left is the instant between that
-//! read and the write.
+//! read and the write (for a CRM whose updates are partial, up to [`FRESH_WINDOW`] more).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -17,8 +17,11 @@ use tokio_util::sync::CancellationToken;
 use super::{Engine, EngineError, IngestStats, cursor_key};
 use crate::connector::{PollMode, PreWriteRead};
 
-/// A poll cycle of the target that began this recently is fresh enough for a write: it
-/// bounds the extra calls a long drain makes to one cycle per window.
+/// A poll cycle of the target that began this recently is fresh enough for a write to a
+/// CRM whose updates are partial (only a same-field edit can be lost there): it bounds the
+/// extra calls a long drain makes to one cycle per window. A CRM whose updates are whole
+/// is read for every batch: an edit made there since the cycle began would be
+/// overwritten by the write, whatever field it changed.
 pub const FRESH_WINDOW: Duration = Duration::from_secs(2);
 
 /// Per connector, a lock held through each incremental poll cycle (the poll loop's and
@@ -101,7 +104,14 @@ impl Engine {
         }
         let stats = match how {
             PreWriteRead::Poll => {
-                let need = Instant::now().checked_sub(FRESH_WINDOW);
+                let window = if ep.connector.updates_are_partial() {
+                    FRESH_WINDOW
+                } else {
+                    // Only a cycle that began after this batch asked (another batch's,
+                    // run meanwhile) has read what the write would overwrite.
+                    Duration::ZERO
+                };
+                let need = Instant::now().checked_sub(window);
                 let need = need.unwrap_or_else(Instant::now);
                 self.poll_incremental(target, Some(need), shutdown).await?
             }
