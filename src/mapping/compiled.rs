@@ -164,8 +164,10 @@ fn writable(ty: FieldType, value: &Value) -> bool {
 fn same_type(ty: FieldType, value: &Value) -> bool {
     matches!(
         (ty, value),
-        (FieldType::Text, Value::Text(_))
-            | (FieldType::Int, Value::Int(_))
+        (FieldType::Text, Value::Text(s)) if !s.trim().is_empty()
+    ) || matches!(
+        (ty, value),
+        (FieldType::Int, Value::Int(_))
             | (FieldType::Decimal, Value::Decimal(_))
             | (FieldType::Tags, Value::Tags(_))
     ) || matches!((ty, value), (FieldType::Json, Value::Json(j)) if !j.is_null())
@@ -797,6 +799,9 @@ fn read_value(rule: &Rule, raw: &Json) -> Result<Value, MappingError> {
     }
     let value = match rule.ty {
         FieldType::Text => match raw {
+            // Vendors differ in how an empty field reads ("", null, absent) and in what
+            // they keep of a written "": all of it means no value.
+            Json::String(s) if s.trim().is_empty() => Value::Null,
             Json::String(s) => Value::Text(s.clone()),
             Json::Number(n) => Value::Text(n.to_string()),
             Json::Bool(b) => Value::Text(b.to_string()),

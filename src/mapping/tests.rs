@@ -225,8 +225,25 @@ fn default_applies_on_read_when_vendor_value_is_null() {
 
 #[test]
 fn default_does_not_replace_a_present_value() {
-    let got = defaulted().read(&obj(json!({"industry": ""}))).unwrap();
-    assert_eq!(got.get("industry"), Some(&text("")));
+    let got = defaulted()
+        .read(&obj(json!({"industry": "Retail"})))
+        .unwrap();
+    assert_eq!(got.get("industry"), Some(&text("Retail")));
+}
+
+#[test]
+fn empty_text_reads_as_no_value() {
+    // Rally answers "", Marketo null, amoCRM leaves the field out: one meaning, one value
+    // (else a write of "" that amoCRM drops reads back as a change).
+    for raw in [json!(""), json!("   "), json!(null)] {
+        let got = defaulted().read(&obj(json!({"industry": raw}))).unwrap();
+        assert_eq!(got.get("industry"), Some(&text("unknown")), "{raw}");
+    }
+    let plain = Mapping::compile(CrmKind::Rally, &MappingRules::default()).unwrap();
+    let got = plain
+        .read(&obj(json!({"name": "Acme", "city": ""})))
+        .unwrap();
+    assert_eq!(got.get("city"), Some(&Value::Null));
 }
 
 #[test]
