@@ -805,3 +805,53 @@ async fn an_edit_made_in_rally_just_after_a_read_for_a_write_is_not_overwritten(
     );
     cluster.shutdown().await;
 }
+
+/// amoCRM keeps an industry in the spelling of its own option ("retail" is stored as
+/// "Retail"): reading that back is no change of amoCRM's, so Rally and Marketo keep the
+/// spelling their users gave and nothing is written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_option_amocrm_spells_its_own_way_is_no_change_to_carry_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, path, rally_id) =
+        one_company_in_rally(dir.path(), "Lower Case Ltd", "lower").await;
+    cluster
+        .rally
+        .update(&rally_id, json!({"industry": "retail", "tags": ["vip"]}));
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("poll_interval = \"1h\"", "poll_interval = \"1s\"");
+    std::fs::write(&path, text).unwrap();
+    let (engine, metrics) = engine_for(&path).await;
+    let sd = CancellationToken::new();
+    let handle = engine.start(sd.clone());
+    settle(
+        &engine,
+        &metrics,
+        Duration::from_millis(2500),
+        Duration::from_secs(60),
+    )
+    .await;
+    sd.cancel();
+    handle.wait().await;
+    let (amo_id, mkto_id) = synced_ids(&cluster, "Lower Case Ltd");
+    assert_eq!(amo_industry(&cluster, amo_id).as_deref(), Some("Retail"));
+    // Before: amoCRM's "Retail" came back as amoCRM's edit and was written everywhere.
+    assert_eq!(
+        cluster.rally.get(&rally_id).unwrap()["industry"],
+        json!("retail")
+    );
+    assert_eq!(
+        marketo_record(&cluster, mkto_id)["industry"],
+        json!("retail")
+    );
+    let rally_puts: u64 = cluster
+        .rally
+        .stats()
+        .requests
+        .iter()
+        .filter(|(k, _)| k.starts_with("PUT"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(rally_puts, 0, "{:?}", cluster.rally.stats().requests);
+    cluster.shutdown().await;
+}

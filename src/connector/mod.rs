@@ -220,6 +220,19 @@ pub trait Connector: Send + Sync {
         Vec::new()
     }
 
+    /// Of the flat vendor fields of one write, those this instance keeps in another form
+    /// than written, each with the value it will read back as (amoCRM spells a select's
+    /// option its own way: "energy" is kept as "Energy"). The engine counts that form as
+    /// written, so reading it back is no news — else the CRM's spelling would travel to
+    /// the others as a change. Called after [`Connector::start`].
+    fn stored_as(
+        &self,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> Vec<(String, serde_json::Value)> {
+        let _ = fields;
+        Vec::new()
+    }
+
     /// Counters of the connector's HTTP client (calls, retries, limiter waits,
     /// rejections, quota), for `/metrics`.
     fn http_metrics(&self) -> Option<crate::http::HttpMetrics> {

@@ -868,7 +868,8 @@ impl Endpoint {
     ///
     /// Values this CRM cannot hold ([`Connector::unholdable`](crate::connector::Connector::unholdable))
     /// are left out of a new record and cleared in an existing one; they come back as
-    /// [`Unheld`]. The values are what the record then reads back as, so
+    /// [`Unheld`]. Values it keeps in another form ([`Connector::stored_as`](crate::connector::Connector::stored_as))
+    /// are given in that form. The values are what the record then reads back as, so
     /// reading it is no news and the write is not repeated.
     pub(super) fn values_to_write(
         &self,
@@ -900,6 +901,18 @@ impl Endpoint {
                     value: fields.get(&key).cloned().unwrap_or(Json::Null),
                     reason: reason.clone(),
                 });
+            }
+        }
+        // Values the CRM keeps in another form count as written in that form.
+        for (key, stored) in self.connector.stored_as(&fields) {
+            let one = Map::from_iter([(key.clone(), stored)]);
+            let Ok(read) = mapping.read(&one) else {
+                continue;
+            };
+            for field in mapping.written_from(&key) {
+                if let Some(v) = read.get(field) {
+                    values.insert(field.to_string(), v.clone());
+                }
             }
         }
         Ok((values, unheld))

@@ -277,15 +277,24 @@ fn hash_value(buf: &mut Vec<u8>, v: &Value) {
             buf.extend_from_slice(&i.to_le_bytes());
         }
         Value::Decimal(d) => {
-            // `normalize` makes the representation unique (no trailing zeros, no -0), so
-            // its 16-byte form is too.
+            // As the nearest 64-bit float: a CRM that stores numbers so (amoCRM's numeric
+            // fields, JSON readers in general) reads back a revenue of 17 significant
+            // digits cut to 16, which is no change of ours to carry elsewhere. The exact
+            // decimal is still what is stored and written; only a difference beyond a
+            // float's precision goes unnoticed.
+            let float: f64 = d.to_string().parse().unwrap_or(f64::NAN);
+            let float = if float == 0.0 { 0.0 } else { float };
             buf.push(3);
-            buf.extend_from_slice(&d.normalize().serialize());
+            buf.extend_from_slice(&float.to_bits().to_le_bytes());
         }
         Value::Tags(tags) => {
+            // Tags differing only in case are the same tags: amoCRM keeps one tag per
+            // name whatever its case (a written "vip" reads back as the account's "VIP"),
+            // and a change of case alone is no news to carry elsewhere.
+            let folded: BTreeSet<String> = tags.iter().map(|t| t.to_lowercase()).collect();
             buf.push(4);
-            buf.extend_from_slice(&(tags.len() as u64).to_le_bytes());
-            for t in tags {
+            buf.extend_from_slice(&(folded.len() as u64).to_le_bytes());
+            for t in &folded {
                 put_bytes(buf, t.as_bytes());
             }
         }
@@ -416,6 +425,34 @@ mod tests {
         assert!(
             ids.windows(2).all(|w| w[0] < w[1]),
             "ids out of creation order"
+        );
+    }
+
+    #[test]
+    fn decimals_hash_alike_when_a_float_cannot_tell_them_apart() {
+        let dec = |t: &str| Value::Decimal(parse_decimal(t).unwrap());
+        let hash = |v: Value| content_hash(&[("r".to_string(), v)].into_iter().collect());
+        // What amoCRM reads back of a 17-digit revenue it stored as a float.
+        assert_eq!(
+            hash(dec("49417215524952837.12")),
+            hash(dec("49417215524952840"))
+        );
+        assert_eq!(hash(dec("45.50")), hash(dec("45.5")));
+        assert_eq!(hash(dec("0")), hash(dec("-0.00")));
+        assert_ne!(hash(dec("45.51")), hash(dec("45.5")));
+        assert_ne!(hash(dec("1234567.5")), hash(dec("1234567.05")));
+    }
+
+    #[test]
+    fn tags_differing_only_in_case_hash_and_print_alike() {
+        let tags = |t: &[&str]| Value::Tags(t.iter().map(|s| s.to_string()).collect());
+        let hash = |v: Value| content_hash(&[("tags".to_string(), v)].into_iter().collect());
+        assert_eq!(hash(tags(&["vip", "apac"])), hash(tags(&["apac", "VIP"])));
+        assert_ne!(hash(tags(&["vip", "apac"])), hash(tags(&["vip"])));
+        let mut p = FieldPrinter::default();
+        assert_eq!(
+            p.print("tags", Some(&tags(&["Churned", "na"]))),
+            p.print("tags", Some(&tags(&["churned", "NA"])))
         );
     }
 

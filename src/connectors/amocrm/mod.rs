@@ -416,6 +416,21 @@ impl Connector for AmocrmConnector {
             .collect()
     }
 
+    fn stored_as(
+        &self,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> Vec<(String, serde_json::Value)> {
+        let catalogue = self.catalogue();
+        fields
+            .iter()
+            .filter(|(k, _)| k.starts_with("cf."))
+            .filter_map(|(k, v)| {
+                let field = catalogue.resolve(split_enum_suffix(k).0)?;
+                push::stored_form(field, v).map(|stored| (k.clone(), stored))
+            })
+            .collect()
+    }
+
     async fn poll(&self, cursor: &Cursor, mode: &PollMode) -> Result<Page, ConnectorError> {
         self.ensure_started().await?;
         self.poll_step(cursor, mode).await

@@ -52,6 +52,27 @@ fn is_blank(v: &Value) -> bool {
     }
 }
 
+/// What amoCRM keeps of `v` written to `field`, when that is not `v` itself: a choice in
+/// the spelling of the account's option (options match regardless of case). `None` when
+/// it keeps `v` as written, or `v` cannot be written there at all.
+pub(crate) fn stored_form(field: &CustomField, v: &Value) -> Option<Value> {
+    if is_blank(v) {
+        return None;
+    }
+    let text = value_text(v)?;
+    if field.is_choice() {
+        if field.enums.iter().any(|e| e.value == text) {
+            return None;
+        }
+        let option = field
+            .enums
+            .iter()
+            .find(|e| e.value.eq_ignore_ascii_case(&text))?;
+        return Some(Value::String(option.value.clone()));
+    }
+    None
+}
+
 /// The `values` of one custom field entry; JSON null clears the field (an empty string
 /// would leave it unchanged in amoCRM).
 fn cf_values(field: &CustomField, v: &Value, enum_code: Option<&str>) -> Result<Value, String> {
@@ -595,6 +616,21 @@ mod tests {
 
     fn fields(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn a_choice_is_stored_in_the_spelling_of_the_accounts_option() {
+        let cat = catalogue();
+        let industry = cat.resolve("cf.name.Industry").unwrap();
+        assert_eq!(
+            stored_form(industry, &json!("RETAIL")),
+            Some(json!("Retail"))
+        );
+        assert_eq!(stored_form(industry, &json!("Retail")), None);
+        // Not an option at all: not held (see `unholdable`), so no stored form.
+        assert_eq!(stored_form(industry, &json!("Mining")), None);
+        let city = cat.resolve("cf.name.City").unwrap();
+        assert_eq!(stored_form(city, &json!("LEEDS")), None);
     }
 
     #[test]
