@@ -1045,6 +1045,16 @@ mod tests {
             .map(|k| Mapping::compile(k, &MappingRules::default()).expect("defaults compile"))
             .collect();
         out.push(Mapping::compile(CrmKind::Rally, &tricky).expect("tricky rules compile"));
+        // amoCRM without a "Domain" field: the domain is read off the website (a stand-in).
+        let fitted = Mapping::fit(CrmKind::Amocrm, &MappingRules::default(), |keys| {
+            keys.iter()
+                .filter(|k| k.ends_with("Domain"))
+                .cloned()
+                .collect()
+        })
+        .expect("amoCRM defaults fit");
+        assert_eq!(fitted.stand_ins, vec!["domain".to_string()]);
+        out.push(fitted.mapping);
         out
     }
 

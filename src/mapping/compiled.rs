@@ -393,9 +393,22 @@ impl Mapping {
                         .map(|(_, v)| v.as_ref());
                     printer.print(field, value)
                 } else if sent {
-                    // Derived from another field the write sets (`visible` follows only
-                    // the fields it is given): not worked out here.
-                    FieldPrints::UNKNOWN
+                    // Derived from another field the write sets (a stand-in: amoCRM's
+                    // domain read off its website): what the record reads back as there.
+                    // Unknown, it would make our own write read back as a change.
+                    let reader = &self.rules[ri];
+                    let derived = self.plan.source[ri].and_then(|wi| {
+                        let v = canonical.get(&self.rules[wi].canonical)?;
+                        let json = write_value(&self.rules[wi], v).ok()?;
+                        match (read_value(reader, &json).ok()?, &reader.default) {
+                            (Value::Null, Some(d)) => Some(d.clone()),
+                            (v, _) => Some(v),
+                        }
+                    });
+                    match derived {
+                        Some(v) => printer.print(field, Some(&v)),
+                        None => FieldPrints::UNKNOWN,
+                    }
                 } else {
                     match before {
                         // A new record holds nothing it was not given: it reads as the

@@ -901,3 +901,33 @@ fn keys_the_record_already_holds_are_left_out_of_a_partial_update() {
     m.drop_held_keys(&mut all, &unknown, &after);
     assert_eq!(all.len(), m.write(&company).unwrap().len());
 }
+
+#[test]
+fn a_write_knows_the_domain_amocrm_reads_off_the_website_it_sets() {
+    // An account without a "Domain" field: the domain is read off the website. The
+    // write sets only the website; the record then reads back with that domain, and a
+    // print left unknown made our own write read back as a change of the domain.
+    let m = Mapping::fit(CrmKind::Amocrm, &MappingRules::default(), |keys| {
+        keys.iter()
+            .filter(|k| k.ends_with("Domain"))
+            .cloned()
+            .collect()
+    })
+    .unwrap()
+    .mapping;
+    let values: Fields = [
+        ("name".to_string(), text("Acme")),
+        ("website".to_string(), text("https://www.acme.example/en")),
+    ]
+    .into_iter()
+    .collect();
+    let written = m.written_prints(&values, Before::New).unwrap();
+    let read = m.read_prints(&m.read(&m.write(&values).unwrap()).unwrap());
+    let i = m.print_fields().position(|f| f == "domain").unwrap();
+    assert_ne!(written.values[i], FieldPrints::UNKNOWN);
+    assert_eq!(written.values[i], read.values[i]);
+    assert_eq!(
+        m.read(&m.write(&values).unwrap()).unwrap().get("domain"),
+        Some(&text("acme.example"))
+    );
+}
