@@ -855,3 +855,64 @@ async fn an_option_amocrm_spells_its_own_way_is_no_change_to_carry_back() {
     assert_eq!(rally_puts, 0, "{:?}", cluster.rally.stats().requests);
     cluster.shutdown().await;
 }
+
+/// Two companies of one CRM share a domain, and Rally keeps one record per domain: the
+/// second create lands on the first's record, is dead-lettered, and the owner's content
+/// is written back — including clearing what the other company put there that the owner
+/// lacks (its industry), which would else stay in Rally under the owner's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rally_keeps_nothing_of_a_company_whose_create_landed_on_anothers_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = SimCluster::start(&ClusterConfig {
+        companies: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let path = dir.path().join("crmbridge.toml");
+    std::fs::write(&path, cluster.sync_config(dir.path(), "1h", None).unwrap()).unwrap();
+    let owner = cluster.marketo.create(json!({
+        "company": "Twin Owner Ltd", "website": "https://twin.example", "billingCity": "Leeds",
+    }));
+    cluster.marketo.create(json!({
+        "company": "Twin Other Ltd", "website": "https://twin.example", "industry": "Retail",
+        "numberOfEmployees": 40,
+    }));
+    let (engine, _metrics) = engine_for(&path).await;
+    let sd = CancellationToken::new();
+    let none = |_: &str, _: &crmbridge::engine::IngestStats| {};
+    for _ in 0..2 {
+        engine
+            .backfill(&BackfillOptions::default(), &sd, &none)
+            .await
+            .unwrap();
+    }
+    let rally: Vec<_> = cluster
+        .rally
+        .dump()
+        .into_iter()
+        .filter(|r| r["domain"] == json!("twin.example"))
+        .collect();
+    assert_eq!(rally.len(), 1, "{rally:?}");
+    let r = &rally[0];
+    let owner_name = owner["company"].as_str().unwrap();
+    let other = if r["name"] == json!(owner_name) {
+        "Retail"
+    } else {
+        ""
+    };
+    assert_eq!(
+        (r["industry"].clone(), r["employeeCount"].clone()),
+        if other.is_empty() {
+            // The other company owns the record: it is all the other company's.
+            (json!("Retail"), json!(40))
+        } else {
+            (json!(null), json!(null))
+        },
+        "{r}"
+    );
+    // And the owner did not take the other company's values elsewhere either.
+    let mkto = marketo_record(&cluster, owner["id"].as_i64().unwrap());
+    assert_eq!(mkto["industry"], json!(null), "{mkto}");
+    cluster.shutdown().await;
+}

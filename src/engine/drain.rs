@@ -533,7 +533,13 @@ impl Engine {
                 continue;
             };
             let vendor_id = tx.vendor_id_of(&entry.canonical_id, target)?;
-            let (values, unheld) = ep.values_to_write(&company, vendor_id.is_none())?;
+            let (mut values, unheld) = ep.values_to_write(&company, vendor_id.is_none())?;
+            if let Some(vid) = &vendor_id
+                && !ep.connector.updates_are_partial()
+                && let Some(held) = tx.ledger(target, vid)?.and_then(|l| l.prints)
+            {
+                ep.clear_what_the_company_lacks(&mut values, &held)?;
+            }
             // Its create landed on another company's record (a dead letter says so): sent
             // again with the same keys, it would land there again and overwrite that
             // record until the owner's content is restored.
@@ -916,6 +922,33 @@ impl Endpoint {
             }
         }
         Ok((values, unheld))
+    }
+
+    /// For a whole write to an existing record: adds a clearing null to `values` for each
+    /// field the record holds (by its prints `held`) that the company lacks. Such a value
+    /// came from elsewhere — another company's create that landed on this record (Rally
+    /// keeps one record per domain) — and, left alone by the write, would stay there
+    /// under this company's name and read back as its change.
+    pub(super) fn clear_what_the_company_lacks(
+        &self,
+        values: &mut Fields,
+        held: &FieldPrints,
+    ) -> Result<(), EngineError> {
+        let mapping = self.mapping()?;
+        if mapping.print_layout() != held.layout {
+            return Ok(());
+        }
+        let written = mapping.write_fields();
+        for (i, name) in mapping.print_fields().enumerate() {
+            let holds = held
+                .values
+                .get(i)
+                .is_some_and(|p| *p != FieldPrints::NOTHING && *p != FieldPrints::UNKNOWN);
+            if holds && !values.contains_key(name) && written.iter().any(|w| w == name) {
+                values.insert(name.to_string(), Value::Null);
+            }
+        }
+        Ok(())
     }
 
     /// Fits `fields` (the company `values` as [`Mapping::write`](crate::mapping::Mapping::write)

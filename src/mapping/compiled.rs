@@ -475,6 +475,12 @@ impl Mapping {
         self.canonical_fields(Rule::reads)
     }
 
+    /// The layout of this mapping's [`FieldPrints`]: prints of another layout do not line
+    /// up with [`Mapping::print_fields`].
+    pub fn print_layout(&self) -> u32 {
+        self.plan.layout
+    }
+
     /// Canonical fields this mapping writes, sorted.
     pub fn write_fields(&self) -> Vec<String> {
         self.canonical_fields(Rule::writes)
