@@ -211,6 +211,21 @@ async fn one_company_in_rally(
     (cluster, path, rally["id"].as_str().unwrap().to_string())
 }
 
+/// The product's engine for the config at `path`, after a backfill of every CRM.
+async fn backfilled(path: &std::path::Path) -> Arc<Engine> {
+    let (engine, _metrics) = engine_for(path).await;
+    let none = |_: &str, _: &crmbridge::engine::IngestStats| {};
+    engine
+        .backfill(
+            &BackfillOptions::default(),
+            &CancellationToken::new(),
+            &none,
+        )
+        .await
+        .unwrap();
+    engine
+}
+
 /// The ids of the company named `name` in amoCRM and in Marketo.
 fn synced_ids(cluster: &SimCluster, name: &str) -> (i64, i64) {
     let find = |all: Vec<serde_json::Value>, key: &str| {
@@ -306,13 +321,8 @@ async fn edits_of_one_company_in_three_crms_at_once_all_survive() {
 async fn a_write_sent_before_the_targets_latest_edit_was_read_keeps_that_edit() {
     let dir = tempfile::tempdir().unwrap();
     let (cluster, path, rally_id) = one_company_in_rally(dir.path(), "Window Ltd", "window").await;
-    let (engine, _metrics) = engine_for(&path).await;
+    let engine = backfilled(&path).await;
     let sd = CancellationToken::new();
-    let none = |_: &str, _: &crmbridge::engine::IngestStats| {};
-    engine
-        .backfill(&BackfillOptions::default(), &sd, &none)
-        .await
-        .unwrap();
     let (amo_id, mkto_id) = synced_ids(&cluster, "Window Ltd");
 
     // Users of amoCRM and Marketo edit the phone and the city; Rally's user renames it.
@@ -357,7 +367,7 @@ async fn a_write_sent_before_the_targets_latest_edit_was_read_keeps_that_edit() 
 
     // Read next, both edits reach every CRM.
     engine
-        .backfill(&BackfillOptions::default(), &sd, &none)
+        .backfill(&BackfillOptions::default(), &sd, &|_, _| {})
         .await
         .unwrap();
     let views = crm_views(&path).await;
@@ -768,13 +778,8 @@ async fn refused_credentials_at_start_stop_the_daemon_with_a_clear_error() {
 async fn an_edit_made_in_rally_just_after_a_read_for_a_write_is_not_overwritten() {
     let dir = tempfile::tempdir().unwrap();
     let (cluster, path, rally_id) = one_company_in_rally(dir.path(), "Tern Ltd", "tern").await;
-    let (engine, _metrics) = engine_for(&path).await;
+    let engine = backfilled(&path).await;
     let sd = CancellationToken::new();
-    let none = |_: &str, _: &crmbridge::engine::IngestStats| {};
-    engine
-        .backfill(&BackfillOptions::default(), &sd, &none)
-        .await
-        .unwrap();
     let (_, mkto_id) = synced_ids(&cluster, "Tern Ltd");
     let key = crmbridge::engine::cursor_key("marketo");
     let marketo_edit = |patch: serde_json::Value| {
@@ -821,18 +826,7 @@ async fn an_option_amocrm_spells_its_own_way_is_no_change_to_carry_back() {
         .unwrap()
         .replace("poll_interval = \"1h\"", "poll_interval = \"1s\"");
     std::fs::write(&path, text).unwrap();
-    let (engine, metrics) = engine_for(&path).await;
-    let sd = CancellationToken::new();
-    let handle = engine.start(sd.clone());
-    settle(
-        &engine,
-        &metrics,
-        Duration::from_millis(2500),
-        Duration::from_secs(60),
-    )
-    .await;
-    sd.cancel();
-    handle.wait().await;
+    sync_until_settled(&path).await;
     let (amo_id, mkto_id) = synced_ids(&cluster, "Lower Case Ltd");
     assert_eq!(amo_industry(&cluster, amo_id).as_deref(), Some("Retail"));
     // Before: amoCRM's "Retail" came back as amoCRM's edit and was written everywhere.
