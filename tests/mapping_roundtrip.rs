@@ -1,6 +1,7 @@
 //! Property tests: for each CRM's default mapping (plus a custom JSON field), canonical
 //! fields over the rules that go both ways survive `write`, the vendor JSON as text, and
-//! `read` unchanged — Unicode, empty text versus null, and exact decimals included.
+//! `read` unchanged — Unicode, blank text (which reads back as null), and exact decimals
+//! included.
 
 use std::collections::BTreeSet;
 
@@ -124,7 +125,11 @@ fn normalized(fields: &Fields, keep: &[String]) -> Fields {
     fields
         .iter()
         .filter(|(k, _)| keep.contains(k))
-        .map(|(k, v)| (k.clone(), v.normalized()))
+        .map(|(k, v)| match v {
+            // Blank text is no value: it reads back as null.
+            Value::Text(t) if t.trim().is_empty() => (k.clone(), Value::Null),
+            v => (k.clone(), v.normalized()),
+        })
         .collect()
 }
 
