@@ -765,9 +765,18 @@ impl Engine {
                             first_at: now,
                             last_at: now,
                         })?;
-                        // The record holds this item's content now: recorded so, reading it
-                        // back is an echo (not a change of the owner), and the owner's push
-                        // is not skipped as already there.
+                        // The record holds this item's content now, over what it held in
+                        // the fields the item left out: recorded so, reading it back is an
+                        // echo (not a change of the owner), the owner's push is not skipped
+                        // as already there, and it clears what the owner lacks.
+                        let held = tx.ledger(target, vendor_id)?.and_then(|l| l.prints);
+                        let ledger = LedgerEntry {
+                            prints: match (ledger.prints, held) {
+                                (Some(landed), Some(held)) => Some(landed.over(&held)),
+                                (landed, _) => landed,
+                            },
+                            ..ledger
+                        };
                         tx.put_ledger(target, vendor_id, &ledger)?;
                         tx.outbox_remove(target, *seq)?;
                         tx.enqueue(target, &owner, now)?;

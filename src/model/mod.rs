@@ -331,6 +331,25 @@ impl FieldPrints {
     /// its name: the layout check keeps it from matching another field's.
     pub const NOTHING: u32 = 1;
 
+    /// The prints of a record after a write whose prints are `self` landed on a record
+    /// printed `under`: where the write set nothing (a create leaves out the fields its
+    /// company lacks), the record keeps what it held. `self` when the layouts differ.
+    pub fn over(&self, under: &FieldPrints) -> FieldPrints {
+        if self.layout != under.layout {
+            return self.clone();
+        }
+        let values = self
+            .values
+            .iter()
+            .zip(&under.values)
+            .map(|(&top, &below)| if top == Self::NOTHING { below } else { top })
+            .collect();
+        FieldPrints {
+            layout: self.layout,
+            values,
+        }
+    }
+
     /// Whether field `i` holds the same value in `self` and in `base` (a known one).
     pub fn unchanged_since(&self, base: &FieldPrints, i: usize) -> bool {
         self.layout == base.layout
@@ -441,6 +460,18 @@ mod tests {
         assert_eq!(hash(dec("0")), hash(dec("-0.00")));
         assert_ne!(hash(dec("45.51")), hash(dec("45.5")));
         assert_ne!(hash(dec("1234567.5")), hash(dec("1234567.05")));
+    }
+
+    #[test]
+    fn prints_of_a_write_over_a_record_keep_what_the_write_left_out() {
+        let p = |values: Vec<u32>| FieldPrints { layout: 9, values };
+        let n = FieldPrints::NOTHING;
+        assert_eq!(p(vec![5, n, 7]).over(&p(vec![3, 4, n])), p(vec![5, 4, 7]));
+        let other = FieldPrints {
+            layout: 8,
+            values: vec![3, 4, 4],
+        };
+        assert_eq!(p(vec![5, n, 7]).over(&other), p(vec![5, n, 7]));
     }
 
     #[test]
