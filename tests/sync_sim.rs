@@ -7,7 +7,6 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use common::*;
 use crmbridge::daemon::metrics::Metrics;
 use crmbridge::engine::{BackfillOptions, Engine};
@@ -288,10 +287,9 @@ async fn edits_of_one_company_in_three_crms_at_once_all_survive() {
 
     // Three users, three fields, within a second or two.
     edit_phone_in_amocrm_and_city_in_marketo(&cluster, amo_id, mkto_id);
-    // amoCRM stamps whole seconds and is read a second only once it is over: its edit is
-    // in a second that has ended before the rename below reaches it.
-    let ms = Utc::now().timestamp_subsec_millis();
-    tokio::time::sleep(Duration::from_millis(u64::from(1_050 - ms.min(1_000)))).await;
+    // amoCRM stamps whole seconds and is read a second only once it is over and settled:
+    // its edit is in a second the read before the rename's write to amoCRM can see.
+    amocrm_second_settled().await;
     cluster
         .rally
         .update(&rally_id, json!({"name": "Race Renamed Ltd"}));
