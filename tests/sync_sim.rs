@@ -877,13 +877,12 @@ async fn companies_sharing_a_domain_do_not_mix_in_the_one_record_rally_keeps() {
         .iter()
         .map(|t| cluster.marketo.create(t.clone())["id"].as_i64().unwrap())
         .collect();
+    // Twice: the second reads back what the first wrote.
     let engine = backfilled(&path).await;
+    let none = |_: &str, _: &crmbridge::engine::IngestStats| {};
+    let sd = CancellationToken::new();
     engine
-        .backfill(
-            &BackfillOptions::default(),
-            &CancellationToken::new(),
-            &|_, _| {},
-        )
+        .backfill(&BackfillOptions::default(), &sd, &none)
         .await
         .unwrap();
     // Each Marketo company still holds exactly its own values.

@@ -534,11 +534,15 @@ impl Engine {
             };
             let vendor_id = tx.vendor_id_of(&entry.canonical_id, target)?;
             let (mut values, unheld) = ep.values_to_write(&company, vendor_id.is_none())?;
-            if let Some(vid) = &vendor_id
+            // What the record held when last read or written.
+            let before = match &vendor_id {
+                Some(vid) => tx.ledger(target, vid)?,
+                None => None,
+            };
+            if let Some(held) = before.as_ref().and_then(|l| l.prints.as_ref())
                 && !ep.connector.updates_are_partial()
-                && let Some(held) = tx.ledger(target, vid)?.and_then(|l| l.prints)
             {
-                ep.clear_what_the_company_lacks(&mut values, &held)?;
+                ep.clear_what_the_company_lacks(&mut values, held)?;
             }
             // Its create landed on another company's record (a dead letter says so): sent
             // again with the same keys, it would land there again and overwrite that
@@ -578,10 +582,6 @@ impl Engine {
                 stats.skipped += 1;
                 continue;
             }
-            let before = match &vendor_id {
-                Some(vid) => tx.ledger(target, vid)?,
-                None => None,
-            };
             if before.as_ref().is_some_and(|l| l.hash == hash) {
                 tx.outbox_remove(target, seq)?;
                 stats.skipped += 1;
